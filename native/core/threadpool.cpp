@@ -1,0 +1,162 @@
+#include "threadpool.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MSSM_PAUSE() _mm_pause()
+#else
+#define MSSM_PAUSE() std::this_thread::yield()
+#endif
+
+namespace mssm {
+
+namespace {
+
+thread_local int t_index = 0;
+thread_local bool t_in_worker = false;
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n < 1 ? 1 : n) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+
+  void run(int64_t count, int64_t min_chunk, RangeFn fn, void* ctx) {
+    if (min_chunk < 1) min_chunk = 1;
+    int64_t parts = count / min_chunk;
+    if (parts > n_) parts = n_;
+    if (parts <= 1 || t_in_worker) {
+      fn(ctx, 0, count);
+      return;
+    }
+    std::lock_guard<std::mutex> run_lock(run_mu_);  // one job at a time (callers from other threads wait)
+    fn_ = fn;
+    ctx_ = ctx;
+    count_ = count;
+    parts_ = (int)parts;
+    pending_.store((int)parts - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    t_in_worker = true;
+    t_index = 0;
+    fn(ctx, 0, count / parts);
+    t_in_worker = false;
+    while (pending_.load(std::memory_order_acquire) > 0) MSSM_PAUSE();
+  }
+
+ private:
+  void loop(int index) {
+    t_in_worker = true;
+    t_index = index;
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t g = generation_.load(std::memory_order_acquire);
+      if (g == seen) {
+        // Spin a while: the next op of the same step usually follows within microseconds.
+        int spins = 0;
+        while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < 200000) {
+          MSSM_PAUSE();
+          ++spins;
+        }
+        if (g == seen) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1, std::memory_order_acq_rel);
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+          g = generation_.load(std::memory_order_acquire);
+        }
+      }
+      seen = g;
+      if (stop_) return;
+      if (index < parts_) {
+        int64_t begin = count_ * index / parts_;
+        int64_t end = count_ * (index + 1) / parts_;
+        fn_(ctx_, begin, end);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int> pending_{0};
+  bool stop_ = false;
+  RangeFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t count_ = 0;
+  int parts_ = 0;
+};
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;
+
+Pool& pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (!g_pool) g_pool = new Pool(default_num_threads());
+  return *g_pool;
+}
+
+}  // namespace
+
+int default_num_threads() {
+  const char* env = std::getenv("MAMBA_SSM_THREADS");
+  if (env && *env) {
+    char* end = nullptr;
+    long v = std::strtol(env, &end, 10);
+    if (end && *end == 0 && v > 0 && v <= 1024) return (int)v;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? (int)n : 1;
+}
+
+int num_threads() { return pool().size(); }
+
+void set_num_threads(int n) {
+  if (n < 1) n = 1;
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (g_pool && g_pool->size() == n) return;
+  delete g_pool;
+  g_pool = new Pool(n);
+}
+
+void parallel_for_raw(int64_t count, int64_t min_chunk, RangeFn fn, void* ctx) {
+  if (count <= 0) return;
+  pool().run(count, min_chunk, fn, ctx);
+}
+
+int thread_index() { return t_index; }
+
+}  // namespace mssm

@@ -1,0 +1,37 @@
+// A persistent pool of worker threads and parallel_for over a range of rows.
+//
+// Workers spin briefly between jobs before sleeping, so the consecutive ops of one model step do not
+// pay a wake-up each. Rows are split statically: thread i of n takes [i·count/n, (i+1)·count/n).
+// A parallel_for called from inside a worker runs serially on that worker.
+#pragma once
+#include <cstdint>
+#include <utility>
+
+namespace mssm {
+
+// Threads the process may use (sched affinity), or MAMBA_SSM_THREADS when set to a positive integer.
+int default_num_threads();
+int num_threads();
+// Resizes the pool (n >= 1). Not to be called while a parallel_for is running.
+void set_num_threads(int n);
+
+using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
+// Runs fn over [0, count) split across the pool; chunks never smaller than min_chunk rows.
+void parallel_for_raw(int64_t count, int64_t min_chunk, RangeFn fn, void* ctx);
+
+template <typename F>
+inline void parallel_for(int64_t count, int64_t min_chunk, F&& fn) {
+  auto thunk = [](void* ctx, int64_t begin, int64_t end) { (*static_cast<F*>(ctx))(begin, end); };
+  parallel_for_raw(count, min_chunk, thunk, (void*)&fn);
+}
+
+template <typename F>
+inline void parallel_for(int64_t count, F&& fn) {
+  parallel_for(count, 1, std::forward<F>(fn));
+}
+
+// The index of the calling thread within the running parallel_for (0 for the caller), for
+// per-thread scratch buffers; and the upper bound on it.
+int thread_index();
+
+}  // namespace mssm

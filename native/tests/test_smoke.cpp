@@ -1,0 +1,54 @@
+// The core pieces every kernel relies on: dtype conversions, the thread pool, level dispatch.
+#include <atomic>
+
+#include "../core/dtype.h"
+#include "test_util.h"
+
+using namespace mssm;
+using namespace mssm::test;
+
+int main() {
+  // f16: every finite half survives f16 -> f32 -> f16; rounding is to nearest even.
+  int bad = 0;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    float f = f16_to_f32((uint16_t)h);
+    if (std::isnan(f)) continue;
+    if (f32_to_f16(f) != h) ++bad;
+  }
+  MSSM_CHECK(bad == 0, "%d halves do not round-trip", bad);
+  MSSM_CHECK(f16_to_f32(f32_to_f16(1.0f + 1.0f / 2048)) == 1.0f, "tie rounds to even (down)");
+  MSSM_CHECK(f16_to_f32(f32_to_f16(1.0f + 3.0f / 2048)) == 1.0f + 2.0f / 1024, "tie rounds to even (up)");
+  MSSM_CHECK(std::isinf(f16_to_f32(f32_to_f16(70000.0f))), "overflow gives infinity");
+  MSSM_CHECK(f16_to_f32(f32_to_f16(5.9604645e-08f)) == 5.9604645e-08f, "smallest subnormal");
+  // bf16
+  MSSM_CHECK(bf16_to_f32(f32_to_bf16(1.0f)) == 1.0f, "bf16 one");
+  MSSM_CHECK(bf16_to_f32(f32_to_bf16(1.00390625f)) == 1.0f, "bf16 tie to even");
+  MSSM_CHECK(bf16_to_f32(f32_to_bf16(1.01171875f)) == 1.015625f, "bf16 tie to even (up)");
+  MSSM_CHECK(std::isnan(bf16_to_f32(f32_to_bf16(NAN))), "bf16 NaN stays NaN");
+
+  // Thread pool: every index visited exactly once, at several sizes and thread counts.
+  for (int threads : {1, 2, 3, 8}) {
+    set_num_threads(threads);
+    for (int64_t n : {1, 2, 7, 1000, 100003}) {
+      std::vector<std::atomic<int>> seen(n);
+      for (int rep = 0; rep < 50; ++rep) {
+        parallel_for(n, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) seen[i].fetch_add(1);
+        });
+      }
+      int64_t wrong = 0;
+      for (auto& s : seen) wrong += s.load() != 50;
+      MSSM_CHECK(wrong == 0, "threads %d n %lld: %lld indices not visited 50 times", threads, (long long)n,
+                 (long long)wrong);
+    }
+    MSSM_CHECK(num_threads() == threads, "pool size %d", num_threads());
+  }
+  set_num_threads(default_num_threads());
+
+  // Dispatch: baseline always present; the best level is the default.
+  MSSM_CHECK(cpu::kernels_for(CpuLevel::baseline) != nullptr, "baseline table");
+  MSSM_CHECK(std::string(cpu::kernels_for(best_cpu_level())->level) == cpu_level_name(best_cpu_level()),
+             "table of the best level is named after it");
+  std::printf("best CPU level: %s, threads: %d\n", cpu_level_name(best_cpu_level()), default_num_threads());
+  return finish("test_smoke");
+}

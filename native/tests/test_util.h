@@ -1,0 +1,120 @@
+// A small test harness for the kernel tests: checks that count failures, seeded random inputs, error
+// measures, and a loop over every CPU level this machine supports.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "../core/cpu_features.h"
+#include "../core/threadpool.h"
+#include "../cpu/kernels.h"
+
+namespace mssm::test {
+
+inline int& failures() { static int n = 0; return n; }
+inline int& checks() { static int n = 0; return n; }
+
+#define MSSM_CHECK(cond, ...)                                                  \
+  do {                                                                         \
+    ++::mssm::test::checks();                                                  \
+    if (!(cond)) {                                                             \
+      ++::mssm::test::failures();                                              \
+      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
+      std::fprintf(stderr, __VA_ARGS__);                                       \
+      std::fprintf(stderr, "\n");                                              \
+    }                                                                          \
+  } while (0)
+
+// Deterministic generator (splitmix64) so a failure reproduces.
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }      // [0, 1)
+  float uniform(float lo, float hi) { return lo + (hi - lo) * (float)uniform(); }
+  float normal() {
+    double u1 = uniform(), u2 = uniform();
+    if (u1 < 1e-300) u1 = 1e-300;
+    return (float)(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+  }
+  std::vector<float> normals(size_t n, float scale = 1.0f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = normal() * scale;
+    return v;
+  }
+  std::vector<float> uniforms(size_t n, float lo, float hi) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = uniform(lo, hi);
+    return v;
+  }
+};
+
+// Largest |a - b| / (|b| + atol_scale), with b the reference. atol_scale guards elements near zero:
+// pass the typical magnitude of the output (e.g. its RMS) times a small factor, stated in the test.
+struct ErrorStats {
+  double max_rel = 0, max_abs = 0;
+  int64_t worst = -1;
+};
+template <typename A, typename B>
+inline ErrorStats compare(const A* got, const B* want, int64_t n, double floor) {
+  ErrorStats e;
+  for (int64_t i = 0; i < n; ++i) {
+    double g = (double)got[i], w = (double)want[i];
+    double abs = std::fabs(g - w);
+    double rel = abs / (std::fabs(w) + floor);
+    if (!(rel <= e.max_rel)) {  // NaN counts as worst
+      e.max_rel = std::isnan(rel) ? INFINITY : rel;
+      e.worst = i;
+    }
+    if (abs > e.max_abs) e.max_abs = abs;
+  }
+  return e;
+}
+
+template <typename T>
+inline double rms(const T* v, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += (double)v[i] * (double)v[i];
+  return n ? std::sqrt(s / n) : 0;
+}
+
+// Asserts got ≈ want within rel (relative to |want| + floor); prints the worst element on failure.
+template <typename A, typename B>
+inline void expect_close(const char* what, const A* got, const B* want, int64_t n, double rel, double floor) {
+  ErrorStats e = compare(got, want, n, floor);
+  MSSM_CHECK(e.max_rel <= rel, "%s: max rel err %.3g > %.3g at %lld (got %.9g want %.9g)", what, e.max_rel, rel,
+             (long long)e.worst, e.worst >= 0 ? (double)got[e.worst] : 0.0, e.worst >= 0 ? (double)want[e.worst] : 0.0);
+}
+
+// Runs body once per supported CPU level, and at 1 thread and at the default thread count.
+inline void for_each_level(const std::function<void(const cpu::KernelTable&, const std::string& label)>& body) {
+  int threads = default_num_threads();
+  for (int l = 0; l < kCpuLevelCount; ++l) {
+    const cpu::KernelTable* t = cpu::kernels_for((CpuLevel)l);
+    if (!t) {
+      std::printf("  (level %s not supported here: skipped)\n", cpu_level_name((CpuLevel)l));
+      continue;
+    }
+    for (int n : {1, threads > 1 ? threads : 2}) {
+      set_num_threads(n);
+      body(*t, std::string(t->level) + "/t" + std::to_string(n));
+    }
+  }
+  set_num_threads(threads);
+}
+
+inline int finish(const char* name) {
+  std::printf("%s: %d checks, %d failed\n", name, checks(), failures());
+  return failures() ? 1 : 0;
+}
+
+}  // namespace mssm::test
