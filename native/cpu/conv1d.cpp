@@ -1,17 +1,226 @@
-// STUB: replaced by the real kernels.
+// Causal depthwise conv1d over time, channels last, with SiLU fused (the Mamba block's short conv).
+//
+// Glossary: b batch, t token (L = length), c channel (C = channels), k tap (K = kernel).
+//   xp[b] = concat(state_in[b], x[b]) over time        (K-1 + L rows)
+//   y[b,t,c] = act(bias[c] + Σ_k w[c,k] · xp[b,t+k,c]),  act = SiLU or identity
+//   state_out[b] = the last K-1 rows of xp[b]
+// Vectorised across channels: the taps of a channel block are transposed once into [K][block] so
+// each tap is one vector FMA over contiguous channels of one xp row.
 #include "level.h"
-#include <cstdio>
-#include <cstdlib>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../core/threadpool.h"
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
 
 namespace mssm::cpu::MSSM_LEVEL {
+namespace {
+
+// ---- one vector of channels, per level (the same block is in conv1d.cpp and selective_scan.cpp;
+// it belongs in a shared header such as native/cpu/simd.h) ---------------------------------------
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int kWidth = 16;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset(float x) { return _mm512_set1_ps(x); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+// exp(x) = 2^k · e^r with x = k·ln2 + r, |r| ≤ ln2/2; scalef gives subnormals, 0 and ∞ exactly.
+inline vec vexp(vec x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x));
+  vec k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  vec r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // Cody–Waite: ln2 = hi + lo
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682e-6f), r);
+  vec p = _mm512_set1_ps(1.383684576e-3f);  // minimax fit of e^r on [-ln2/2, ln2/2], rel err 2e-9
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.374815807e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166822508e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666641980e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999999106e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using vec = __m256;
+constexpr int kWidth = 8;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset(float x) { return _mm256_set1_ps(x); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+// As the AVX-512 exp; 2^k is applied as two normal factors 2^(k/2)·2^(k-k/2) so that results in the
+// subnormal range (x < -87.3) stay accurate and very negative x gives 0.
+inline vec vexp(vec x) {
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-150.0f), x));
+  vec k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vec r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860682e-6f), r);
+  vec p = _mm256_set1_ps(1.383684576e-3f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.374815807e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166822508e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666641980e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999106e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256i ki = _mm256_cvtps_epi32(k);
+  __m256i half = _mm256_srai_epi32(ki, 1);
+  __m256i rest = _mm256_sub_epi32(ki, half);
+  vec scale1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  vec scale2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, scale1), scale2);
+}
+#else
+using vec = float;
+constexpr int kWidth = 1;
+inline vec vload(const float* p) { return *p; }
+inline void vstore(float* p, vec v) { *p = v; }
+inline vec vset(float x) { return x; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vmul(vec a, vec b) { return a * b; }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline vec vdiv(vec a, vec b) { return a / b; }
+inline vec vexp(vec x) { return std::exp(x); }
+#endif
+
+// silu(v) = v · sigmoid(v); exp(-v) overflowing to ∞ for v < -89 gives the right limit (-0).
+inline vec vsilu(vec v) { return vdiv(v, vadd(vset(1.0f), vexp(vmul(v, vset(-1.0f))))); }
+
+// Channels per task: a few vectors, so one task streams a few cache lines per xp row.
+constexpr int64_t kBlock = 64;
+// Tokens per task of the sequence form (the tap transpose is amortised over them).
+constexpr int64_t kTokens = 64;
+
+// y for `lanes` channels (≤ kBlock) of one token: taps[k] points at the channel block of xp row t+k
+// (null: a zero row), weights is [K][kBlock].
+inline void conv_block(const float* const* taps, const float* weights, const float* bias, float* y, int64_t kernel,
+                       int64_t lanes, bool silu) {
+  int64_t j = 0;
+  for (; j + kWidth <= lanes; j += kWidth) {
+    vec acc = bias ? vload(bias + j) : vset(0.0f);
+    for (int64_t k = 0; k < kernel; ++k)
+      if (taps[k]) acc = vfma(vload(weights + k * kBlock + j), vload(taps[k] + j), acc);
+    vstore(y + j, silu ? vsilu(acc) : acc);
+  }
+  if (j < lanes) {  // channel tail: through a padded vector
+    float in[kWidth] = {}, out[kWidth];
+    vec acc = vset(0.0f);
+    if (bias) {
+      std::memcpy(in, bias + j, (lanes - j) * sizeof(float));
+      acc = vload(in);
+    }
+    for (int64_t k = 0; k < kernel; ++k) {
+      if (!taps[k]) continue;
+      std::memcpy(in, taps[k] + j, (lanes - j) * sizeof(float));
+      acc = vfma(vload(weights + k * kBlock + j), vload(in), acc);
+    }
+    vstore(out, silu ? vsilu(acc) : acc);
+    std::memcpy(y + j, out, (lanes - j) * sizeof(float));
+  }
+}
+
+// weights[k][j] = w[c0 + j, k], zero-padded to kBlock lanes.
+inline void transpose_taps(const float* w, int64_t c0, int64_t lanes, int64_t kernel, float* weights) {
+  std::fill(weights, weights + kernel * kBlock, 0.0f);
+  for (int64_t j = 0; j < lanes; ++j)
+    for (int64_t k = 0; k < kernel; ++k) weights[k * kBlock + j] = w[(c0 + j) * kernel + k];
+}
+
+std::vector<float>& tap_scratch(int64_t kernel) {
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < kernel * kBlock) scratch.resize(kernel * kBlock);
+  return scratch;
+}
+
+}  // namespace
+
 void conv1d(const float* x, const float* w, const float* bias, const float* state_in, float* state_out, float* y,
             int64_t batch, int64_t length, int64_t channels, int64_t kernel, bool silu) {
-  std::fprintf(stderr, "mamba-ssm: %s is not implemented\n", "conv1d");
-  std::abort();
+  const int64_t history = kernel - 1;  // rows of state
+  const int64_t channel_blocks = (channels + kBlock - 1) / kBlock;
+  const int64_t token_blocks = (length + kTokens - 1) / kTokens;
+  const int64_t tasks = batch * token_blocks * channel_blocks;
+  // xp row r of batch b: state_in row r while r < K-1, else x row r-(K-1).
+  auto xp_row = [&](int64_t b, int64_t r) -> const float* {
+    if (r >= history) return x + (b * length + r - history) * channels;
+    return state_in ? state_in + (b * history + r) * channels : nullptr;
+  };
+
+  // y reads xp only, so tokens can be split freely; state_out (which may alias state_in) is written
+  // in a second pass after every read of state_in.
+  const int64_t work_per_task = kTokens * kBlock * kernel;
+  parallel_for(tasks, std::max<int64_t>(1, 65536 / work_per_task), [&](int64_t begin, int64_t end) {
+    float* weights = tap_scratch(kernel).data();
+    std::vector<const float*> taps(kernel);
+    int64_t loaded_block = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t cb = task % channel_blocks;
+      const int64_t tb = (task / channel_blocks) % token_blocks;
+      const int64_t b = task / (channel_blocks * token_blocks);
+      const int64_t c0 = cb * kBlock, lanes = std::min(kBlock, channels - c0);
+      if (cb != loaded_block) {
+        transpose_taps(w, c0, lanes, kernel, weights);
+        loaded_block = cb;
+      }
+      const int64_t t_end = std::min(length, (tb + 1) * kTokens);
+      for (int64_t t = tb * kTokens; t < t_end; ++t) {
+        for (int64_t k = 0; k < kernel; ++k) {
+          const float* row = xp_row(b, t + k);
+          taps[k] = row ? row + c0 : nullptr;
+        }
+        conv_block(taps.data(), weights, bias ? bias + c0 : nullptr, y + (b * length + t) * channels + c0, kernel,
+                   lanes, silu);
+      }
+    }
+  });
+
+  if (!state_out || history == 0) return;
+  // Row j of state_out is xp row L+j. When L < K-1 it comes from state_in row L+j > j, so copying in
+  // increasing j is safe when state_out aliases state_in.
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < history; ++j) {
+      float* dst = state_out + (b * history + j) * channels;
+      const float* src = xp_row(b, length + j);
+      if (!src)
+        std::fill(dst, dst + channels, 0.0f);
+      else if (src != dst)
+        std::memmove(dst, src, channels * sizeof(float));
+    }
+  }
 }
+
 void conv1d_step(const float* x, const float* w, const float* bias, float* state, float* y, int64_t batch,
                  int64_t channels, int64_t kernel, bool silu) {
-  std::fprintf(stderr, "mamba-ssm: %s is not implemented\n", "conv1d_step");
-  std::abort();
+  const int64_t history = kernel - 1;
+  const int64_t channel_blocks = (channels + kBlock - 1) / kBlock;
+  parallel_for(batch * channel_blocks, std::max<int64_t>(1, 8192 / (kBlock * kernel)), [&](int64_t begin, int64_t end) {
+    float* weights = tap_scratch(kernel).data();
+    std::vector<const float*> taps(kernel);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t cb = task % channel_blocks, b = task / channel_blocks;
+      const int64_t c0 = cb * kBlock, lanes = std::min(kBlock, channels - c0);
+      transpose_taps(w, c0, lanes, kernel, weights);
+      float* rows = state + b * history * channels + c0;  // this block of the K-1 state rows
+      const float* input = x + b * channels + c0;
+      for (int64_t k = 0; k < history; ++k) taps[k] = rows + k * channels;
+      taps[history] = input;
+      conv_block(taps.data(), weights, bias ? bias + c0 : nullptr, y + b * channels + c0, kernel, lanes, silu);
+      // The window slides by one token: drop the oldest row, append x.
+      for (int64_t k = 0; k + 1 < history; ++k)
+        std::memcpy(rows + k * channels, rows + (k + 1) * channels, lanes * sizeof(float));
+      if (history > 0) std::memcpy(rows + (history - 1) * channels, input, lanes * sizeof(float));
+    }
+  });
 }
+
 }  // namespace mssm::cpu::MSSM_LEVEL

@@ -20,7 +20,7 @@ namespace mssm::cpu {
 // delta' = softplus(delta + delta_bias) (softplus only when delta_softplus; softplus(v) = v for v > 20)
 // s_t = exp(delta'_t · A) ⊙ s_{t-1} + (delta'_t · u_t) ⊗ B_t      s [channels, state]
 // y_t = s_t · C_t + D ⊙ u_t ;  y_t *= silu(z_t) when z is given
-// Channel d reads B and C of group d / (channels / groups).
+// Channel d reads B and C of group d / (channels / groups); channels % groups == 0 (callers check).
 struct SelectiveScanArgs {
   int64_t batch = 1, length = 1, channels = 0, state = 0, groups = 1;
   const float* u = nullptr;           // [batch, length, channels]
@@ -121,7 +121,8 @@ struct KernelTable {
   // Causal depthwise conv over time, channels last:
   //   y[b,t,c] = act(bias[c] + Σ_k w[c,k] · xp[b, t+k, c]),  xp = concat(state_in[b], x[b]) over time
   // state [batch, K-1, channels] holds the K-1 inputs before x (null state_in: zeros); state_out
-  // receives the last K-1 rows of xp. act is SiLU when silu, else identity. bias may be null.
+  // receives the last K-1 rows of xp (null: not kept; may alias state_in). act is SiLU when silu, else
+  // identity. bias may be null. y must not alias x.
   void (*conv1d)(const float* x, const float* w, const float* bias, const float* state_in, float* state_out, float* y,
                  int64_t batch, int64_t length, int64_t channels, int64_t kernel, bool silu);
   // One token: x [batch, channels]; state [batch, K-1, channels] updated in place.
@@ -148,6 +149,11 @@ struct KernelTable {
   // 2·vocab floats.
   int32_t (*sample)(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t* rng_state,
                     float* scratch);
+
+  // The machine's ceilings, for benchmarks: FLOPs done by `iterations` rounds of independent FMA chains
+  // on every thread of the pool, and the sum of n floats read across the pool.
+  double (*fma_peak)(int64_t iterations);
+  double (*read_sum)(const float* data, int64_t n);
 };
 
 // The table of the level in use (current_cpu_level()).

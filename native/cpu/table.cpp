@@ -23,7 +23,9 @@ const KernelTable table = {
     &moe_experts,
     &argmax,
     &sample,
+    &fma_peak,
+    &read_sum,
 };
 }  // namespace mssm::cpu::MSSM_LEVEL
 // Every member must be filled: a table one entry short fails here.
-static_assert(sizeof(mssm::cpu::KernelTable) == 16 * sizeof(void*), "KernelTable and table.cpp disagree");
+static_assert(sizeof(mssm::cpu::KernelTable) == 18 * sizeof(void*), "KernelTable and table.cpp disagree");
