@@ -63,7 +63,15 @@ class Pool {
     t_index = 0;
     fn(ctx, 0, count / parts);
     t_in_worker = false;
-    while (pending_.load(std::memory_order_acquire) > 0) MSSM_PAUSE();
+    // Spin briefly for the other parts, then yield: when the machine has more runnable threads than
+    // cores, a worker may need this core to finish.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) > 0; ++spins) {
+      if (spins < 4000) {
+        MSSM_PAUSE();
+      } else {
+        std::this_thread::yield();
+      }
+    }
   }
 
  private:
@@ -74,10 +82,15 @@ class Pool {
     for (;;) {
       uint64_t g = generation_.load(std::memory_order_acquire);
       if (g == seen) {
-        // Spin a while: the next op of the same step usually follows within microseconds.
+        // Spin a while (the next op of the same step usually follows within microseconds), then
+        // yield the core for a while before sleeping, so an oversubscribed machine is not starved.
         int spins = 0;
-        while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < 200000) {
-          MSSM_PAUSE();
+        while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < 40000) {
+          if (spins < 20000) {
+            MSSM_PAUSE();
+          } else {
+            std::this_thread::yield();
+          }
           ++spins;
         }
         if (g == seen) {
