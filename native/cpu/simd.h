@@ -1,0 +1,85 @@
+// One SIMD vector of floats for the level being compiled (AVX-512: 16 lanes, AVX2+FMA: 8, baseline:
+// 1), with the few operations the elementwise and scan kernels share, and a vectorised exp accurate to
+// about one ulp. Included by per-level kernel sources only (it needs MSSM_LEVEL).
+#pragma once
+#include <cmath>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace mssm::cpu::MSSM_LEVEL::simd {
+
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int kWidth = 16;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset(float x) { return _mm512_set1_ps(x); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+// exp(x) = 2^k · e^r with x = k·ln2 + r, |r| ≤ ln2/2; scalef gives subnormals, 0 and ∞ exactly.
+inline vec vexp(vec x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x));
+  vec k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  vec r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // Cody–Waite: ln2 = hi + lo
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682e-6f), r);
+  vec p = _mm512_set1_ps(1.383684576e-3f);  // minimax fit of e^r on [-ln2/2, ln2/2], rel err 2e-9
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.374815807e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166822508e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666641980e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999999106e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using vec = __m256;
+constexpr int kWidth = 8;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset(float x) { return _mm256_set1_ps(x); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+// As the AVX-512 exp; 2^k is applied as two normal factors 2^(k/2)·2^(k-k/2) so that results in the
+// subnormal range (x < -87.3) stay accurate and very negative x gives 0.
+inline vec vexp(vec x) {
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-150.0f), x));
+  vec k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vec r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860682e-6f), r);
+  vec p = _mm256_set1_ps(1.383684576e-3f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.374815807e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166822508e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666641980e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999106e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256i ki = _mm256_cvtps_epi32(k);
+  __m256i half = _mm256_srai_epi32(ki, 1);
+  __m256i rest = _mm256_sub_epi32(ki, half);
+  vec scale1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  vec scale2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, scale1), scale2);
+}
+#else
+using vec = float;
+constexpr int kWidth = 1;
+inline vec vload(const float* p) { return *p; }
+inline void vstore(float* p, vec v) { *p = v; }
+inline vec vset(float x) { return x; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vmul(vec a, vec b) { return a * b; }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline vec vdiv(vec a, vec b) { return a / b; }
+inline vec vexp(vec x) { return std::exp(x); }
+#endif
+
+// silu(v) = v · sigmoid(v); exp(-v) overflowing to ∞ for v < -89 gives the right limit (-0).
+inline vec vsilu(vec v) { return vdiv(v, vadd(vset(1.0f), vexp(vmul(v, vset(-1.0f))))); }
+
+}  // namespace mssm::cpu::MSSM_LEVEL::simd
