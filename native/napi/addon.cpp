@@ -83,6 +83,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mssm::napi::register_runtime(env, exports);
   mssm::napi::register_ops(env, exports);
   mssm::napi::register_bench(env, exports);
+  mssm::napi::register_mapfile(env, exports);
+  mssm::napi::register_model(env, exports);
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;
 }
