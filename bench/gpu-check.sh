@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check, run from the repository root on a machine with an NVIDIA GPU (no Node needed):
+# configures and builds build-gpu with the CUDA backend and the tests, runs every ctest test (the
+# CPU kernels' and the CUDA kernels'; a CUDA test that finds no device fails here, through
+# MAMBA_SSM_REQUIRE_GPU=1), then bench_cuda. Logs go to $OUT when it is set. Exits non-zero if
+# anything fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR="${OUT:-build-gpu/logs}"
+mkdir -p "$LOG_DIR" build-gpu
+export MAMBA_SSM_REQUIRE_GPU=1
+status=0
+
+step() {  # step NAME COMMAND...: runs, tees its output to $LOG_DIR/NAME.log, records failure
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then echo "=== $name FAILED (exit $rc)"; status=1; fi
+  return "$rc"
+}
+
+nvidia-smi -L 2>&1 | tee "$LOG_DIR/nvidia-smi.log" || { echo "=== nvidia-smi failed"; status=1; }
+
+step configure cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMAMBA_SSM_CUDA=ON -DMAMBA_SSM_TESTS=ON \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DMSSM_CUDA_PTXAS_VERBOSE=ON || exit 1
+step build cmake --build build-gpu -j16 || exit 1
+if [ ! -x build-gpu/native/cuda/bench_cuda ]; then
+  echo "=== the CUDA backend was not built (is nvcc on PATH?)"; exit 1
+fi
+step ctest-cuda bash -c "cd build-gpu && ctest -R '^test_cuda_' --no-tests=error --output-on-failure -j1"
+step ctest-cpu bash -c "cd build-gpu && ctest -E '^test_cuda_' --no-tests=error --output-on-failure -j8"
+step bench timeout 300 build-gpu/native/cuda/bench_cuda
+
+if [ "$status" -eq 0 ]; then echo "=== gpu-check: all passed"; else echo "=== gpu-check: FAILED"; fi
+exit "$status"

@@ -1,0 +1,46 @@
+// Shared helpers of the CUDA kernel files: error reporting, launch checks, and the scalar functions
+// of the model equations (softplus, silu) in the same form the CPU kernels use.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <string>
+
+#include "cuda_kernels.h"
+
+namespace mssm::cuda::detail {
+
+inline Status error(const char* op, const std::string& what) { return Status{std::string("mamba-ssm cuda ") + op + ": " + what}; }
+
+inline Status cuda_error(const char* op, const char* call, cudaError_t e) {
+  return error(op, std::string(call) + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+}
+
+// Checks the launch that was just enqueued (bad configuration, missing kernel image, …).
+inline Status check_launch(const char* op) {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? Status{} : cuda_error(op, "kernel launch", e);
+}
+
+#define MSSM_CUDA_TRY(op, call)                                                         \
+  do {                                                                                  \
+    cudaError_t mssm_e_ = (call);                                                       \
+    if (mssm_e_ != cudaSuccess) return ::mssm::cuda::detail::cuda_error(op, #call, mssm_e_); \
+  } while (0)
+
+#define MSSM_STATUS_TRY(expr)                 \
+  do {                                        \
+    ::mssm::cuda::Status mssm_s_ = (expr);    \
+    if (!mssm_s_.ok()) return mssm_s_;        \
+  } while (0)
+
+// softplus(v) = log(1 + e^v), and v itself above 20 (kernels.h).
+__device__ __forceinline__ float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+// silu(v) = v · sigmoid(v); expf(-v) = ∞ for v < -88 gives the right limit (-0).
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace mssm::cuda::detail

@@ -1,0 +1,65 @@
+// The CUDA kernels of the Mamba family: the same ops and semantics as the CPU kernels (cpu/kernels.h),
+// on device memory, enqueued on a caller's stream.
+//
+// Every pointer is a device pointer; tensors are contiguous, row-major, fp32, in exactly the layouts
+// kernels.h documents (the argument structs are shared: SelectiveScanArgs and SsdArgs hold device
+// pointers here). Every function is asynchronous on `stream`; it returns a Status whose message is
+// empty on success, else names the op and the cause (a bad argument, or the CUDA error of a launch).
+// Errors of the kernels themselves surface at the next synchronisation, as with any CUDA call.
+//
+// Sizes (as kernels.h): batch, length L, channels D (d_inner), state N, groups G, heads H, head_dim P.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "cpu/kernels.h"
+
+namespace mssm::cuda {
+
+struct Status {
+  std::string message;  // empty: success
+  bool ok() const { return message.empty(); }
+};
+
+// ---- Mamba-1 ------------------------------------------------------------------------------------
+// The selective scan over whole sequences (cpu::KernelTable::selective_scan). Any N, any G dividing D.
+Status selective_scan(const cpu::SelectiveScanArgs& args, cudaStream_t stream);
+// One token per sequence (length must be 1, state_out set; usually state_out == state_in).
+Status selective_state_update(const cpu::SelectiveScanArgs& args, cudaStream_t stream);
+
+// Causal depthwise conv over time, channels last (cpu::KernelTable::conv1d). state_out may alias
+// state_in; y must not alias x.
+Status conv1d(const float* x, const float* w, const float* bias, const float* state_in, float* state_out, float* y,
+              int64_t batch, int64_t length, int64_t channels, int64_t kernel, bool silu, cudaStream_t stream);
+// One token: x [batch, channels]; state [batch, K-1, channels] updated in place.
+Status conv1d_step(const float* x, const float* w, const float* bias, float* state, float* y, int64_t batch,
+                   int64_t channels, int64_t kernel, bool silu, cudaStream_t stream);
+
+// ---- Mamba-2 ------------------------------------------------------------------------------------
+// How the chunked SSD does its matmuls: fp32 on the CUDA cores, or bf16 operands on the tensor cores
+// with fp32 accumulation (relative error near 1e-3 instead of 1e-6).
+enum class SsdMath : int32_t { fp32 = 0, bf16_tensor = 1 };
+
+// Device scratch the chunked SSD needs for these args (bytes).
+size_t ssd_chunked_workspace_bytes(const cpu::SsdArgs& args);
+// The chunked SSD (cpu::KernelTable::ssd_chunked). The chunk length on the GPU is chosen to fit shared
+// memory (64 tokens, less for very large N·P); args.chunk_size does not change the result and is
+// ignored. workspace: at least ssd_chunked_workspace_bytes(args) bytes of device memory, or null to
+// allocate it stream-ordered (cudaMallocAsync) for this call.
+Status ssd_chunked(const cpu::SsdArgs& args, SsdMath math, void* workspace, cudaStream_t stream);
+// One token (length must be 1, state_out set).
+Status ssd_step(const cpu::SsdArgs& args, cudaStream_t stream);
+
+// ---- Norms --------------------------------------------------------------------------------------
+// cpu::KernelTable::rmsnorm: out = rmsnorm(x (+ residual)) · weight; residual_out gets x + residual.
+// out and residual_out may alias x or residual.
+Status rmsnorm(const float* x, const float* residual, const float* weight, float* out, float* residual_out,
+               int64_t rows, int64_t dim, float eps, cudaStream_t stream);
+// cpu::KernelTable::gated_rmsnorm over groups of group_size; z may be null; out may alias x or z.
+Status gated_rmsnorm(const float* x, const float* z, const float* weight, float* out, int64_t rows, int64_t dim,
+                     int64_t group_size, float eps, bool norm_before_gate, cudaStream_t stream);
+
+}  // namespace mssm::cuda

@@ -1,0 +1,442 @@
+// Mamba-2 state-space duality (SSD) on the GPU: the chunked algorithm for whole sequences (prefill)
+// and the one-token recurrence (decode).
+//
+// Glossary (sizes as in kernels.h):
+//   b  batch       L  length (tokens)     H  heads       P  head_dim      N  state
+//   G  groups: head h reads B and C of group g(h) = h / (H/G)             Q  chunk length (GPU's own)
+//   c  chunk       i, j  tokens inside a chunk (i: output, j: input, j ≤ i)
+//   dt'  processed step: clamp(softplus(dt + dt_bias), dt_min, dt_max)
+//   a_t = dt'_t·A[h] ≤ 0, the log of the decay at token t;  cum[i] = Σ_{k≤i} a_k inside one chunk
+//
+// The recurrence:  s_t = exp(a_t)·s_{t-1} + dt'_t·x_t ⊗ B_t,  y_t = s_t·C_t + D·x_t  (s[h] is [P, N]).
+// The chunked form (Mamba-2 paper, "SSD algorithm"), four kernels:
+//   1 chunk_prepare  dt' and cum per (b, h, c); cum in double so that cum[i] - cum[j] stays exact
+//   2 chunk_state    S_c = Σ_j exp(cum[last] - cum[j])·dt'_j·x_j ⊗ B_j        = X̃ᵀ·B     [P,Q]·[Q,N]
+//   3 state_pass     S_enter[c] = running;  running = exp(cum[last])·running + S_c   (sequential in c)
+//   4 chunk_scan     y_i = Σ_{j≤i} exp(cum[i] - cum[j])·(C_i·B_j)·dt'_j·x_j      = (Lseg ⊙ C·Bᵀ)·X
+//                        + exp(cum[i])·C_i·S_enterᵀ + D·x_i,  then ·silu(z_i)
+// Kernels 2 and 4 run one block per (b, h, c) and do their products on tiles staged in shared memory,
+// either as fp32 dot products on the CUDA cores or as bf16 wmma tiles (16×16×16) on the tensor cores
+// with fp32 accumulators. Sizes are padded to multiples of 16 with zeros, which add nothing.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+
+#include "cuda_common.cuh"
+
+namespace mssm::cuda {
+namespace {
+
+using detail::ceil_div;
+namespace wmma = nvcuda::wmma;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__host__ __device__ constexpr int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
+__host__ __device__ constexpr size_t align128(size_t v) { return (v + 127) / 128 * 128; }
+
+// Leading dimensions of shared tiles: odd for fp32 (the dot-product loops read columns without bank
+// conflicts), a multiple of 8 elements for bf16 (wmma needs 16-byte multiples).
+template <typename T>
+__host__ __device__ constexpr int lead(int cols) {
+  return sizeof(T) == 4 ? cols + 1 : cols + 8;
+}
+// fp32 results of the products (wmma stores them: a multiple of 4 floats).
+__host__ __device__ constexpr int lead_f32(int cols) { return cols + 4; }
+
+template <typename T>
+__device__ __forceinline__ T to(float v);
+template <>
+__device__ __forceinline__ float to<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// out[i·ldo + j] (+)= Σ_k A(i,k)·B(k,j) over i < M, j < Nc, k < K, all multiples of 16, by the whole
+// block. A(i,k) is A[i·lda + k] (row-major) or A[k·lda + i] (ACol); B(k,j) is B[k·ldb + j] or
+// B[j·ldb + k] (BCol). Ends with a barrier.
+template <typename T, bool ACol, bool BCol>
+__device__ void block_matmul(float* out, int ldo, const T* A, int lda, const T* B, int ldb, int M, int Nc, int K,
+                             bool accumulate) {
+  if constexpr (sizeof(T) == 4) {
+    for (int e = threadIdx.x; e < M * Nc; e += kThreads) {
+      const int i = e / Nc, j = e % Nc;
+      float acc = accumulate ? out[i * ldo + j] : 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float a = ACol ? A[k * lda + i] : A[i * lda + k];
+        const float b = BCol ? B[j * ldb + k] : B[k * ldb + j];
+        acc = fmaf(a, b, acc);
+      }
+      out[i * ldo + j] = acc;
+    }
+  } else {
+    using ALayout = std::conditional_t<ACol, wmma::col_major, wmma::row_major>;
+    using BLayout = std::conditional_t<BCol, wmma::col_major, wmma::row_major>;
+    const int tiles_n = Nc / 16, tiles = (M / 16) * tiles_n;
+    for (int tile = threadIdx.x / 32; tile < tiles; tile += kWarps) {
+      const int ti = tile / tiles_n, tj = tile % tiles_n;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      float* o = out + ti * 16 * ldo + tj * 16;
+      if (accumulate)
+        wmma::load_matrix_sync(acc, o, ldo, wmma::mem_row_major);
+      else
+        wmma::fill_fragment(acc, 0.0f);
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> b;
+        wmma::load_matrix_sync(a, ACol ? A + k0 * lda + ti * 16 : A + ti * 16 * lda + k0, lda);
+        wmma::load_matrix_sync(b, BCol ? B + tj * 16 * ldb + k0 : B + k0 * ldb + tj * 16, ldb);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(o, acc, ldo, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+}
+
+// Byte offsets of the shared-memory buffers of kernels 2 and 4 (the same on host and device).
+struct Layout {
+  int Q, Pp, Np;
+  size_t cum, dtp, t0, t1, t2, t3, f0, f1, total;
+};
+
+template <typename T>
+__host__ __device__ Layout layout(int Q, int Pp, int Np) {
+  Layout s{Q, Pp, Np};
+  const int rows_bs = Q > Pp ? Q : Pp;
+  size_t at = 0;
+  s.cum = at, at = align128(at + sizeof(double) * Q);
+  s.dtp = at, at = align128(at + sizeof(float) * Q);
+  // kernel 4: t0 C [Q][Np], t1 B then S_enter [max(Q,Pp)][Np], t2 X [Q][Pp], t3 masked C·Bᵀ [Q][Q],
+  //           f0 C·Bᵀ [Q][Q] (fp32), f1 y [Q][Pp] (fp32)
+  // kernel 2: t0 X̃ [Q][Pp], t1 B [Q][Np], f1 S_c [Pp][Np] (fp32)
+  s.t0 = at, at = align128(at + sizeof(T) * (size_t)Q * lead<T>(Np > Pp ? Np : Pp));
+  s.t1 = at, at = align128(at + sizeof(T) * (size_t)rows_bs * lead<T>(Np));
+  s.t2 = at, at = align128(at + sizeof(T) * (size_t)Q * lead<T>(Pp));
+  s.t3 = at, at = align128(at + sizeof(T) * (size_t)Q * lead<T>(Q));
+  s.f0 = at, at = align128(at + sizeof(float) * (size_t)Q * lead_f32(Q));
+  const int rows_f1 = Q > Pp ? Q : Pp, cols_f1 = Pp > Np ? Pp : Np;
+  s.f1 = at, at = align128(at + sizeof(float) * (size_t)rows_f1 * lead_f32(cols_f1));
+  s.total = at;
+  return s;
+}
+
+__device__ __forceinline__ float process_dt(const cpu::SsdArgs& a, float raw, int64_t h) {
+  float v = raw + (a.dt_bias ? a.dt_bias[h] : 0.0f);
+  if (a.dt_softplus) v = detail::softplus(v);
+  return fminf(fmaxf(v, a.dt_min), a.dt_max);
+}
+
+// Kernel 1: one thread per (b, h, c).
+__global__ void chunk_prepare_kernel(cpu::SsdArgs a, int Q, int64_t chunks, float* dtp, double* cum) {
+  const int64_t item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b·H + h)·chunks + c
+  if (item >= a.batch * a.heads * chunks) return;
+  const int64_t c = item % chunks, h = item / chunks % a.heads, b = item / (chunks * a.heads);
+  const int64_t t0 = c * Q, len = detail::min64(Q, a.length - t0);
+  const double A = a.A[h];
+  double sum = 0;
+  for (int64_t j = 0; j < Q; ++j) {
+    const float v = j < len ? process_dt(a, a.dt[(b * a.length + t0 + j) * a.heads + h], h) : 0.0f;
+    sum += (double)v * A;
+    dtp[item * Q + j] = v;
+    cum[item * Q + j] = sum;  // padding tokens repeat the last value: their decay is 1
+  }
+}
+
+// Stages cum and dt' of chunk `item` and returns its token count.
+__device__ int stage_chunk(const cpu::SsdArgs& a, int Q, int64_t chunks, int64_t item, const float* dtp,
+                           const double* cum, double* cum_s, float* dtp_s) {
+  for (int j = threadIdx.x; j < Q; j += kThreads) {
+    cum_s[j] = cum[item * Q + j];
+    dtp_s[j] = dtp[item * Q + j];
+  }
+  return (int)detail::min64(Q, a.length - (item % chunks) * Q);
+}
+
+// Kernel 2: S_c[p, n] = Σ_j X̃[j, p]·B[j, n], X̃[j, p] = exp(cum[last] - cum[j])·dt'_j·x[j, p].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) chunk_state_kernel(cpu::SsdArgs a, int Q, int64_t chunks, const float* dtp,
+                                                               const double* cum, float* states) {
+  extern __shared__ float4 shared_raw[];
+  char* base = reinterpret_cast<char*>(shared_raw);
+  const int64_t H = a.heads, P = a.head_dim, N = a.state, G = a.groups, L = a.length;
+  const int Pp = round16(P), Np = round16(N);
+  const Layout s = layout<T>(Q, Pp, Np);
+  double* cum_s = reinterpret_cast<double*>(base + s.cum);
+  float* dtp_s = reinterpret_cast<float*>(base + s.dtp);
+  T* X = reinterpret_cast<T*>(base + s.t0);
+  T* Bs = reinterpret_cast<T*>(base + s.t1);
+  float* S = reinterpret_cast<float*>(base + s.f1);
+  const int ldP = lead<T>(Pp), ldN = lead<T>(Np), ldS = lead_f32(Np);
+
+  const int64_t item = blockIdx.x;
+  const int64_t c = item % chunks, h = item / chunks % H, b = item / (chunks * H), g = h / (H / G);
+  const int64_t t0 = c * Q;
+  const int len = stage_chunk(a, Q, chunks, item, dtp, cum, cum_s, dtp_s);
+  __syncthreads();
+  const double last = cum_s[len - 1];
+  for (int e = threadIdx.x; e < Q * Pp; e += kThreads) {
+    const int j = e / Pp, p = e % Pp;
+    float v = 0.0f;
+    if (j < len && p < P)
+      v = expf((float)(last - cum_s[j])) * dtp_s[j] * a.x[((b * L + t0 + j) * H + h) * P + p];
+    X[j * ldP + p] = to<T>(v);
+  }
+  for (int e = threadIdx.x; e < Q * Np; e += kThreads) {
+    const int j = e / Np, n = e % Np;
+    Bs[j * ldN + n] = to<T>(j < len && n < N ? a.B[((b * L + t0 + j) * G + g) * N + n] : 0.0f);
+  }
+  __syncthreads();
+  block_matmul<T, true, false>(S, ldS, X, ldP, Bs, ldN, Pp, Np, Q, false);
+  float* out = states + item * P * N;
+  for (int64_t e = threadIdx.x; e < P * N; e += kThreads) out[e] = S[(e / N) * ldS + e % N];
+}
+
+// Kernel 3: one thread per (b, h, element of the state); states[c] becomes the state entering chunk c.
+__global__ void state_pass_kernel(cpu::SsdArgs a, int Q, int64_t chunks, const double* cum, float* states) {
+  const int64_t PN = a.head_dim * a.state;
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b·H + h)·PN + e
+  if (i >= a.batch * a.heads * PN) return;
+  const int64_t bh = i / PN, e = i % PN;
+  float running = a.state_in ? a.state_in[i] : 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t item = bh * chunks + c;
+    const int len = (int)detail::min64(Q, a.length - c * Q);
+    float* st = states + item * PN + e;
+    const float chunk_state = *st;
+    *st = running;
+    running = fmaf(expf((float)cum[item * Q + len - 1]), running, chunk_state);
+  }
+  if (a.state_out) a.state_out[i] = running;  // this thread alone read state_in[i]: aliasing is fine
+}
+
+// Kernel 4: y for one (b, h, c).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) chunk_scan_kernel(cpu::SsdArgs a, int Q, int64_t chunks, const float* dtp,
+                                                              const double* cum, const float* states) {
+  extern __shared__ float4 shared_raw[];
+  char* base = reinterpret_cast<char*>(shared_raw);
+  const int64_t H = a.heads, P = a.head_dim, N = a.state, G = a.groups, L = a.length;
+  const int Pp = round16(P), Np = round16(N);
+  const Layout s = layout<T>(Q, Pp, Np);
+  double* cum_s = reinterpret_cast<double*>(base + s.cum);
+  float* dtp_s = reinterpret_cast<float*>(base + s.dtp);
+  T* Cs = reinterpret_cast<T*>(base + s.t0);
+  T* BS = reinterpret_cast<T*>(base + s.t1);
+  T* X = reinterpret_cast<T*>(base + s.t2);
+  T* M = reinterpret_cast<T*>(base + s.t3);
+  float* CB = reinterpret_cast<float*>(base + s.f0);
+  float* Y = reinterpret_cast<float*>(base + s.f1);
+  const int ldN = lead<T>(Np), ldP = lead<T>(Pp), ldQ = lead<T>(Q), ldCB = lead_f32(Q), ldY = lead_f32(Pp);
+
+  const int64_t item = blockIdx.x;
+  const int64_t c = item % chunks, h = item / chunks % H, b = item / (chunks * H), g = h / (H / G);
+  const int64_t t0 = c * Q;
+  const int len = stage_chunk(a, Q, chunks, item, dtp, cum, cum_s, dtp_s);
+  for (int e = threadIdx.x; e < Q * Np; e += kThreads) {
+    const int j = e / Np, n = e % Np;
+    const bool ok = j < len && n < N;
+    const int64_t at = ((b * L + t0 + j) * G + g) * N + n;
+    Cs[j * ldN + n] = to<T>(ok ? a.C[at] : 0.0f);
+    BS[j * ldN + n] = to<T>(ok ? a.B[at] : 0.0f);
+  }
+  for (int e = threadIdx.x; e < Q * Pp; e += kThreads) {
+    const int j = e / Pp, p = e % Pp;
+    X[j * ldP + p] = to<T>(j < len && p < P ? a.x[((b * L + t0 + j) * H + h) * P + p] : 0.0f);
+  }
+  __syncthreads();
+
+  // C·Bᵀ: Bᵀ(n, j) = B[j][n] is column-major with leading dimension ldN.
+  block_matmul<T, false, true>(CB, ldCB, Cs, ldN, BS, ldN, Q, Q, Np, false);
+
+  // M[i, j] = (C_i·B_j)·exp(cum[i] - cum[j])·dt'_j for j ≤ i (the decay segment sum), else 0;
+  // and S_enter [P][N] replaces B.
+  for (int e = threadIdx.x; e < Q * Q; e += kThreads) {
+    const int i = e / Q, j = e % Q;
+    float v = 0.0f;
+    if (j <= i && i < len) v = CB[i * ldCB + j] * expf((float)(cum_s[i] - cum_s[j])) * dtp_s[j];
+    M[i * ldQ + j] = to<T>(v);
+  }
+  const float* entering = states + item * P * N;
+  for (int e = threadIdx.x; e < Pp * Np; e += kThreads) {
+    const int p = e / Np, n = e % Np;
+    BS[p * ldN + n] = to<T>(p < P && n < N ? entering[p * N + n] : 0.0f);
+  }
+  __syncthreads();
+
+  // Y_off = C·S_enterᵀ: S_enterᵀ(n, p) = S[p][n], column-major; then each row times exp(cum[i]).
+  block_matmul<T, false, true>(Y, ldY, Cs, ldN, BS, ldN, Q, Pp, Np, false);
+  for (int e = threadIdx.x; e < Q * Pp; e += kThreads) {
+    const int i = e / Pp, p = e % Pp;
+    Y[i * ldY + p] *= expf((float)cum_s[i]);
+  }
+  __syncthreads();
+  // Y += M·X
+  block_matmul<T, false, false>(Y, ldY, M, ldQ, X, ldP, Q, Pp, Q, true);
+
+  const float D = a.D ? a.D[h] : 0.0f;
+  for (int e = threadIdx.x; e < len * P; e += kThreads) {
+    const int i = e / (int)P, p = e % (int)P;
+    const int64_t at = ((b * L + t0 + i) * H + h) * P + p;
+    float v = Y[i * ldY + p] + D * a.x[at];
+    if (a.z) v *= detail::silu(a.z[at]);
+    a.y[at] = v;
+  }
+}
+
+// One token: warp per (b, h, p), lanes over n.
+__global__ void ssd_step_kernel(cpu::SsdArgs a) {
+  const int64_t H = a.heads, P = a.head_dim, N = a.state, G = a.groups;
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b·H + h)·P + p
+  const int l = threadIdx.x % 32;
+  if (row >= a.batch * H * P) return;
+  const int64_t bh = row / P, h = bh % H, b = bh / H, g = h / (H / G);
+  const float dtp = process_dt(a, a.dt[bh], h);
+  const float decay = expf(dtp * a.A[h]);
+  const float xdt = dtp * a.x[row];
+  const float* Bv = a.B + (b * G + g) * N;
+  const float* Cv = a.C + (b * G + g) * N;
+  float acc = 0.0f;
+  for (int64_t n = l; n < N; n += 32) {
+    const float prev = a.state_in ? a.state_in[row * N + n] : 0.0f;
+    const float s = fmaf(decay, prev, xdt * Bv[n]);
+    a.state_out[row * N + n] = s;
+    acc = fmaf(s, Cv[n], acc);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (l == 0) {
+    float v = acc + (a.D ? a.D[h] * a.x[row] : 0.0f);
+    if (a.z) v *= detail::silu(a.z[row]);
+    a.y[row] = v;
+  }
+}
+
+Status check_args(const char* op, const cpu::SsdArgs& a) {
+  if (a.batch < 0 || a.length < 0 || a.heads < 0 || a.head_dim < 0 || a.state < 0)
+    return detail::error(op, "negative size");
+  if (a.groups <= 0 || (a.heads > 0 && a.heads % a.groups != 0))
+    return detail::error(op, "heads (" + std::to_string(a.heads) + ") must be a multiple of groups (" +
+                                 std::to_string(a.groups) + ")");
+  if (a.batch * a.heads * a.head_dim * a.state > 0) {
+    if (!a.A) return detail::error(op, "A must be set");
+    if (a.length > 0 && (!a.x || !a.dt || !a.B || !a.C || !a.y)) return detail::error(op, "x, dt, B, C and y must be set");
+  }
+  return {};
+}
+
+int shared_limit() {
+  int device = 0, limit = 48 * 1024;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return limit;
+}
+
+// The largest chunk (64, 32 or 16 tokens) whose tiles fit this device's shared memory; 0 if none.
+int choose_chunk(const cpu::SsdArgs& a, SsdMath math) {
+  const int Pp = round16(a.head_dim), Np = round16(a.state);
+  const size_t limit = (size_t)shared_limit();
+  for (int Q = 64; Q >= 16; Q /= 2) {
+    const size_t need = math == SsdMath::fp32 ? layout<float>(Q, Pp, Np).total : layout<__nv_bfloat16>(Q, Pp, Np).total;
+    if (need <= limit) return Q;
+  }
+  return 0;
+}
+
+struct Workspace {
+  size_t dtp, cum, states, total;
+};
+Workspace workspace_layout(const cpu::SsdArgs& a, int Q) {
+  const int64_t chunks = Q > 0 ? ceil_div(a.length, Q) : 0;
+  const int64_t items = a.batch * a.heads * chunks;
+  Workspace w{};
+  size_t at = 0;
+  w.dtp = at, at = (at + sizeof(float) * items * Q + 255) / 256 * 256;
+  w.cum = at, at = (at + sizeof(double) * items * Q + 255) / 256 * 256;
+  w.states = at, at = (at + sizeof(float) * items * a.head_dim * a.state + 255) / 256 * 256;
+  w.total = at;
+  return w;
+}
+
+template <typename T>
+Status launch_chunked(const cpu::SsdArgs& a, int Q, char* work, const Workspace& w, cudaStream_t stream) {
+  const char* op = "ssd_chunked";
+  const int64_t chunks = ceil_div(a.length, Q);
+  const int64_t items = a.batch * a.heads * chunks;
+  if (items > 0x7fffffff) return detail::error(op, "too many chunks");
+  float* dtp = reinterpret_cast<float*>(work + w.dtp);
+  double* cum = reinterpret_cast<double*>(work + w.cum);
+  float* states = reinterpret_cast<float*>(work + w.states);
+  const size_t shared = layout<T>(Q, round16(a.head_dim), round16(a.state)).total;
+  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(chunk_state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared));
+  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(chunk_scan_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared));
+
+  chunk_prepare_kernel<<<(unsigned)ceil_div(items, 128), 128, 0, stream>>>(a, Q, chunks, dtp, cum);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  chunk_state_kernel<T><<<(unsigned)items, kThreads, shared, stream>>>(a, Q, chunks, dtp, cum, states);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  const int64_t elements = a.batch * a.heads * a.head_dim * a.state;
+  state_pass_kernel<<<(unsigned)ceil_div(elements, 256), 256, 0, stream>>>(a, Q, chunks, cum, states);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  chunk_scan_kernel<T><<<(unsigned)items, kThreads, shared, stream>>>(a, Q, chunks, dtp, cum, states);
+  return detail::check_launch(op);
+}
+
+}  // namespace
+
+size_t ssd_chunked_workspace_bytes(const cpu::SsdArgs& args) {
+  // A shorter chunk needs more per-chunk states. The fp32 tiles are the larger, so the fp32 chunk is
+  // never longer than the bf16 one and its workspace covers both paths.
+  const int Q = choose_chunk(args, SsdMath::fp32);
+  return workspace_layout(args, Q > 0 ? Q : 16).total;
+}
+
+Status ssd_chunked(const cpu::SsdArgs& args, SsdMath math, void* workspace, cudaStream_t stream) {
+  const char* op = "ssd_chunked";
+  MSSM_STATUS_TRY(check_args(op, args));
+  const int64_t state_floats = args.batch * args.heads * args.head_dim * args.state;
+  if (state_floats == 0) return {};
+  if (args.length == 0) {  // no tokens: the state passes through unchanged
+    if (args.state_out && args.state_out != args.state_in) {
+      if (args.state_in)
+        MSSM_CUDA_TRY(op, cudaMemcpyAsync(args.state_out, args.state_in, state_floats * sizeof(float),
+                                          cudaMemcpyDeviceToDevice, stream));
+      else
+        MSSM_CUDA_TRY(op, cudaMemsetAsync(args.state_out, 0, state_floats * sizeof(float), stream));
+    }
+    return {};
+  }
+  const int Q = choose_chunk(args, math);
+  if (Q == 0)
+    return detail::error(op, "head_dim " + std::to_string(args.head_dim) + " × state " + std::to_string(args.state) +
+                                 " needs more shared memory than this device has");
+  const Workspace w = workspace_layout(args, Q);
+  char* work = static_cast<char*>(workspace);
+  const bool own = work == nullptr;
+  if (own) MSSM_CUDA_TRY(op, cudaMallocAsync(reinterpret_cast<void**>(&work), w.total, stream));
+  Status status = math == SsdMath::fp32 ? launch_chunked<float>(args, Q, work, w, stream)
+                                        : launch_chunked<__nv_bfloat16>(args, Q, work, w, stream);
+  if (own) {
+    const cudaError_t e = cudaFreeAsync(work, stream);
+    if (status.ok() && e != cudaSuccess) return detail::cuda_error(op, "cudaFreeAsync", e);
+  }
+  return status;
+}
+
+Status ssd_step(const cpu::SsdArgs& args, cudaStream_t stream) {
+  const char* op = "ssd_step";
+  MSSM_STATUS_TRY(check_args(op, args));
+  if (args.length != 1) return detail::error(op, "length must be 1 (got " + std::to_string(args.length) + ")");
+  if (!args.state_out) return detail::error(op, "state_out must be set");
+  const int64_t rows = args.batch * args.heads * args.head_dim;
+  if (rows == 0 || args.state == 0) return {};
+  constexpr int kRowsPerBlock = 8;
+  const int64_t blocks = ceil_div(rows, kRowsPerBlock);
+  if (blocks > 0x7fffffff) return detail::error(op, "too many blocks");
+  ssd_step_kernel<<<(unsigned)blocks, 32 * kRowsPerBlock, 0, stream>>>(args);
+  return detail::check_launch(op);
+}
+
+}  // namespace mssm::cuda
