@@ -1,44 +1,242 @@
 #!/usr/bin/env node
-// The mamba-ssm command line.
+// The mamba-ssm command line: generate, inspect, convert, info.
+import * as fs from "fs";
 import { cpuInfo, getThreads, setThreads } from "./runtime";
 import { version } from "./version";
 
 const USAGE = `mamba-ssm ${version}
 
 Usage:
-  mamba-ssm info [--threads N]     version, CPU kernel level and threads
-  mamba-ssm --version
-  mamba-ssm --help
+  mamba-ssm generate [prompt] --model PATH [options]   stream a continuation (prompt from stdin when absent)
+      --max-tokens N (128)  --temperature T (0.8)  --top-k K (40)  --top-p P (0.95)  --min-p P (0)
+      --repetition-penalty R (1)  --seed S  --stop STRING (repeatable)  --dtype f32|bf16|q8_0  --json
+  mamba-ssm inspect PATH [--json]                      architecture, sizes, dtypes, parameters, memory
+  mamba-ssm convert IN OUT --to gguf|safetensors [--dtype f32|f16|bf16|q8_0]
+  mamba-ssm info                                       version, CPU kernel level, threads
+  mamba-ssm --version | --help
+
+Every command takes --threads N. PATH is a Hugging Face or mamba_ssm folder, or a GGUF file.
 
 Environment:
   MAMBA_SSM_CPU=baseline|avx2|avx512   use a lower CPU kernel level
   MAMBA_SSM_THREADS=N                  size of the thread pool
 `;
 
-function main(argv: string[]): number {
-  const args = [...argv];
-  if (args.includes("--help") || args.includes("-h")) {
-    process.stdout.write(USAGE);
-    return 0;
+class UsageError extends Error {}
+
+interface Parsed {
+  positional: string[];
+  flags: Map<string, string[]>;
+}
+
+const BOOLEAN_FLAGS = new Set(["json", "help", "version"]);
+
+function parse(argv: string[]): Parsed {
+  const positional: string[] = [];
+  const flags = new Map<string, string[]>();
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === "-h") flags.set("help", ["true"]);
+    else if (a === "-v") flags.set("version", ["true"]);
+    else if (a.startsWith("--")) {
+      const eq = a.indexOf("=");
+      const name = eq > 0 ? a.slice(2, eq) : a.slice(2);
+      let value: string;
+      if (eq > 0) value = a.slice(eq + 1);
+      else if (BOOLEAN_FLAGS.has(name)) value = "true";
+      else {
+        if (i + 1 >= argv.length) throw new UsageError(`--${name} needs a value`);
+        value = argv[++i];
+      }
+      flags.set(name, [...(flags.get(name) ?? []), value]);
+    } else positional.push(a);
   }
-  if (args.includes("--version") || args.includes("-v")) {
-    process.stdout.write(`${version}\n`);
-    return 0;
+  return { positional, flags };
+}
+
+function flag(p: Parsed, name: string): string | undefined {
+  const v = p.flags.get(name);
+  return v ? v[v.length - 1] : undefined;
+}
+
+function numberFlag(p: Parsed, name: string, check: (v: number) => boolean, expect: string): number | undefined {
+  const raw = flag(p, name);
+  if (raw === undefined) return undefined;
+  const v = Number(raw);
+  if (raw.trim() === "" || !Number.isFinite(v) || !check(v)) throw new UsageError(`--${name} must be ${expect}, got "${raw}"`);
+  return v;
+}
+
+function checkFlags(p: Parsed, allowed: string[]) {
+  for (const name of p.flags.keys()) {
+    if (!allowed.includes(name) && name !== "threads") throw new UsageError(`unknown option --${name}`);
   }
-  const command = args[0] && !args[0].startsWith("-") ? args.shift()! : "info";
-  if (command !== "info") {
-    process.stderr.write(`mamba-ssm: unknown command "${command}"\n\n${USAGE}`);
-    return 2;
-  }
-  const t = args.indexOf("--threads");
-  if (t >= 0) {
-    const n = Number(args[t + 1]);
-    if (!Number.isInteger(n) || n < 1) {
-      process.stderr.write(`mamba-ssm: --threads needs an integer >= 1, got ${args[t + 1] ?? "nothing"}\n`);
-      return 2;
+}
+
+function dtypeFlag(p: Parsed, allowed: string[]): string | undefined {
+  const d = flag(p, "dtype");
+  if (d !== undefined && !allowed.includes(d)) throw new UsageError(`--dtype must be one of ${allowed.join(", ")}, got "${d}"`);
+  return d;
+}
+
+async function readStdin(): Promise<string> {
+  if (process.stdin.isTTY) throw new UsageError("generate needs a prompt (an argument, or text on standard input)");
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+async function generate(p: Parsed): Promise<number> {
+  checkFlags(p, ["model", "max-tokens", "temperature", "top-k", "top-p", "min-p", "repetition-penalty", "seed", "stop", "dtype", "json"]);
+  const modelPath = flag(p, "model");
+  if (!modelPath) throw new UsageError("generate needs --model PATH (a Hugging Face or mamba_ssm folder, or a GGUF file)");
+  if (p.positional.length > 1) throw new UsageError(`generate takes one prompt; quote it ("${p.positional.join(" ")}")`);
+  const prompt = p.positional.length ? p.positional[0] : await readStdin();
+  const options = {
+    maxTokens: numberFlag(p, "max-tokens", (v) => Number.isInteger(v) && v >= 0, "an integer >= 0"),
+    temperature: numberFlag(p, "temperature", (v) => v >= 0, "a number >= 0"),
+    topK: numberFlag(p, "top-k", (v) => Number.isInteger(v) && v >= 0, "an integer >= 0"),
+    topP: numberFlag(p, "top-p", (v) => v > 0 && v <= 1, "in (0, 1]"),
+    minP: numberFlag(p, "min-p", (v) => v >= 0 && v <= 1, "in [0, 1]"),
+    repetitionPenalty: numberFlag(p, "repetition-penalty", (v) => v > 0, "a number > 0"),
+    seed: numberFlag(p, "seed", (v) => Number.isSafeInteger(v) && v >= 0, "a non-negative integer"),
+    stop: p.flags.get("stop"),
+  };
+  const dtype = dtypeFlag(p, ["f32", "bf16", "q8_0"]) as "f32" | "bf16" | "q8_0" | undefined;
+  const { loadModel } = await import("./models/model");
+  const model = await loadModel(modelPath, { dtype });
+  const controller = new AbortController();
+  const onSignal = () => controller.abort();
+  process.once("SIGINT", onSignal);
+  try {
+    const json = p.flags.has("json");
+    const it = model.generate(prompt, { ...options, signal: controller.signal });
+    let text = "";
+    const tokens: number[] = [];
+    for (;;) {
+      const r = await it.next();
+      if (r.done) {
+        if (json) {
+          process.stdout.write(JSON.stringify({ prompt, text, tokens, stats: r.value }) + "\n");
+        } else {
+          process.stdout.write("\n");
+          const s = r.value;
+          process.stderr.write(
+            `[${s.promptTokens} prompt tokens at ${s.prefillTokensPerSecond.toFixed(1)} tok/s, ` +
+              `${s.generatedTokens} generated at ${s.decodeTokensPerSecond.toFixed(1)} tok/s; ${s.finishReason}]\n`,
+          );
+        }
+        break;
+      }
+      text += r.value.text;
+      if (r.value.token !== null) tokens.push(r.value.token);
+      if (!json && r.value.text) process.stdout.write(r.value.text);
     }
-    setThreads(n);
+  } finally {
+    process.removeListener("SIGINT", onSignal);
+    model.dispose();
   }
+  return 0;
+}
+
+function formatBytes(n: number): string {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+async function inspect(p: Parsed): Promise<number> {
+  checkFlags(p, ["json"]);
+  if (p.positional.length !== 1) throw new UsageError("inspect takes one PATH");
+  const { loadModel } = await import("./models/model");
+  const model = await loadModel(p.positional[0]);
+  try {
+    const dtypes: Record<string, number> = {};
+    for (const t of model.weights.values()) dtypes[t.dtype] = (dtypes[t.dtype] ?? 0) + 1;
+    const c = model.config;
+    const info = {
+      path: model.source,
+      format: model.format,
+      architecture: c.architecture,
+      config: c,
+      parameters: model.parameterCount,
+      weightBytes: model.weightBytes,
+      tensors: model.weights.size,
+      dtypes,
+      tokenizer: model.hasTokenizer ? model.tokenizer.constructor.name : null,
+      stateBytesPerSequence: (() => {
+        const s = model.createState(1);
+        const n = s.conv.byteLength + s.ssm.byteLength;
+        s.dispose();
+        return n;
+      })(),
+    };
+    if (p.flags.has("json")) {
+      process.stdout.write(JSON.stringify(info, null, 2) + "\n");
+      return 0;
+    }
+    const lines = [
+      `${info.path} (${info.format})`,
+      `architecture   ${c.architecture === "mamba1" ? "Mamba-1 (selective scan)" : "Mamba-2 (SSD)"}`,
+      `layers         ${c.numLayers}`,
+      `d_model        ${c.hiddenSize}`,
+      `d_inner        ${c.intermediateSize}`,
+      `state size     ${c.stateSize}`,
+      c.architecture === "mamba1"
+        ? `dt rank        ${c.timeStepRank}`
+        : `heads          ${c.numHeads} × ${c.headDim}, ${c.numGroups} group(s), chunk ${c.chunkSize}`,
+      `conv kernel    ${c.convKernel}`,
+      `vocabulary     ${c.vocabSize}${c.tieEmbeddings ? " (tied head)" : ""}`,
+      `parameters     ${info.parameters.toLocaleString("en-US")}`,
+      `weights        ${formatBytes(info.weightBytes)} in ${info.tensors} tensors (${Object.entries(dtypes).map(([k, v]) => `${v} ${k}`).join(", ")})`,
+      `state          ${formatBytes(info.stateBytesPerSequence)} per sequence`,
+      `tokenizer      ${info.tokenizer ?? "none"}`,
+    ];
+    process.stdout.write(lines.join("\n") + "\n");
+  } finally {
+    model.dispose();
+  }
+  return 0;
+}
+
+async function convert(p: Parsed): Promise<number> {
+  checkFlags(p, ["to", "dtype"]);
+  if (p.positional.length !== 2) throw new UsageError("convert takes IN and OUT");
+  const to = flag(p, "to");
+  if (to !== "gguf" && to !== "safetensors") throw new UsageError(`convert needs --to gguf or --to safetensors, got ${to ?? "nothing"}`);
+  const dtype = dtypeFlag(p, ["f32", "f16", "bf16", "q8_0"]) as "f32" | "f16" | "bf16" | "q8_0" | undefined;
+  const [input, output] = p.positional;
+  if (fs.existsSync(output) && fs.realpathSync(output) === fs.realpathSync(input)) throw new UsageError("OUT must differ from IN");
+  const { loadModel } = await import("./models/model");
+  const bar = progressBar(`converting to ${to}${dtype ? ` (${dtype})` : ""}`);
+  bar(0, 3, "loading");
+  const model = await loadModel(input);
+  try {
+    bar(1, 3, "writing");
+    await model.save(output, { format: to, dtype });
+    bar(3, 3, "done");
+  } finally {
+    model.dispose();
+  }
+  process.stderr.write(`\nwrote ${output}\n`);
+  return 0;
+}
+
+function progressBar(label: string) {
+  return (done: number, total: number, what: string) => {
+    const width = 30;
+    const filled = Math.round((width * done) / total);
+    const line = `${label} [${"#".repeat(filled)}${"-".repeat(width - filled)}] ${Math.round((100 * done) / total)}% ${what}`;
+    if (process.stderr.isTTY) process.stderr.write(`\r${line}\x1b[K`);
+    else process.stderr.write(line + "\n");
+  };
+}
+
+function info(): number {
   const cpu = cpuInfo();
   process.stdout.write(
     `mamba-ssm ${version}\n` +
@@ -48,9 +246,45 @@ function main(argv: string[]): number {
   return 0;
 }
 
-try {
-  process.exitCode = main(process.argv.slice(2));
-} catch (err) {
-  process.stderr.write(`mamba-ssm: ${(err as Error).message}\n`);
-  process.exitCode = 1;
+async function main(argv: string[]): Promise<number> {
+  const p = parse(argv);
+  if (p.flags.has("help")) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (p.flags.has("version") && p.positional.length === 0) {
+    process.stdout.write(`${version}\n`);
+    return 0;
+  }
+  const threads = numberFlag(p, "threads", (v) => Number.isInteger(v) && v >= 1, "an integer >= 1");
+  if (threads !== undefined) setThreads(threads);
+  const command = p.positional.length ? p.positional.shift()! : "info";
+  switch (command) {
+    case "generate":
+      return generate(p);
+    case "inspect":
+      return inspect(p);
+    case "convert":
+      return convert(p);
+    case "info":
+      checkFlags(p, []);
+      return info();
+    default:
+      throw new UsageError(`unknown command "${command}"`);
+  }
 }
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err) => {
+    if (err instanceof UsageError) {
+      process.stderr.write(`mamba-ssm: ${err.message}\n\n${USAGE}`);
+      process.exitCode = 2;
+    } else {
+      process.stderr.write(`mamba-ssm: ${(err as Error).message}\n`);
+      process.exitCode = 1;
+    }
+  },
+);

@@ -111,6 +111,25 @@ export class Tensor {
     return t;
   }
 
+  /**
+   * A tensor over an existing ArrayBuffer (e.g. a window on a memory-mapped file), without copying.
+   * The tensor takes the buffer over: dispose() detaches it.
+   */
+  static fromArrayBuffer(buffer: ArrayBuffer, dtype: DType, shape: Shape): Tensor {
+    assertDType(dtype, "Tensor.fromArrayBuffer");
+    const s = checkShape(shape, "Tensor.fromArrayBuffer");
+    if (!(buffer instanceof ArrayBuffer)) throw new Error("Tensor.fromArrayBuffer: buffer must be an ArrayBuffer");
+    if (native().isDetached(buffer)) throw new Error("Tensor.fromArrayBuffer: buffer has been disposed");
+    if (dtype === "q8_0" && s.length > 0 && s[s.length - 1] % Q8_BLOCK !== 0) {
+      throw new Error(`Tensor.fromArrayBuffer: q8_0 rows must hold whole blocks of ${Q8_BLOCK}; last dimension is ${s[s.length - 1]}`);
+    }
+    const need = byteSize(dtype, shapeSize(s));
+    if (buffer.byteLength < need) {
+      throw new Error(`Tensor.fromArrayBuffer: ${dtype} ${formatShape(s)} needs ${need} bytes, the buffer holds ${buffer.byteLength}`);
+    }
+    return new Tensor(buffer, dtype, s);
+  }
+
   get disposed(): boolean {
     return native().isDetached(this.#buffer);
   }

@@ -119,11 +119,26 @@ describe("native model errors", () => {
     await expect(forward(model, { ids: [1] })).rejects.toThrow(/released/);
   });
 
-  test("a disposed weight is reported instead of read", async () => {
+  test("a live model's weights cannot be disposed under it; after release they can", async () => {
     const weights = randomWeights(c, 12);
     const model = createNativeModel(c, weights);
-    weights.get("layers.1.out_proj")!.dispose();
-    await expect(forward(model, { ids: [1, 2] })).rejects.toThrow(/weight "layers\.1\.out_proj" has been disposed/);
+    const w = weights.get("layers.1.out_proj")!;
+    expect(() => w.dispose()).toThrow(/in use by a running model call \(or a live model's weights\)/);
+    expect(w.disposed).toBe(false);
+    await forward(model, { ids: [1, 2] });
+    release(model);
+    w.dispose();
+    expect(w.disposed).toBe(true);
+  });
+
+  test("a state cannot be disposed while a call that writes it is running", async () => {
+    const model = createNativeModel(c, randomWeights(c, 13));
+    const { conv, ssm } = createStates(model, 1);
+    const pending = step(model, { ids: [1], convState: conv, ssmState: ssm });
+    expect(() => ssm.dispose()).toThrow(/in use by a running model call/);
+    await pending;
+    ssm.dispose();
+    conv.dispose();
     release(model);
   });
 });

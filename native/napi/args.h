@@ -117,6 +117,12 @@ Napi::Value guarded(const Napi::CallbackInfo& info, F&& body) {
   return info.Env().Undefined();
 }
 
+// Buffers in use by work off the JavaScript thread (a model call, a model's weights) are pinned:
+// free() refuses them, so dispose() can never pull memory from under a running kernel.
+void pin_buffer(const void* data);
+void unpin_buffer(const void* data);
+bool buffer_pinned(const void* data);
+
 // Each family of bindings adds its functions to the module's exports.
 void register_memory(Napi::Env env, Napi::Object exports);
 void register_runtime(Napi::Env env, Napi::Object exports);

@@ -4,6 +4,8 @@
 // empty rather than dangling. The bytes are reported to V8 so its heuristics see the real footprint.
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -13,6 +15,9 @@
 
 namespace mssm::napi {
 namespace {
+
+std::mutex g_pin_mu;
+std::unordered_map<const void*, int> g_pins;
 
 // Blocks of 2 MiB and more are mapped directly: the pages come zeroed and are touched only when
 // used, and transparent huge pages (asked for with madvise) make faulting them in far cheaper.
@@ -78,7 +83,12 @@ Napi::Value Free(const Napi::CallbackInfo& info) {
     Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
     bool detached = false;
     napi_is_detached_arraybuffer(info.Env(), ab, &detached);
-    if (!detached) ab.Detach();
+    if (detached) return info.Env().Undefined();
+    if (buffer_pinned(ab.Data())) {
+      Args(info, "dispose").fail("the tensor is in use by a running model call (or a live model's weights); "
+                                 "await the call or dispose the model first");
+    }
+    ab.Detach();
     return info.Env().Undefined();
   });
 }
@@ -90,6 +100,24 @@ Napi::Value IsDetached(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+void pin_buffer(const void* data) {
+  if (!data) return;
+  std::lock_guard<std::mutex> lock(g_pin_mu);
+  ++g_pins[data];
+}
+
+void unpin_buffer(const void* data) {
+  if (!data) return;
+  std::lock_guard<std::mutex> lock(g_pin_mu);
+  auto it = g_pins.find(data);
+  if (it != g_pins.end() && --it->second == 0) g_pins.erase(it);
+}
+
+bool buffer_pinned(const void* data) {
+  std::lock_guard<std::mutex> lock(g_pin_mu);
+  return g_pins.count(data) != 0;
+}
 
 void register_memory(Napi::Env env, Napi::Object exports) {
   exports.Set("alloc", Napi::Function::New(env, Alloc, "alloc"));

@@ -30,13 +30,17 @@ constexpr napi_type_tag kModelTag = {0x6d616d62615f7373ull, 0x6d5f6d6f64656c31ul
 struct ModelHandle {
   std::shared_ptr<model::Model> model;
   std::vector<std::pair<std::string, Napi::ObjectReference>> weights;
+  std::vector<const void*> pinned;  // the weights' memory, pinned while the model can use it
   int in_flight = 0;
   bool released = false;
 
   void drop() {
     model.reset();
     weights.clear();
+    for (const void* p : pinned) unpin_buffer(p);
+    pinned.clear();
   }
+  ~ModelHandle() { drop(); }
 };
 
 void finalize_handle(napi_env, void* data, void*) { delete static_cast<ModelHandle*>(data); }
@@ -215,6 +219,8 @@ Napi::Value ModelCreate(const Napi::CallbackInfo& info) {
       Napi::ArrayBuffer buffer;
       table[name] = read_weight(a, env, name, weights.Get(name), &buffer);
       handle->weights.emplace_back(name, Napi::Persistent(buffer.As<Napi::Object>()));
+      pin_buffer(buffer.Data());
+      handle->pinned.push_back(buffer.Data());
     }
     try {
       handle->model = std::make_shared<model::Model>(config, table);
@@ -248,7 +254,13 @@ class ModelWorker : public Napi::AsyncWorker {
   }
 
   void keep(Napi::Value buffer) {
-    if (buffer.IsObject()) buffers_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
+    if (!buffer.IsObject()) return;
+    buffers_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
+    if (buffer.IsArrayBuffer()) {
+      const void* data = buffer.As<Napi::ArrayBuffer>().Data();
+      pin_buffer(data);
+      pinned_.push_back(data);
+    }
   }
   Napi::Promise promise() { return deferred_.Promise(); }
 
@@ -287,6 +299,8 @@ class ModelWorker : public Napi::AsyncWorker {
  private:
   void finish() {
     if (--handle_->in_flight == 0 && handle_->released) handle_->drop();
+    for (const void* p : pinned_) unpin_buffer(p);
+    pinned_.clear();
     buffers_.clear();
   }
 
@@ -296,6 +310,7 @@ class ModelWorker : public Napi::AsyncWorker {
   ModelHandle* handle_;
   std::shared_ptr<model::Model> model_;
   std::vector<Napi::ObjectReference> buffers_;
+  std::vector<const void*> pinned_;
 };
 
 int64_t checked_mul(const Args& a, int64_t x, int64_t y) {
