@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 // The mamba-ssm command line: generate, inspect, convert, info.
 import * as fs from "fs";
+import * as path from "path";
+import { packageRoot } from "./native";
 import { cpuInfo, getThreads, setThreads } from "./runtime";
 import { version } from "./version";
 
 const USAGE = `mamba-ssm ${version}
 
 Usage:
-  mamba-ssm generate [prompt] --model PATH [options]   stream a continuation (prompt from stdin when absent)
+  mamba-ssm generate [prompt] [--model PATH] [options] stream a continuation (prompt from stdin when absent;
+                                                       without --model, the embedded default model)
       --max-tokens N (128)  --temperature T (0.8)  --top-k K (40)  --top-p P (0.95)  --min-p P (0)
       --repetition-penalty R (1)  --seed S  --stop STRING (repeatable)  --dtype f32|bf16|q8_0  --json
   mamba-ssm inspect PATH [--json]                      architecture, sizes, dtypes, parameters, memory
@@ -23,6 +26,9 @@ Environment:
 `;
 
 class UsageError extends Error {}
+
+/** The small byte-level model shipped in the package (models/default). */
+const DEFAULT_MODEL = path.join(packageRoot, "models", "default");
 
 interface Parsed {
   positional: string[];
@@ -88,8 +94,14 @@ async function readStdin(): Promise<string> {
 
 async function generate(p: Parsed): Promise<number> {
   checkFlags(p, ["model", "max-tokens", "temperature", "top-k", "top-p", "min-p", "repetition-penalty", "seed", "stop", "dtype", "json"]);
-  const modelPath = flag(p, "model");
-  if (!modelPath) throw new UsageError("generate needs --model PATH (a Hugging Face or mamba_ssm folder, or a GGUF file)");
+  const modelPath = flag(p, "model") ?? DEFAULT_MODEL;
+  if (!fs.existsSync(modelPath)) {
+    throw new UsageError(
+      modelPath === DEFAULT_MODEL
+        ? `the embedded default model is missing (${DEFAULT_MODEL}); pass --model PATH`
+        : `--model ${modelPath}: no such file or folder`,
+    );
+  }
   if (p.positional.length > 1) throw new UsageError(`generate takes one prompt; quote it ("${p.positional.join(" ")}")`);
   const prompt = p.positional.length ? p.positional[0] : await readStdin();
   const options = {
