@@ -39,8 +39,10 @@ Status conv1d_step(const float* x, const float* w, const float* bias, float* sta
                    int64_t channels, int64_t kernel, bool silu, cudaStream_t stream);
 
 // ---- Mamba-2 ------------------------------------------------------------------------------------
-// How the chunked SSD does its matmuls: fp32 on the CUDA cores, or bf16 operands on the tensor cores
-// with fp32 accumulation (relative error near 1e-3 instead of 1e-6).
+// How the chunked SSD does its matmuls: fp32 on the CUDA cores, or on the bf16 tensor cores with fp32
+// accumulation, each fp32 operand split into two bf16 parts (hi + lo, 16 bits of mantissa) and each
+// product done as hi·hi + hi·lo + lo·hi. Max error near 1e-4 of the output's scale instead of 1e-6;
+// one plain bf16 rounding of the operands would give several 1e-2 (see ssd.cu).
 enum class SsdMath : int32_t { fp32 = 0, bf16_tensor = 1 };
 
 // Device scratch the chunked SSD needs for these args (bytes).

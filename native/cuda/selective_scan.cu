@@ -18,6 +18,13 @@
 // the lane's first token; the lane then replays its tokens, accumulating y_t += s_t[n]·C_t[n] in
 // registers. The carried state (one value per channel and n) lives in shared memory, so any N works
 // with one kernel; Δ', Δ'·u and y stay in registers for the whole chunk.
+//
+// Loads are kept in flight ahead of their use (the kernel has only batch·D/kChannels blocks, 192 for
+// mamba-130m at batch 1, so it cannot hide device-memory latency by occupancy): every thread loads
+// the next chunk's u, Δ, z (kTokenLoads values each) into registers while the block scans the
+// current chunk, and writes them to shared memory when the block gets there; it issues all its loads
+// of a slice of B and C (kSliceLoads each, mostly L2 hits: every block of the group reads them)
+// before it stores the first.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,9 +41,12 @@ constexpr int kItems = 8;                    // tokens per lane
 constexpr int kChunk = 32 * kItems;          // tokens per chunk
 constexpr int kSlice = 8;                    // state indices of B and C staged at a time
 constexpr int kThreads = 32 * kChannels;
+constexpr int kTokenLoads = kChunk * kChannels / kThreads;  // u, Δ, z values per thread per chunk
+constexpr int kSliceLoads = kChunk * kSlice / kThreads;     // B, C values per thread per slice
+static_assert(kTokenLoads * kThreads == kChunk * kChannels && kSliceLoads * kThreads == kChunk * kSlice, "");
 // Tokens are stored at padded index t + t/kItems: lane l's tokens then start at bank 9·l, distinct
 // across the warp. Row lengths (≥ 287) are chosen ≡ 8 and ≡ 4 (mod 32) so that the cooperative
-// loads (a warp writes 4 tokens × 8 channels, or 4 tokens × 8 state indices) hit 32 distinct banks.
+// stores (a warp writes 4 tokens × 8 channels, or 4 tokens × 8 state indices) hit 32 distinct banks.
 constexpr int kRowTokens = 296;
 constexpr int kRowSlice = 292;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -49,10 +59,12 @@ struct ScanShared {
   float z[kChannels][kRowTokens];
   float B[kSlice][kRowSlice];
   float C[kSlice][kRowSlice];
-  // followed in dynamic shared memory by carry[kChannels][N]: the state entering the chunk
+  // followed in dynamic shared memory by carry[kChannels][N], the state entering the chunk, and
+  // A2[kChannels][N] = A·log2(e) (read once per chunk and n, so kept beside the carry)
 };
 
-__global__ void __launch_bounds__(kThreads) selective_scan_kernel(cpu::SelectiveScanArgs args, int64_t tiles) {
+// Two blocks per multiprocessor (at most 128 registers): 192 blocks then run in one wave on 132 SMs.
+__global__ void __launch_bounds__(kThreads, 2) selective_scan_kernel(cpu::SelectiveScanArgs args, int64_t tiles) {
   extern __shared__ float4 shared_raw[];
   ScanShared& sh = *reinterpret_cast<ScanShared*>(shared_raw);
   float* carry = reinterpret_cast<float*>(shared_raw) + sizeof(ScanShared) / sizeof(float);
@@ -71,23 +83,65 @@ __global__ void __launch_bounds__(kThreads) selective_scan_kernel(cpu::Selective
   const float bias = channel_ok && args.delta_bias ? args.delta_bias[d] : 0.0f;
   const float skip = channel_ok && args.D ? args.D[d] : 0.0f;
   float* my_carry = carry + w * N;
+  float* my_A2 = carry + kChannels * N + w * N;
 
-  for (int64_t n = l; n < N; n += 32)
+  for (int64_t n = l; n < N; n += 32) {
     my_carry[n] = channel_ok && args.state_in ? args.state_in[(b * D + d) * N + n] : 0.0f;
+    my_A2[n] = channel_ok ? args.A[d * N + n] * kLog2e : 0.0f;
+  }
 
   const int64_t bc_stride = G * N;  // between tokens in B and C
+  // Register prefetch of the chunk starting at token t (u, Δ, z) and of the slice (t, n0) (B, C).
+  float pu[kTokenLoads], pd[kTokenLoads], pz[kTokenLoads], pB[kSliceLoads], pC[kSliceLoads];
+  auto load_tokens = [&](int64_t t) {
+    const int count = (int)detail::min64(kChunk, L - t);
+#pragma unroll
+    for (int k = 0; k < kTokenLoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, tok = e / kChannels, ch = e % kChannels;
+      const bool ok = tok < count && ch < channels;
+      const int64_t i = (b * L + t + tok) * D + d0 + ch;
+      pu[k] = ok ? args.u[i] : 0.0f;
+      pd[k] = ok ? args.delta[i] : 0.0f;
+      pz[k] = ok && args.z ? args.z[i] : 0.0f;
+    }
+  };
+  auto store_tokens = [&]() {
+#pragma unroll
+    for (int k = 0; k < kTokenLoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, tok = e / kChannels, ch = e % kChannels;
+      sh.u[ch][padded(tok)] = pu[k];
+      sh.delta[ch][padded(tok)] = pd[k];
+      sh.z[ch][padded(tok)] = pz[k];
+    }
+  };
+  auto load_slice = [&](int64_t t, int64_t n0) {
+    const int count = (int)detail::min64(kChunk, L - t);
+    const float* Bt = args.B + ((b * L + t) * G + g) * N;
+    const float* Ct = args.C + ((b * L + t) * G + g) * N;
+#pragma unroll
+    for (int k = 0; k < kSliceLoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, tok = e / kSlice, n = e % kSlice;
+      const bool ok = tok < count && n0 + n < N;
+      pB[k] = ok ? Bt[tok * bc_stride + n0 + n] : 0.0f;
+      pC[k] = ok ? Ct[tok * bc_stride + n0 + n] : 0.0f;
+    }
+  };
+  auto store_slice = [&]() {
+#pragma unroll
+    for (int k = 0; k < kSliceLoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, tok = e / kSlice, n = e % kSlice;
+      sh.B[n][padded(tok)] = pB[k];
+      sh.C[n][padded(tok)] = pC[k];
+    }
+  };
+
+  if (L > 0) load_tokens(0);
   for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
     const int steps = (int)detail::min64(kChunk, L - t0);
     __syncthreads();  // the previous chunk's y has been stored
-    for (int e = threadIdx.x; e < kChunk * kChannels; e += kThreads) {
-      const int tok = e / kChannels, ch = e % kChannels;
-      const bool ok = tok < steps && ch < channels;
-      const int64_t i = (b * L + t0 + tok) * D + d0 + ch;
-      sh.u[ch][padded(tok)] = ok ? args.u[i] : 0.0f;
-      sh.delta[ch][padded(tok)] = ok ? args.delta[i] : 0.0f;
-      sh.z[ch][padded(tok)] = ok && args.z ? args.z[i] : 0.0f;
-    }
+    store_tokens();
     __syncthreads();
+    if (t0 + kChunk < L) load_tokens(t0 + kChunk);  // in flight while this chunk is scanned
 
     // Padding tokens and channels get Δ' = 0: a = 1, b = 0, which leaves the carried state unchanged.
     float dt[kItems], dtu[kItems], y[kItems];
@@ -101,22 +155,16 @@ __global__ void __launch_bounds__(kThreads) selective_scan_kernel(cpu::Selective
       y[i] = 0.0f;
     }
 
-    const float* Bchunk = args.B + ((b * L + t0) * G + g) * N;
-    const float* Cchunk = args.C + ((b * L + t0) * G + g) * N;
     for (int64_t n0 = 0; n0 < N; n0 += kSlice) {
-      __syncthreads();  // every warp is done with the previous slice
-      for (int e = threadIdx.x; e < kChunk * kSlice; e += kThreads) {
-        const int tok = e / kSlice, n = e % kSlice;
-        const bool ok = tok < steps && n0 + n < N;
-        sh.B[n][padded(tok)] = ok ? Bchunk[tok * bc_stride + n0 + n] : 0.0f;
-        sh.C[n][padded(tok)] = ok ? Cchunk[tok * bc_stride + n0 + n] : 0.0f;
-      }
+      load_slice(t0, n0);  // all of a thread's loads in flight at once
+      __syncthreads();     // every warp is done with the previous slice
+      store_slice();
       __syncthreads();
 
 #pragma unroll 1
       for (int n = 0; n < kSlice && n0 + n < N; ++n) {
         // exp(Δ'·A) = 2^(Δ'·A·log2 e)
-        const float A2 = channel_ok ? args.A[d * N + n0 + n] * kLog2e : 0.0f;
+        const float A2 = my_A2[n0 + n];
         float a[kItems], bb[kItems];
         float pa = 1.0f, pb = 0.0f;  // this lane's tokens composed
 #pragma unroll
@@ -222,7 +270,7 @@ Status selective_scan(const cpu::SelectiveScanArgs& args, cudaStream_t stream) {
   const int64_t tiles = ceil_div(args.channels / args.groups, kChannels);
   const int64_t blocks = args.batch * args.groups * tiles;
   if (blocks > 0x7fffffff) return detail::error(op, "too many blocks");
-  const size_t shared = sizeof(ScanShared) + sizeof(float) * kChannels * args.state;
+  const size_t shared = sizeof(ScanShared) + 2 * sizeof(float) * kChannels * args.state;
   if (shared > 48 * 1024) {
     int device = 0, limit = 0;
     MSSM_CUDA_TRY(op, cudaGetDevice(&device));

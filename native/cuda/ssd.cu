@@ -18,6 +18,19 @@
 // Kernels 2 and 4 run one block per (b, h, c) and do their products on tiles staged in shared memory,
 // either as fp32 dot products on the CUDA cores or as bf16 wmma tiles (16×16×16) on the tensor cores
 // with fp32 accumulators. Sizes are padded to multiples of 16 with zeros, which add nothing.
+//
+// Precision of the tensor-core path ("split bf16", also called bf16x3): every operand tile is held as
+// two bf16 planes, hi = bf16(v) and lo = bf16(v - hi), so hi + lo carries 16 bits of v's mantissa,
+// and each product is hi·hi + hi·lo + lo·hi (lo·lo, 2^-16 relative, is dropped), accumulated in fp32.
+// A single bf16 rounding of the fp32 operands is not enough for 1e-2 of max error against the fp32
+// kernel: a host emulation (same rounding at the same places) of the test's cases gave a worst
+// |err|/(|want| + RMS) of 0.047 for y with every operand in plain bf16 (matching the H200's 0.0472),
+// 0.038 with only B, C and x rounded once (M and S_enter exact), 0.025 with B, C, x exact but M and
+// S_enter in bf16, 0.0086 with everything in tf32, and 1e-4 with every operand split as here.
+// The decay factors exp(cum[i] - cum[j]), dt' and the state passing between chunks stay fp32.
+//
+// Every staging loop issues several independent loads per thread before it stores any (kBatch), so
+// that a block keeps many bytes in flight instead of one load per thread per round trip.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -47,19 +60,49 @@ __host__ __device__ constexpr int lead(int cols) {
 // fp32 results of the products (wmma stores them: a multiple of 4 floats).
 __host__ __device__ constexpr int lead_f32(int cols) { return cols + 4; }
 
+// Planes of an operand tile: fp32 one; split bf16 two (hi, then lo at `plane` elements further).
 template <typename T>
-__device__ __forceinline__ T to(float v);
-template <>
-__device__ __forceinline__ float to<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__host__ __device__ constexpr int planes() {
+  return sizeof(T) == 4 ? 1 : 2;
+}
+// Elements of one plane of a tile of `rows` rows with leading dimension ld.
+__host__ __device__ constexpr int plane_size(int rows, int ld) { return rows * ld; }
+
+// tile[i] = v: fp32 as is; split bf16 as hi at tile[i] and lo = bf16(v - hi) at tile[i + plane].
+__device__ __forceinline__ void put(float* tile, int /*plane*/, int i, float v) { tile[i] = v; }
+__device__ __forceinline__ void put(__nv_bfloat16* tile, int plane, int i, float v) {
+  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+  tile[i] = hi;
+  tile[i + plane] = __float2bfloat16_rn(v - __bfloat162float(hi));
+}
+
+constexpr int kBatch = 8;  // loads in flight per thread in the staging loops
+
+// For e in [0, count), spread over the block: store(e, load(e)), with kBatch loads issued before the
+// first store (load(e) must be safe for every e < count).
+template <typename Load, typename Store>
+__device__ __forceinline__ void staged(int count, Load load, Store store) {
+  for (int e0 = threadIdx.x; e0 < count; e0 += kThreads * kBatch) {
+    float v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      v[u] = e < count ? load(e) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      if (e < count) store(e, v[u]);
+    }
+  }
+}
 
 // out[i·ldo + j] (+)= Σ_k A(i,k)·B(k,j) over i < M, j < Nc, k < K, all multiples of 16, by the whole
 // block. A(i,k) is A[i·lda + k] (row-major) or A[k·lda + i] (ACol); B(k,j) is B[k·ldb + j] or
-// B[j·ldb + k] (BCol). Ends with a barrier.
+// B[j·ldb + k] (BCol). Split bf16: the lo planes are pa and pb elements further. Ends with a barrier.
 template <typename T, bool ACol, bool BCol>
-__device__ void block_matmul(float* out, int ldo, const T* A, int lda, const T* B, int ldb, int M, int Nc, int K,
-                             bool accumulate) {
+__device__ void block_matmul(float* out, int ldo, const T* A, int lda, int pa, const T* B, int ldb, int pb, int M,
+                             int Nc, int K, bool accumulate) {
   if constexpr (sizeof(T) == 4) {
     for (int e = threadIdx.x; e < M * Nc; e += kThreads) {
       const int i = e / Nc, j = e % Nc;
@@ -84,11 +127,18 @@ __device__ void block_matmul(float* out, int ldo, const T* A, int lda, const T* 
       else
         wmma::fill_fragment(acc, 0.0f);
       for (int k0 = 0; k0 < K; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> b;
-        wmma::load_matrix_sync(a, ACol ? A + k0 * lda + ti * 16 : A + ti * 16 * lda + k0, lda);
-        wmma::load_matrix_sync(b, BCol ? B + tj * 16 * ldb + k0 : B + k0 * ldb + tj * 16, ldb);
-        wmma::mma_sync(acc, a, b, acc);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> a_hi, a_lo;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> b_hi, b_lo;
+        const T* at = ACol ? A + k0 * lda + ti * 16 : A + ti * 16 * lda + k0;
+        const T* bt = BCol ? B + tj * 16 * ldb + k0 : B + k0 * ldb + tj * 16;
+        wmma::load_matrix_sync(a_hi, at, lda);
+        wmma::load_matrix_sync(a_lo, at + pa, lda);
+        wmma::load_matrix_sync(b_hi, bt, ldb);
+        wmma::load_matrix_sync(b_lo, bt + pb, ldb);
+        // The small terms first, then the large one.
+        wmma::mma_sync(acc, a_lo, b_hi, acc);
+        wmma::mma_sync(acc, a_hi, b_lo, acc);
+        wmma::mma_sync(acc, a_hi, b_hi, acc);
       }
       wmma::store_matrix_sync(o, acc, ldo, wmma::mem_row_major);
     }
@@ -96,31 +146,57 @@ __device__ void block_matmul(float* out, int ldo, const T* A, int lda, const T* 
   __syncthreads();
 }
 
-// Byte offsets of the shared-memory buffers of kernels 2 and 4 (the same on host and device).
-struct Layout {
-  int Q, Pp, Np;
-  size_t cum, dtp, t0, t1, t2, t3, f0, f1, total;
-};
-
+// Byte offsets of the shared-memory buffers of kernels 2 and 4 (the same on host and device). Operand
+// tiles have planes<T>() planes of rows × lead<T>(cols) elements each.
 template <typename T>
-__host__ __device__ Layout layout(int Q, int Pp, int Np) {
-  Layout s{Q, Pp, Np};
-  const int rows_bs = Q > Pp ? Q : Pp;
+__host__ __device__ size_t tile_bytes(int rows, int cols) {
+  return sizeof(T) * planes<T>() * (size_t)rows * lead<T>(cols);
+}
+
+// Kernel 2: X̃ [Q][Pp], B [Q][Np] (operand tiles), S_c [Pp][Np] (fp32).
+struct StateLayout {
+  size_t cum, dtp, x, b, s, total;
+};
+template <typename T>
+__host__ __device__ StateLayout state_layout(int Q, int Pp, int Np) {
+  StateLayout s{};
   size_t at = 0;
   s.cum = at, at = align128(at + sizeof(double) * Q);
   s.dtp = at, at = align128(at + sizeof(float) * Q);
-  // kernel 4: t0 C [Q][Np], t1 B then S_enter [max(Q,Pp)][Np], t2 X [Q][Pp], t3 masked C·Bᵀ [Q][Q],
-  //           f0 C·Bᵀ [Q][Q] (fp32), f1 y [Q][Pp] (fp32)
-  // kernel 2: t0 X̃ [Q][Pp], t1 B [Q][Np], f1 S_c [Pp][Np] (fp32)
-  s.t0 = at, at = align128(at + sizeof(T) * (size_t)Q * lead<T>(Np > Pp ? Np : Pp));
-  s.t1 = at, at = align128(at + sizeof(T) * (size_t)rows_bs * lead<T>(Np));
-  s.t2 = at, at = align128(at + sizeof(T) * (size_t)Q * lead<T>(Pp));
-  s.t3 = at, at = align128(at + sizeof(T) * (size_t)Q * lead<T>(Q));
-  s.f0 = at, at = align128(at + sizeof(float) * (size_t)Q * lead_f32(Q));
-  const int rows_f1 = Q > Pp ? Q : Pp, cols_f1 = Pp > Np ? Pp : Np;
-  s.f1 = at, at = align128(at + sizeof(float) * (size_t)rows_f1 * lead_f32(cols_f1));
+  s.x = at, at = align128(at + tile_bytes<T>(Q, Pp));
+  s.b = at, at = align128(at + tile_bytes<T>(Q, Np));
+  s.s = at, at = align128(at + sizeof(float) * (size_t)Pp * lead_f32(Np));
   s.total = at;
   return s;
+}
+
+// Kernel 4: C [Q][Np], B then S_enter [max(Q, Pp)][Np], X [Q][Pp], masked C·Bᵀ M [Q][Q] (operand
+// tiles), and one fp32 buffer F: C·Bᵀ [Q][Q] until M is built, then y [Q][Pp].
+struct ScanLayout {
+  int rows_bs;
+  size_t cum, dtp, c, bs, x, m, f, total;
+};
+template <typename T>
+__host__ __device__ ScanLayout scan_layout(int Q, int Pp, int Np) {
+  ScanLayout s{};
+  s.rows_bs = Q > Pp ? Q : Pp;
+  size_t at = 0;
+  s.cum = at, at = align128(at + sizeof(double) * Q);
+  s.dtp = at, at = align128(at + sizeof(float) * Q);
+  s.c = at, at = align128(at + tile_bytes<T>(Q, Np));
+  s.bs = at, at = align128(at + tile_bytes<T>(s.rows_bs, Np));
+  s.x = at, at = align128(at + tile_bytes<T>(Q, Pp));
+  s.m = at, at = align128(at + tile_bytes<T>(Q, Q));
+  const int cols_f = Q > Pp ? Q : Pp;
+  s.f = at, at = align128(at + sizeof(float) * (size_t)Q * lead_f32(cols_f));
+  s.total = at;
+  return s;
+}
+
+template <typename T>
+size_t shared_bytes(int Q, int Pp, int Np) {
+  const size_t a = state_layout<T>(Q, Pp, Np).total, b = scan_layout<T>(Q, Pp, Np).total;
+  return a > b ? a : b;
 }
 
 __device__ __forceinline__ float process_dt(const cpu::SsdArgs& a, float raw, int64_t h) {
@@ -129,7 +205,7 @@ __device__ __forceinline__ float process_dt(const cpu::SsdArgs& a, float raw, in
   return fminf(fmaxf(v, a.dt_min), a.dt_max);
 }
 
-// Kernel 1: one thread per (b, h, c).
+// Kernel 1: one thread per (b, h, c). Q is a multiple of 16.
 __global__ void chunk_prepare_kernel(cpu::SsdArgs a, int Q, int64_t chunks, float* dtp, double* cum) {
   const int64_t item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b·H + h)·chunks + c
   if (item >= a.batch * a.heads * chunks) return;
@@ -137,11 +213,17 @@ __global__ void chunk_prepare_kernel(cpu::SsdArgs a, int Q, int64_t chunks, floa
   const int64_t t0 = c * Q, len = detail::min64(Q, a.length - t0);
   const double A = a.A[h];
   double sum = 0;
-  for (int64_t j = 0; j < Q; ++j) {
-    const float v = j < len ? process_dt(a, a.dt[(b * a.length + t0 + j) * a.heads + h], h) : 0.0f;
-    sum += (double)v * A;
-    dtp[item * Q + j] = v;
-    cum[item * Q + j] = sum;  // padding tokens repeat the last value: their decay is 1
+  for (int j0 = 0; j0 < Q; j0 += 16) {
+    float raw[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) raw[u] = j0 + u < len ? a.dt[(b * a.length + t0 + j0 + u) * a.heads + h] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      const float v = j0 + u < len ? process_dt(a, raw[u], h) : 0.0f;
+      sum += (double)v * A;
+      dtp[item * Q + j0 + u] = v;
+      cum[item * Q + j0 + u] = sum;  // padding tokens repeat the last value: their decay is 1
+    }
   }
 }
 
@@ -163,13 +245,14 @@ __global__ void __launch_bounds__(kThreads) chunk_state_kernel(cpu::SsdArgs a, i
   char* base = reinterpret_cast<char*>(shared_raw);
   const int64_t H = a.heads, P = a.head_dim, N = a.state, G = a.groups, L = a.length;
   const int Pp = round16(P), Np = round16(N);
-  const Layout s = layout<T>(Q, Pp, Np);
+  const StateLayout s = state_layout<T>(Q, Pp, Np);
   double* cum_s = reinterpret_cast<double*>(base + s.cum);
   float* dtp_s = reinterpret_cast<float*>(base + s.dtp);
-  T* X = reinterpret_cast<T*>(base + s.t0);
-  T* Bs = reinterpret_cast<T*>(base + s.t1);
-  float* S = reinterpret_cast<float*>(base + s.f1);
+  T* X = reinterpret_cast<T*>(base + s.x);
+  T* Bs = reinterpret_cast<T*>(base + s.b);
+  float* S = reinterpret_cast<float*>(base + s.s);
   const int ldP = lead<T>(Pp), ldN = lead<T>(Np), ldS = lead_f32(Np);
+  const int planeX = plane_size(Q, ldP), planeB = plane_size(Q, ldN);
 
   const int64_t item = blockIdx.x;
   const int64_t c = item % chunks, h = item / chunks % H, b = item / (chunks * H), g = h / (H / G);
@@ -177,37 +260,58 @@ __global__ void __launch_bounds__(kThreads) chunk_state_kernel(cpu::SsdArgs a, i
   const int len = stage_chunk(a, Q, chunks, item, dtp, cum, cum_s, dtp_s);
   __syncthreads();
   const double last = cum_s[len - 1];
-  for (int e = threadIdx.x; e < Q * Pp; e += kThreads) {
-    const int j = e / Pp, p = e % Pp;
-    float v = 0.0f;
-    if (j < len && p < P)
-      v = expf((float)(last - cum_s[j])) * dtp_s[j] * a.x[((b * L + t0 + j) * H + h) * P + p];
-    X[j * ldP + p] = to<T>(v);
-  }
-  for (int e = threadIdx.x; e < Q * Np; e += kThreads) {
-    const int j = e / Np, n = e % Np;
-    Bs[j * ldN + n] = to<T>(j < len && n < N ? a.B[((b * L + t0 + j) * G + g) * N + n] : 0.0f);
-  }
+  const float* xc = a.x + ((b * L + t0) * H + h) * P;  // token j, p: xc[j·H·P + p]
+  const float* Bc = a.B + ((b * L + t0) * G + g) * N;  // token j, n: Bc[j·G·N + n]
+  staged(
+      Q * Pp,
+      [&](int e) {
+        const int j = e / Pp, p = e % Pp;
+        return j < len && p < P ? xc[j * H * P + p] : 0.0f;
+      },
+      [&](int e, float v) {
+        const int j = e / Pp, p = e % Pp;
+        put(X, planeX, j * ldP + p, j < len ? expf((float)(last - cum_s[j])) * dtp_s[j] * v : 0.0f);
+      });
+  staged(
+      Q * Np,
+      [&](int e) {
+        const int j = e / Np, n = e % Np;
+        return j < len && n < N ? Bc[j * G * N + n] : 0.0f;
+      },
+      [&](int e, float v) { put(Bs, planeB, (e / Np) * ldN + e % Np, v); });
   __syncthreads();
-  block_matmul<T, true, false>(S, ldS, X, ldP, Bs, ldN, Pp, Np, Q, false);
+  block_matmul<T, true, false>(S, ldS, X, ldP, planeX, Bs, ldN, planeB, Pp, Np, Q, false);
   float* out = states + item * P * N;
   for (int64_t e = threadIdx.x; e < P * N; e += kThreads) out[e] = S[(e / N) * ldS + e % N];
 }
 
 // Kernel 3: one thread per (b, h, element of the state); states[c] becomes the state entering chunk c.
+// kBatch chunks at a time: their states and decays are loaded before the first is used.
 __global__ void state_pass_kernel(cpu::SsdArgs a, int Q, int64_t chunks, const double* cum, float* states) {
   const int64_t PN = a.head_dim * a.state;
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b·H + h)·PN + e
   if (i >= a.batch * a.heads * PN) return;
   const int64_t bh = i / PN, e = i % PN;
   float running = a.state_in ? a.state_in[i] : 0.0f;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t item = bh * chunks + c;
-    const int len = (int)detail::min64(Q, a.length - c * Q);
-    float* st = states + item * PN + e;
-    const float chunk_state = *st;
-    *st = running;
-    running = fmaf(expf((float)cum[item * Q + len - 1]), running, chunk_state);
+  for (int64_t c0 = 0; c0 < chunks; c0 += kBatch) {
+    float chunk_state[kBatch], decay[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + u, item = bh * chunks + c;
+      if (c < chunks) {
+        const int len = (int)detail::min64(Q, a.length - c * Q);
+        chunk_state[u] = states[item * PN + e];
+        decay[u] = expf((float)cum[item * Q + len - 1]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + u;
+      if (c < chunks) {
+        states[(bh * chunks + c) * PN + e] = running;
+        running = fmaf(decay[u], running, chunk_state[u]);
+      }
+    }
   }
   if (a.state_out) a.state_out[i] = running;  // this thread alone read state_in[i]: aliasing is fine
 }
@@ -220,69 +324,105 @@ __global__ void __launch_bounds__(kThreads) chunk_scan_kernel(cpu::SsdArgs a, in
   char* base = reinterpret_cast<char*>(shared_raw);
   const int64_t H = a.heads, P = a.head_dim, N = a.state, G = a.groups, L = a.length;
   const int Pp = round16(P), Np = round16(N);
-  const Layout s = layout<T>(Q, Pp, Np);
+  const ScanLayout s = scan_layout<T>(Q, Pp, Np);
   double* cum_s = reinterpret_cast<double*>(base + s.cum);
   float* dtp_s = reinterpret_cast<float*>(base + s.dtp);
-  T* Cs = reinterpret_cast<T*>(base + s.t0);
-  T* BS = reinterpret_cast<T*>(base + s.t1);
-  T* X = reinterpret_cast<T*>(base + s.t2);
-  T* M = reinterpret_cast<T*>(base + s.t3);
-  float* CB = reinterpret_cast<float*>(base + s.f0);
-  float* Y = reinterpret_cast<float*>(base + s.f1);
+  T* Cs = reinterpret_cast<T*>(base + s.c);
+  T* BS = reinterpret_cast<T*>(base + s.bs);
+  T* X = reinterpret_cast<T*>(base + s.x);
+  T* M = reinterpret_cast<T*>(base + s.m);
+  float* CB = reinterpret_cast<float*>(base + s.f);
+  float* Y = CB;  // once M is built
   const int ldN = lead<T>(Np), ldP = lead<T>(Pp), ldQ = lead<T>(Q), ldCB = lead_f32(Q), ldY = lead_f32(Pp);
+  const int planeC = plane_size(Q, ldN), planeBS = plane_size(s.rows_bs, ldN), planeX = plane_size(Q, ldP),
+            planeM = plane_size(Q, ldQ);
 
   const int64_t item = blockIdx.x;
   const int64_t c = item % chunks, h = item / chunks % H, b = item / (chunks * H), g = h / (H / G);
   const int64_t t0 = c * Q;
   const int len = stage_chunk(a, Q, chunks, item, dtp, cum, cum_s, dtp_s);
-  for (int e = threadIdx.x; e < Q * Np; e += kThreads) {
-    const int j = e / Np, n = e % Np;
-    const bool ok = j < len && n < N;
-    const int64_t at = ((b * L + t0 + j) * G + g) * N + n;
-    Cs[j * ldN + n] = to<T>(ok ? a.C[at] : 0.0f);
-    BS[j * ldN + n] = to<T>(ok ? a.B[at] : 0.0f);
-  }
-  for (int e = threadIdx.x; e < Q * Pp; e += kThreads) {
-    const int j = e / Pp, p = e % Pp;
-    X[j * ldP + p] = to<T>(j < len && p < P ? a.x[((b * L + t0 + j) * H + h) * P + p] : 0.0f);
-  }
+  const float* Bc = a.B + ((b * L + t0) * G + g) * N;  // token j, n: Bc[j·G·N + n]
+  const float* Cc = a.C + ((b * L + t0) * G + g) * N;
+  const float* xc = a.x + ((b * L + t0) * H + h) * P;  // token j, p: xc[j·H·P + p]
+  staged(
+      Q * Np,
+      [&](int e) {
+        const int j = e / Np, n = e % Np;
+        return j < len && n < N ? Cc[j * G * N + n] : 0.0f;
+      },
+      [&](int e, float v) { put(Cs, planeC, (e / Np) * ldN + e % Np, v); });
+  staged(
+      Q * Np,
+      [&](int e) {
+        const int j = e / Np, n = e % Np;
+        return j < len && n < N ? Bc[j * G * N + n] : 0.0f;
+      },
+      [&](int e, float v) { put(BS, planeBS, (e / Np) * ldN + e % Np, v); });
+  staged(
+      Q * Pp,
+      [&](int e) {
+        const int j = e / Pp, p = e % Pp;
+        return j < len && p < P ? xc[j * H * P + p] : 0.0f;
+      },
+      [&](int e, float v) { put(X, planeX, (e / Pp) * ldP + e % Pp, v); });
   __syncthreads();
 
   // C·Bᵀ: Bᵀ(n, j) = B[j][n] is column-major with leading dimension ldN.
-  block_matmul<T, false, true>(CB, ldCB, Cs, ldN, BS, ldN, Q, Q, Np, false);
+  block_matmul<T, false, true>(CB, ldCB, Cs, ldN, planeC, BS, ldN, planeBS, Q, Q, Np, false);
 
-  // M[i, j] = (C_i·B_j)·exp(cum[i] - cum[j])·dt'_j for j ≤ i (the decay segment sum), else 0;
-  // and S_enter [P][N] replaces B.
+  // M[i, j] = (C_i·B_j)·exp(cum[i] - cum[j])·dt'_j for j ≤ i (the decay segment sum), else 0, rounded
+  // once (split bf16: hi + lo); and S_enter [P][N] replaces B.
   for (int e = threadIdx.x; e < Q * Q; e += kThreads) {
     const int i = e / Q, j = e % Q;
     float v = 0.0f;
     if (j <= i && i < len) v = CB[i * ldCB + j] * expf((float)(cum_s[i] - cum_s[j])) * dtp_s[j];
-    M[i * ldQ + j] = to<T>(v);
+    put(M, planeM, i * ldQ + j, v);
   }
   const float* entering = states + item * P * N;
-  for (int e = threadIdx.x; e < Pp * Np; e += kThreads) {
-    const int p = e / Np, n = e % Np;
-    BS[p * ldN + n] = to<T>(p < P && n < N ? entering[p * N + n] : 0.0f);
-  }
-  __syncthreads();
+  staged(
+      Pp * Np,
+      [&](int e) {
+        const int p = e / Np, n = e % Np;
+        return p < P && n < N ? entering[p * N + n] : 0.0f;
+      },
+      [&](int e, float v) { put(BS, planeBS, (e / Np) * ldN + e % Np, v); });
+  __syncthreads();  // M is built: Y may overwrite C·Bᵀ
 
   // Y_off = C·S_enterᵀ: S_enterᵀ(n, p) = S[p][n], column-major; then each row times exp(cum[i]).
-  block_matmul<T, false, true>(Y, ldY, Cs, ldN, BS, ldN, Q, Pp, Np, false);
+  block_matmul<T, false, true>(Y, ldY, Cs, ldN, planeC, BS, ldN, planeBS, Q, Pp, Np, false);
   for (int e = threadIdx.x; e < Q * Pp; e += kThreads) {
     const int i = e / Pp, p = e % Pp;
     Y[i * ldY + p] *= expf((float)cum_s[i]);
   }
   __syncthreads();
   // Y += M·X
-  block_matmul<T, false, false>(Y, ldY, M, ldQ, X, ldP, Q, Pp, Q, true);
+  block_matmul<T, false, false>(Y, ldY, M, ldQ, planeM, X, ldP, planeX, Q, Pp, Q, true);
 
   const float D = a.D ? a.D[h] : 0.0f;
-  for (int e = threadIdx.x; e < len * P; e += kThreads) {
-    const int i = e / (int)P, p = e % (int)P;
-    const int64_t at = ((b * L + t0 + i) * H + h) * P + p;
-    float v = Y[i * ldY + p] + D * a.x[at];
-    if (a.z) v *= detail::silu(a.z[at]);
-    a.y[at] = v;
+  const int count = len * (int)P;
+  for (int e0 = threadIdx.x; e0 < count; e0 += kThreads * kBatch) {
+    float xv[kBatch], zv[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      xv[u] = zv[u] = 0.0f;
+      if (e < count) {
+        const int64_t at = ((b * L + t0 + e / (int)P) * H + h) * P + e % (int)P;
+        xv[u] = a.x[at];
+        if (a.z) zv[u] = a.z[at];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      if (e < count) {
+        const int i = e / (int)P, p = e % (int)P;
+        const int64_t at = ((b * L + t0 + i) * H + h) * P + p;
+        float v = Y[i * ldY + p] + D * xv[u];
+        if (a.z) v *= detail::silu(zv[u]);
+        a.y[at] = v;
+      }
+    }
   }
 }
 
@@ -339,7 +479,7 @@ int choose_chunk(const cpu::SsdArgs& a, SsdMath math) {
   const int Pp = round16(a.head_dim), Np = round16(a.state);
   const size_t limit = (size_t)shared_limit();
   for (int Q = 64; Q >= 16; Q /= 2) {
-    const size_t need = math == SsdMath::fp32 ? layout<float>(Q, Pp, Np).total : layout<__nv_bfloat16>(Q, Pp, Np).total;
+    const size_t need = math == SsdMath::fp32 ? shared_bytes<float>(Q, Pp, Np) : shared_bytes<__nv_bfloat16>(Q, Pp, Np);
     if (need <= limit) return Q;
   }
   return 0;
@@ -369,28 +509,35 @@ Status launch_chunked(const cpu::SsdArgs& a, int Q, char* work, const Workspace&
   float* dtp = reinterpret_cast<float*>(work + w.dtp);
   double* cum = reinterpret_cast<double*>(work + w.cum);
   float* states = reinterpret_cast<float*>(work + w.states);
-  const size_t shared = layout<T>(Q, round16(a.head_dim), round16(a.state)).total;
-  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(chunk_state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared));
-  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(chunk_scan_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared));
+  const int Pp = round16(a.head_dim), Np = round16(a.state);
+  const size_t shared_state = state_layout<T>(Q, Pp, Np).total, shared_scan = scan_layout<T>(Q, Pp, Np).total;
+  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(chunk_state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)shared_state));
+  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(chunk_scan_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)shared_scan));
 
   chunk_prepare_kernel<<<(unsigned)ceil_div(items, 128), 128, 0, stream>>>(a, Q, chunks, dtp, cum);
   MSSM_STATUS_TRY(detail::check_launch(op));
-  chunk_state_kernel<T><<<(unsigned)items, kThreads, shared, stream>>>(a, Q, chunks, dtp, cum, states);
+  chunk_state_kernel<T><<<(unsigned)items, kThreads, shared_state, stream>>>(a, Q, chunks, dtp, cum, states);
   MSSM_STATUS_TRY(detail::check_launch(op));
   const int64_t elements = a.batch * a.heads * a.head_dim * a.state;
   state_pass_kernel<<<(unsigned)ceil_div(elements, 256), 256, 0, stream>>>(a, Q, chunks, cum, states);
   MSSM_STATUS_TRY(detail::check_launch(op));
-  chunk_scan_kernel<T><<<(unsigned)items, kThreads, shared, stream>>>(a, Q, chunks, dtp, cum, states);
+  chunk_scan_kernel<T><<<(unsigned)items, kThreads, shared_scan, stream>>>(a, Q, chunks, dtp, cum, states);
   return detail::check_launch(op);
 }
 
 }  // namespace
 
 size_t ssd_chunked_workspace_bytes(const cpu::SsdArgs& args) {
-  // A shorter chunk needs more per-chunk states. The fp32 tiles are the larger, so the fp32 chunk is
-  // never longer than the bf16 one and its workspace covers both paths.
-  const int Q = choose_chunk(args, SsdMath::fp32);
-  return workspace_layout(args, Q > 0 ? Q : 16).total;
+  // A shorter chunk needs more per-chunk states: size for the shorter chunk of the two paths (the split
+  // bf16 tiles, two 2-byte planes with wider row padding, can be the larger).
+  int Q = 64;
+  for (SsdMath math : {SsdMath::fp32, SsdMath::bf16_tensor}) {
+    const int q = choose_chunk(args, math);
+    if (q > 0 && q < Q) Q = q;
+  }
+  return workspace_layout(args, Q).total;
 }
 
 Status ssd_chunked(const cpu::SsdArgs& args, SsdMath math, void* workspace, cudaStream_t stream) {
