@@ -629,33 +629,38 @@ describe("checkpoints", () => {
   test("tokenizers: tokenizer.json written into GGUF as gpt2 tables padded to the vocabulary, and read back", () => {
     const folder = tmp("tok");
     fs.mkdirSync(folder);
+    // The GPT-NeoX-style byte-level BPE of the model fixtures: <|endoftext|> at 0, 256 byte tokens, 16 merges.
     const tokenizerFile = path.join(folder, "tokenizer.json");
-    fs.writeFileSync(
-      tokenizerFile,
-      JSON.stringify({ model: { type: "BPE", vocab: { a: 0, b: 1, ab: 2 }, merges: [["a", "b"]] }, added_tokens: [{ id: 3, content: "<|endoftext|>", special: true }] }),
-    );
-    const config: MambaConfig = { ...mamba1, vocabSize: 6, bosTokenId: 3, eosTokenId: 3 };
+    fs.copyFileSync(path.join(__dirname, "fixtures", "models", "tokenizer.json"), tokenizerFile);
+    const original = JSON.parse(fs.readFileSync(tokenizerFile, "utf8"));
+    const count = Object.keys(original.model.vocab).length;
+    const config: MambaConfig = { ...mamba1, vocabSize: count + 3, bosTokenId: 0, eosTokenId: 0 };
     const weights = randomWeights(config, 2);
     const file = tmp("tok.gguf");
     saveCheckpoint(file, { config, weights, tokenizer: { kind: "tokenizer.json", path: tokenizerFile } }, { format: "gguf" });
     const loaded = loadCheckpoint(file);
-    expect(loaded.tokenizer).toEqual({
-      kind: "gguf",
-      model: "gpt2",
-      tokens: ["a", "b", "ab", "<|endoftext|>", "[PAD4]", "[PAD5]"],
-      tokenTypes: [1, 1, 1, 3, 5, 5],
-      merges: ["a b"],
-      bos: 3,
-      eos: 3,
-    });
-    expect(loaded.config.eosTokenId).toBe(3);
-    // And back to a folder: the GGUF tables become a byte-level BPE tokenizer.json.
+    const source = loaded.tokenizer as { kind: string; model: string; tokens: string[]; tokenTypes: number[]; merges: string[]; bos: number; eos: number };
+    expect(source.kind).toBe("gguf");
+    expect(source.model).toBe("gpt2");
+    expect(source.tokens.length).toBe(count + 3);
+    expect(source.tokens.slice(count)).toEqual([`[PAD${count}]`, `[PAD${count + 1}]`, `[PAD${count + 2}]`]);
+    expect(source.tokenTypes.slice(count)).toEqual([5, 5, 5]);
+    expect(source.tokens[0]).toBe("<|endoftext|>");
+    expect(source.tokenTypes[0]).toBe(3);
+    for (const [token, id] of Object.entries(original.model.vocab as Record<string, number>)) expect(source.tokens[id]).toBe(token);
+    expect(source.merges).toEqual(original.model.merges.map((m: string | string[]) => (Array.isArray(m) ? m.join(" ") : m)));
+    expect([source.bos, source.eos]).toEqual([0, 0]);
+    expect(loaded.config.eosTokenId).toBe(0);
+    // And back to a folder: the GGUF tables become a byte-level BPE tokenizer.json with the same vocabulary.
     const out = tmp("tok-hf");
     saveCheckpoint(out, { config: loaded.config, weights: loaded.weights, tokenizer: loaded.tokenizer }, { format: "safetensors" });
     const json = JSON.parse(fs.readFileSync(path.join(out, "tokenizer.json"), "utf8"));
-    expect(json.model.vocab).toEqual({ a: 0, b: 1, ab: 2, "<|endoftext|>": 3 });
-    expect(json.model.merges).toEqual(["a b"]);
-    expect(json.added_tokens[0]).toMatchObject({ id: 3, content: "<|endoftext|>", special: true });
+    // Every token keeps its id, in the BPE vocabulary or (control tokens) among the added tokens.
+    const ids = new Map<string, number>(Object.entries(json.model.vocab as Record<string, number>));
+    for (const t of json.added_tokens as Array<{ id: number; content: string }>) ids.set(t.content, t.id);
+    expect(Object.fromEntries(ids)).toEqual(original.model.vocab);
+    expect(json.model.merges.map((m: string | string[]) => (Array.isArray(m) ? m.join(" ") : m))).toEqual(source.merges);
+    expect(json.added_tokens.find((t: { id: number }) => t.id === 0)).toMatchObject({ content: "<|endoftext|>", special: true });
     disposeWeights(loaded.weights);
     disposeWeights(weights);
   });

@@ -11,6 +11,8 @@ import * as path from "path";
 import { DType } from "../dtype";
 import { expectedShapes, isMatrixWeight, MambaConfig } from "../models/config";
 import { formatShape, Tensor } from "../tensor";
+import { ggufVocabToTokenizerJson, tokenizerJsonToGgufVocab } from "../tokenizers/gguf";
+import type { TokenizerJson } from "../tokenizers/huggingface";
 import { writeBytesAtomic } from "./atomic";
 import { gguf, GgufArray, GgufEntry, ggufNumber, ggufString, readGguf, writeGguf } from "./gguf";
 import { parsePythonJson, stringifyPythonJson } from "./json";
@@ -831,39 +833,7 @@ function writeTokenizerJson(folder: string, tokenizer: TokenizerSource | undefin
   if (tokenizer.model !== undefined && tokenizer.model !== "gpt2") {
     throw new Error(`saveCheckpoint ${folder}: the GGUF tokenizer is "${tokenizer.model}"; only "gpt2" (byte-level BPE) can be written as tokenizer.json`);
   }
-  // GGUF token types: 1 normal, 3 control, 4 user-defined, 5 unused (padding rows).
-  const vocab: Record<string, number> = {};
-  const added: Array<Record<string, unknown>> = [];
-  tokenizer.tokens.forEach((token, id) => {
-    const type = tokenizer.tokenTypes?.[id] ?? 1;
-    if (type === 5) return;
-    vocab[token] = id;
-    if (type === 3 || type === 4) {
-      added.push({ id, content: token, single_word: false, lstrip: false, rstrip: false, normalized: type === 4, special: type === 3 });
-    }
-  });
-  const byteLevel = { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true };
-  const json = {
-    version: "1.0",
-    truncation: null,
-    padding: null,
-    added_tokens: added,
-    normalizer: null,
-    pre_tokenizer: byteLevel,
-    post_processor: byteLevel,
-    decoder: byteLevel,
-    model: {
-      type: "BPE",
-      dropout: null,
-      unk_token: null,
-      continuing_subword_prefix: null,
-      end_of_word_suffix: null,
-      fuse_unk: false,
-      byte_fallback: false,
-      vocab,
-      merges: tokenizer.merges,
-    },
-  };
+  const json = ggufVocabToTokenizerJson(tokenizer, { source: `saveCheckpoint ${folder}` });
   writeBytesAtomic(destination, JSON.stringify(json) + "\n");
 }
 
@@ -874,27 +844,14 @@ function ggufTokenizerEntries(where: string, tokenizer: TokenizerSource, vocabSi
   let merges: string[];
   let model = "gpt2";
   if (tokenizer.kind === "tokenizer.json") {
-    let json: { model?: { type?: string; vocab?: Record<string, number>; merges?: unknown[] }; added_tokens?: Array<{ id: number; content: string; special?: boolean }> };
+    let json: unknown;
     try {
       json = JSON.parse(fs.readFileSync(tokenizer.path, "utf8"));
     } catch (err) {
       throw new Error(`${where}: cannot read ${tokenizer.path} (${(err as Error).message})`);
     }
-    if (json.model?.type !== "BPE" || typeof json.model.vocab !== "object") {
-      throw new Error(`${where}: ${tokenizer.path} is a ${String(json.model?.type)} tokenizer; only BPE tokenizers can be written to GGUF`);
-    }
-    tokens = [];
-    types = [];
-    for (const [token, id] of Object.entries(json.model.vocab)) {
-      tokens[id] = token;
-      types[id] = 1;
-    }
-    for (const a of json.added_tokens ?? []) {
-      tokens[a.id] = a.content;
-      types[a.id] = a.special ? 3 : 4;
-    }
-    // Merges are "a b" strings in older files and ["a", "b"] pairs in newer ones.
-    merges = (json.model.merges ?? []).map((m) => (Array.isArray(m) ? m.join(" ") : String(m)));
+    const vocab = tokenizerJsonToGgufVocab(json as TokenizerJson, { source: tokenizer.path });
+    ({ tokens, tokenTypes: types, merges } = vocab);
   } else {
     tokens = [...tokenizer.tokens];
     types = tokenizer.tokenTypes ? [...tokenizer.tokenTypes] : tokens.map(() => 1);
