@@ -9,7 +9,9 @@
 import { spawnSync } from "child_process";
 import * as path from "path";
 import { getThreads, setThreads, Tensor } from "../lib";
-import { MambaModel } from "../lib/models/model";
+import * as fs from "fs";
+import * as os from "os";
+import { loadModel, MambaModel } from "../lib/models/model";
 import { initWeights, preset } from "../lib/models/init";
 import { isMatrixWeight } from "../lib/models/config";
 import { native } from "../lib/native";
@@ -53,19 +55,29 @@ function measureBandwidth(): number {
   return bytes / (best / 1000);
 }
 
-async function runOne(arch: Arch, dtype: WeightType, bandwidth: number): Promise<Result> {
+/** Writes the random model of `arch` with its matrices in `dtype` as a GGUF file. */
+async function makeModel(arch: Arch, dtype: WeightType, file: string) {
   const config = preset(arch);
   const weights = initWeights(config, { seed: 1 });
   if (dtype !== "f32") {
     for (const [name, t] of weights) {
       if (isMatrixWeight(name)) {
-        weights.set(name, t.to(dtype));
+        // As llama.cpp does, a matrix whose rows are not whole q8_0 blocks (dt_proj at rank 48) is kept in f16.
+        const rowsFit = t.shape[t.shape.length - 1] % 32 === 0;
+        weights.set(name, t.to(dtype === "q8_0" && !rowsFit ? "f16" : dtype));
         t.dispose();
       }
     }
   }
   const model = MambaModel.fromWeights(config, weights);
-  // Bytes a decode step must read: every weight once (the tied head reads the embedding again).
+  await model.save(file, { format: "gguf" });
+  model.dispose();
+}
+
+async function runOne(arch: Arch, dtype: WeightType, file: string, bandwidth: number): Promise<Result> {
+  // Loaded as a user would: memory-mapped, in the stored dtype.
+  const model = await loadModel(file);
+  const config = model.config;
   // Every weight once; a tied head is the embedding table, read in full (the gathered rows are negligible).
   const bytesPerToken = model.weightBytes;
   const ids = Array.from({ length: PROMPT }, (_, i) => (i * 7919 + 13) % config.vocabSize);
@@ -134,28 +146,48 @@ function sliceRow(t: Tensor, row: number): Tensor {
   return Tensor.from((t.data as Float32Array).subarray(row * vocab, (row + 1) * vocab));
 }
 
-async function child(arch: Arch, dtype: WeightType, bandwidth: number) {
-  const r = await runOne(arch, dtype, bandwidth);
+async function child(arch: Arch, dtype: WeightType, file: string, bandwidth: number) {
+  const r = await runOne(arch, dtype, file, bandwidth);
   process.stdout.write(`RESULT ${JSON.stringify(r)}\n`);
 }
 
 async function main() {
   if (threadsArg >= 0) setThreads(Number(argv[threadsArg + 1]));
+  const makeIdx = argv.indexOf("--make");
+  if (makeIdx >= 0) {
+    await makeModel(argv[makeIdx + 1] as Arch, argv[makeIdx + 2] as WeightType, argv[makeIdx + 3]);
+    return;
+  }
   const childIdx = argv.indexOf("--child");
   if (childIdx >= 0) {
-    await child(argv[childIdx + 1] as Arch, argv[childIdx + 2] as WeightType, Number(argv[childIdx + 3]));
+    await child(argv[childIdx + 1] as Arch, argv[childIdx + 2] as WeightType, argv[childIdx + 3], Number(argv[childIdx + 4]));
     return;
   }
   const bandwidth = measureBandwidth();
+  // The 1 GiB buffer is unmapped by its finaliser on the next turn of the event loop; wait for it, or
+  // the children forked below would start with (and report as their peak) this process's RSS.
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+  if (process.memoryUsage().rss > 512 * 2 ** 20) process.stderr.write("warning: the parent's RSS is still high; children's peak RSS includes it\n");
   const results: Result[] = [];
+  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-bench-"));
+  process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
   for (const arch of ["mamba-130m", "mamba2-130m"] as Arch[]) {
     for (const dtype of ["f32", "bf16", "q8_0"] as WeightType[]) {
-      const args = ["-r", "ts-node/register", __filename, "--child", arch, dtype, String(bandwidth), ...argv];
-      const r = spawnSync(process.execPath, args, {
-        encoding: "utf8",
-        cwd: path.resolve(__dirname, ".."),
-        env: { ...process.env, TS_NODE_PROJECT: "tsconfig.test.json", TS_NODE_TRANSPILE_ONLY: "1" },
-      });
+      const file = path.join(scratch, `${arch}-${dtype}.gguf`);
+      const spawnChild = (extra: string[]) =>
+        spawnSync(process.execPath, ["-r", "ts-node/register", __filename, ...extra, ...argv], {
+          encoding: "utf8",
+          cwd: path.resolve(__dirname, ".."),
+          env: { ...process.env, TS_NODE_PROJECT: "tsconfig.test.json", TS_NODE_TRANSPILE_ONLY: "1" },
+        });
+      const made = spawnChild(["--make", arch, dtype, file]);
+      if (made.status !== 0) {
+        process.stderr.write(`bench ${arch} ${dtype}: making the model failed:\n${made.stderr}\n`);
+        process.exitCode = 1;
+        continue;
+      }
+      const r = spawnChild(["--child", arch, dtype, file, String(bandwidth)]);
+      fs.rmSync(file, { force: true });
       const line = r.stdout.split("\n").find((l) => l.startsWith("RESULT "));
       if (!line) {
         process.stderr.write(`bench ${arch} ${dtype} failed:\n${r.stderr}\n`);
