@@ -21,7 +21,7 @@ try {
   const packed = JSON.parse(sh(npm, ["pack", "--json", "--pack-destination", work], root))[0];
   const tarball = path.join(work, packed.filename);
   const files = packed.files.map((f) => f.path);
-  for (const needed of ["dist/index.js", "dist/index.d.ts", "dist/cli.js", `prebuilds/${process.platform}-${process.arch}/node.napi.node`]) {
+  for (const needed of ["dist/index.js", "dist/index.d.ts", "dist/cli.js", "models/default/config.json", "models/default/model.safetensors", `prebuilds/${process.platform}-${process.arch}/node.napi.node`]) {
     if (!files.includes(needed)) throw new Error(`the package lacks ${needed}`);
   }
   const app = path.join(work, "app");
@@ -40,6 +40,12 @@ try {
   `;
   process.stdout.write(sh(process.execPath, ["-e", script], app));
   process.stdout.write(sh(path.join(app, "node_modules", ".bin", "mamba-ssm"), ["--version"], app));
+  // The README's first command: generate from the embedded default model, nothing else needed.
+  const generated = JSON.parse(
+    sh(path.join(app, "node_modules", ".bin", "mamba-ssm"), ["generate", "The Python ", "--max-tokens", "16", "--seed", "1", "--json"], app),
+  );
+  if (generated.tokens.length !== 16 || typeof generated.text !== "string") throw new Error(`generate gave ${JSON.stringify(generated)}`);
+  console.log(`npx mamba-ssm generate from the tarball: ${JSON.stringify("The Python " + generated.text)}`);
   console.log("pack test: ok");
 } finally {
   fs.rmSync(work, { recursive: true, force: true });

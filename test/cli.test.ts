@@ -71,6 +71,21 @@ describe("mamba-ssm generate", () => {
   });
 });
 
+describe("the embedded default model", () => {
+  test("generate without --model uses models/default and is reproducible with a seed", () => {
+    const args = ["generate", "The Python ", "--max-tokens", "24", "--seed", "5", "--json"];
+    const a = run(args);
+    expect(a.status).toBe(0);
+    const out = JSON.parse(a.stdout);
+    expect(out.tokens).toHaveLength(24);
+    expect(out.tokens.every((t: number) => t >= 0 && t < 256)).toBe(true);
+    expect(JSON.parse(run(args).stdout).text).toBe(out.text);
+    const info = JSON.parse(run(["inspect", path.join(__dirname, "..", "models", "default"), "--json"]).stdout);
+    expect(info.architecture).toBe("mamba2");
+    expect(info.config.vocabSize).toBe(256);
+  });
+});
+
 describe("mamba-ssm inspect and convert", () => {
   test("inspect prints the architecture, sizes, dtypes, parameters and memory", () => {
     const r = run(["inspect", path.join(fixture, "model-q8_0.gguf")]);
