@@ -2,9 +2,11 @@
 # The GPU check, run from the repository root on a machine with an NVIDIA GPU (no Node needed):
 # configures and builds build-gpu with the CUDA backend and the tests, runs every ctest test (the
 # CPU kernels' and the CUDA kernels'; a CUDA test that finds no device fails here, through
-# MAMBA_SSM_REQUIRE_GPU=1), then bench_cuda. Logs go to $OUT when it is set. Exits non-zero if
-# anything fails. GPU_CHECK_CUDA_ONLY=1 builds only the CUDA targets and skips the CPU tests (which
-# need no GPU and run in CI anyway), to save device time.
+# MAMBA_SSM_REQUIRE_GPU=1), then the benchmarks bench_cuda (kernels) and bench_cuda_model (the model
+# runner: decode and prefill tokens/s). Logs go to $OUT when it is set. Exits non-zero if anything
+# fails. GPU_CHECK_CUDA_ONLY=1 builds only the CUDA targets and skips the CPU tests (which need no GPU
+# and run in CI anyway), to save device time. GPU_CHECK_BENCHES names the benchmarks to run (default
+# "bench_cuda bench_cuda_model"; empty: none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-build-gpu/logs}"
@@ -28,7 +30,7 @@ step configure cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMAMBA_SSM_CU
 CUDA_ONLY="${GPU_CHECK_CUDA_ONLY:-0}"
 if [ "$CUDA_ONLY" = 1 ]; then
   step build cmake --build build-gpu -j16 --target mssm_cuda test_cuda_conv1d test_cuda_norm \
-    test_cuda_selective_scan test_cuda_ssd bench_cuda || exit 1
+    test_cuda_selective_scan test_cuda_ssd test_cuda_model bench_cuda bench_cuda_model || exit 1
 else
   step build cmake --build build-gpu -j16 || exit 1
 fi
@@ -39,7 +41,9 @@ step ctest-cuda bash -c "cd build-gpu && ctest -R '^test_cuda_' --no-tests=error
 if [ "$CUDA_ONLY" != 1 ]; then
   step ctest-cpu bash -c "cd build-gpu && ctest -E '^test_cuda_' --no-tests=error --output-on-failure -j8"
 fi
-step bench timeout 300 build-gpu/native/cuda/bench_cuda
+for bench in ${GPU_CHECK_BENCHES-bench_cuda bench_cuda_model}; do
+  step "$bench" timeout 300 "build-gpu/native/cuda/$bench"
+done
 
 if [ "$status" -eq 0 ]; then echo "=== gpu-check: all passed"; else echo "=== gpu-check: FAILED"; fi
 exit "$status"

@@ -53,7 +53,9 @@ class Pool {
     ctx_ = ctx;
     count_ = count;
     parts_ = (int)parts;
-    pending_.store((int)parts - 1, std::memory_order_relaxed);
+    // Every worker acknowledges every job, idle ones too: the next job may only overwrite these
+    // fields once no worker can still be reading them for this one.
+    pending_.store(n_ - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mu_);
       generation_.fetch_add(1, std::memory_order_release);
@@ -107,8 +109,8 @@ class Pool {
         int64_t begin = count_ * index / parts_;
         int64_t end = count_ * (index + 1) / parts_;
         fn_(ctx_, begin, end);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
       }
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 

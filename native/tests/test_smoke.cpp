@@ -43,6 +43,22 @@ int main() {
     }
     MSSM_CHECK(num_threads() == threads, "pool size %d", num_threads());
   }
+  // Jobs smaller than the pool leave some workers idle; back-to-back jobs of varying sizes must never
+  // let a late worker run a part twice or after its caller has returned (each part adds exactly once).
+  for (int threads : {5, 16}) {
+    set_num_threads(threads);
+    int64_t wrong = 0;
+    for (int rep = 0; rep < 1500; ++rep) {
+      int64_t n = 1 + rep % (threads + 3);
+      std::vector<int> hits(n, 0);
+      parallel_for(n, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) hits[i] += 1;
+      });
+      for (int h : hits) wrong += h != 1;
+    }
+    MSSM_CHECK(wrong == 0, "threads %d: %lld indices visited other than once in back-to-back small jobs", threads,
+               (long long)wrong);
+  }
   set_num_threads(default_num_threads());
 
   // Dispatch: baseline always present; the best level is the default.
