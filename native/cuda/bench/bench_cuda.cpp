@@ -19,24 +19,15 @@
 #include <vector>
 
 #include "cuda_kernels.h"
+#include "bench_util.h"
 
 using namespace mssm;
+using namespace mssm::cuda::bench;
+
+const char* const mssm::cuda::bench::kProgram = "bench_cuda";
 
 namespace {
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "bench_cuda: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-void check(const cuda::Status& s) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "bench_cuda: %s\n", s.message.c_str());
-    std::exit(1);
-  }
-}
-#define CK(call) check((call), #call)
 
 float* alloc(size_t n) {
   float* p = nullptr;

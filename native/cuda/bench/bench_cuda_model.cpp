@@ -21,24 +21,15 @@
 #include <vector>
 
 #include "cuda_model.h"
+#include "bench_util.h"
 
 using namespace mssm;
+using namespace mssm::cuda::bench;
+
+const char* const mssm::cuda::bench::kProgram = "bench_cuda_model";
 
 namespace {
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "bench_cuda_model: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-void check(const cuda::Status& s) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "bench_cuda_model: %s\n", s.message.c_str());
-    std::exit(1);
-  }
-}
-#define CK(call) check((call), #call)
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
