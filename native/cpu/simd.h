@@ -3,6 +3,7 @@
 // about one ulp. Included by per-level kernel sources only (it needs MSSM_LEVEL).
 #pragma once
 #include <cmath>
+#include <cstdint>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -12,7 +13,7 @@ namespace mssm::cpu::MSSM_LEVEL::simd {
 
 #if defined(__AVX512F__)
 using vec = __m512;
-constexpr int kWidth = 16;
+constexpr int64_t kWidth = 16;
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec vset(float x) { return _mm512_set1_ps(x); }
@@ -37,7 +38,7 @@ inline vec vexp(vec x) {
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
-constexpr int kWidth = 8;
+constexpr int64_t kWidth = 8;
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vset(float x) { return _mm256_set1_ps(x); }
@@ -68,7 +69,7 @@ inline vec vexp(vec x) {
 }
 #else
 using vec = float;
-constexpr int kWidth = 1;
+constexpr int64_t kWidth = 1;
 inline vec vload(const float* p) { return *p; }
 inline void vstore(float* p, vec v) { *p = v; }
 inline vec vset(float x) { return x; }
@@ -77,6 +78,30 @@ inline vec vmul(vec a, vec b) { return a * b; }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline vec vdiv(vec a, vec b) { return a / b; }
 inline vec vexp(vec x) { return std::exp(x); }
+#endif
+
+// Sums of a vector's lanes, and loads/stores of the first n lanes (1 ≤ n ≤ kWidth) for row tails.
+#if defined(__AVX512F__)
+using mask = __mmask16;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline mask tail_mask(int64_t n) { return (mask)((1u << n) - 1u); }
+inline vec vload_tail(const float* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void vstore_tail(float* p, vec v, mask m) { _mm512_mask_storeu_ps(p, m, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using mask = __m256i;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline mask tail_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline vec vload_tail(const float* p, mask m) { return _mm256_maskload_ps(p, m); }
+inline void vstore_tail(float* p, vec v, mask m) { _mm256_maskstore_ps(p, m, v); }
 #endif
 
 // silu(v) = v · sigmoid(v); exp(-v) overflowing to ∞ for v < -89 gives the right limit (-0).

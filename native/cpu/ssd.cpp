@@ -40,6 +40,7 @@
 #endif
 
 #include "../core/threadpool.h"
+#include "simd.h"
 
 namespace mssm::cpu::MSSM_LEVEL {
 namespace {
@@ -59,102 +60,7 @@ inline int64_t min_items(int64_t work_per_item) {
   std::abort();
 }
 
-// exp(x) in fp32 for the decays and the gate: x = k·ln2 + r with |r| ≤ ln2/2 (ln2 split in two so
-// k·ln2 is exact), exp(r) = 1 + r + r²·p(r) with the Cephes expf polynomial (about 1 ulp), times 2^k
-// through the exponent bits. x < -86 returns 0 (true value < 5e-38); x is capped at 88.
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
-constexpr float kExpP0 = 1.9875691500e-4f, kExpP1 = 1.3981999507e-3f, kExpP2 = 8.3334519073e-3f,
-                kExpP3 = 4.1665795894e-2f, kExpP4 = 1.6666665459e-1f, kExpP5 = 5.0000001201e-1f;
-constexpr float kExpLow = -86.0f, kExpHigh = 88.0f;
-
-inline float exp_scalar(float x) {
-  const float xc = std::max(std::min(x, kExpHigh), 2.0f * kExpLow);  // keeps k an in-range integer
-  const float magic = 12582912.0f;  // 1.5·2^23: adding it rounds to the nearest integer
-  const float k = (xc * kLog2e + magic) - magic;
-  const float r = (xc - k * kLn2High) - k * kLn2Low;
-  float p = kExpP0;
-  p = p * r + kExpP1;
-  p = p * r + kExpP2;
-  p = p * r + kExpP3;
-  p = p * r + kExpP4;
-  p = p * r + kExpP5;
-  float e = p * (r * r) + r + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &e, 4);
-  bits += (uint32_t)(int32_t)k << 23;
-  std::memcpy(&e, &bits, 4);
-  return x < kExpLow ? 0.0f : e;
-}
-
-#if defined(__AVX512F__)
-constexpr int64_t kWidth = 16;
-using Vec = __m512;
-using Mask = __mmask16;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset(float v) { return _mm512_set1_ps(v); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Mask tail_mask(int64_t n) { return (Mask)((1u << n) - 1u); }  // n in [1, 16]
-inline Vec vload_tail(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void vstore_tail(float* p, Vec v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
-inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
-inline Vec vexp(Vec x) {
-  const Vec xc = _mm512_min_ps(x, vset(kExpHigh));
-  const Vec k = _mm512_roundscale_ps(vmul(xc, vset(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec r = _mm512_fnmadd_ps(k, vset(kLn2Low), _mm512_fnmadd_ps(k, vset(kLn2High), xc));
-  Vec p = vfma(vset(kExpP0), r, vset(kExpP1));
-  p = vfma(p, r, vset(kExpP2));
-  p = vfma(p, r, vset(kExpP3));
-  p = vfma(p, r, vset(kExpP4));
-  p = vfma(p, r, vset(kExpP5));
-  const Vec e = vadd(vfma(p, vmul(r, r), r), vset(1.0f));
-  const __m512i scaled = _mm512_add_epi32(_mm512_castps_si512(e), _mm512_slli_epi32(_mm512_cvtps_epi32(k), 23));
-  const Mask keep = _mm512_cmp_ps_mask(x, vset(kExpLow), _CMP_GE_OQ);
-  return _mm512_maskz_mov_ps(keep, _mm512_castsi512_ps(scaled));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t kWidth = 8;
-using Vec = __m256;
-using Mask = __m256i;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset(float v) { return _mm256_set1_ps(v); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Mask tail_mask(int64_t n) {  // n in [1, 8]
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-inline Vec vload_tail(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
-inline void vstore_tail(float* p, Vec v, Mask m) { _mm256_maskstore_ps(p, m, v); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
-inline float vsum(Vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-inline Vec vexp(Vec x) {
-  const Vec xc = _mm256_min_ps(x, vset(kExpHigh));
-  const Vec k = _mm256_round_ps(vmul(xc, vset(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec r = _mm256_fnmadd_ps(k, vset(kLn2Low), _mm256_fnmadd_ps(k, vset(kLn2High), xc));
-  Vec p = vfma(vset(kExpP0), r, vset(kExpP1));
-  p = vfma(p, r, vset(kExpP2));
-  p = vfma(p, r, vset(kExpP3));
-  p = vfma(p, r, vset(kExpP4));
-  p = vfma(p, r, vset(kExpP5));
-  const Vec e = vadd(vfma(p, vmul(r, r), r), vset(1.0f));
-  const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(e), _mm256_slli_epi32(_mm256_cvtps_epi32(k), 23));
-  const Vec keep = _mm256_cmp_ps(x, vset(kExpLow), _CMP_GE_OQ);
-  return _mm256_and_ps(keep, _mm256_castsi256_ps(scaled));
-}
-#endif
+using namespace simd;  // vec, vexp (about 1 ulp), tail loads and stores
 
 // v[k] = exp(v[k]) for k < n.
 void exp_inplace(float* v, int64_t n) {
@@ -162,15 +68,15 @@ void exp_inplace(float* v, int64_t n) {
 #if MSSM_SSD_VECTOR
   for (; k + kWidth <= n; k += kWidth) vstore(v + k, vexp(vload(v + k)));
   if (k < n) {
-    const Mask m = tail_mask(n - k);
+    const mask m = tail_mask(n - k);
     vstore_tail(v + k, vexp(vload_tail(v + k, m)), m);
     return;
   }
 #endif
-  for (; k < n; ++k) v[k] = exp_scalar(v[k]);
+  for (; k < n; ++k) v[k] = std::exp(v[k]);
 }
 
-inline float silu(float v) { return v / (1.0f + exp_scalar(-v)); }
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // Which part of a product small_matmul may skip, for the causal (j ≤ i) products of a chunk:
 //   lower_k:    row i reads a[i, k] only for k ≤ i (the caller stores zeros above the diagonal of
@@ -183,22 +89,22 @@ constexpr int64_t kRows = 4;
 // One register tile: R rows × V vectors of out; the last vector is partial when Tail.
 template <int R, int V, bool Tail>
 void tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* out, int64_t ldo, int64_t K,
-          const float* row_scale, bool accumulate, Mask tail) {
-  Vec acc[R][V];
+          const float* row_scale, bool accumulate, mask tail) {
+  vec acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = vzero();
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * ldb;
-    Vec bv[V];
+    vec bv[V];
     for (int v = 0; v < V; ++v) bv[v] = (Tail && v == V - 1) ? vload_tail(bk + v * kWidth, tail) : vload(bk + v * kWidth);
     for (int r = 0; r < R; ++r) {
-      const Vec av = vset(a[r * lda + k]);
+      const vec av = vset(a[r * lda + k]);
       for (int v = 0; v < V; ++v) acc[r][v] = vfma(av, bv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
-      Vec result = row_scale ? vmul(acc[r][v], vset(row_scale[r])) : acc[r][v];
+      vec result = row_scale ? vmul(acc[r][v], vset(row_scale[r])) : acc[r][v];
       float* o = out + r * ldo + v * kWidth;
       const bool partial = Tail && v == V - 1;
       if (accumulate) result = vadd(result, partial ? vload_tail(o, tail) : vload(o));
@@ -212,7 +118,7 @@ void tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* out, 
 
 template <int R>
 void tile_rows(int64_t V, bool partial, const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
-               int64_t ldo, int64_t K, const float* row_scale, bool accumulate, Mask tail) {
+               int64_t ldo, int64_t K, const float* row_scale, bool accumulate, mask tail) {
   if (V == 2) {
     if (partial)
       tile<R, 2, true>(a, lda, b, ldb, out, ldo, K, row_scale, accumulate, tail);
@@ -239,7 +145,7 @@ void small_matmul(int64_t M, int64_t cols, int64_t K, const float* a, int64_t ld
     const int64_t V = width > kWidth ? 2 : 1;
     const int64_t last = width - (V - 1) * kWidth;
     const bool partial = last < kWidth;
-    const Mask tail = tail_mask(last);
+    const mask tail = tail_mask(last);
     // Rows above j0 need none of these columns.
     for (int64_t i0 = causal == Causal::lower_cols ? j0 : 0; i0 < M; i0 += kRows) {
       const int64_t R = std::min(kRows, M - i0);
@@ -518,11 +424,11 @@ void ssd_step(const SsdArgs& args) {
         int64_t n = 0;
         float dot = 0.0f;
 #if MSSM_SSD_VECTOR
-        const Vec vdecay = vset(decay), vxdt = vset(xdt);
-        Vec vdot = vzero();
+        const vec vdecay = vset(decay), vxdt = vset(xdt);
+        vec vdot = vzero();
         for (; n + kWidth <= N; n += kWidth) {
-          const Vec prev = in ? vmul(vdecay, vload(in + n)) : vzero();
-          const Vec s = vfma(vxdt, vload(Bv + n), prev);
+          const vec prev = in ? vmul(vdecay, vload(in + n)) : vzero();
+          const vec s = vfma(vxdt, vload(Bv + n), prev);
           vstore(out + n, s);
           vdot = vfma(s, vload(Cv + n), vdot);
         }
