@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../core/threadpool.h"
+#include "simd.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -105,48 +106,6 @@ int64_t argmax_row(const float* v, int64_t n) {
   return best_index;
 }
 
-#if defined(__AVX512F__)
-// e^x = 2^n · e^r with n = round(x·log₂e), r = x − n·ln2 (ln2 in two parts), e^r by its Taylor
-// series to degree 7 (|r| ≤ ln2/2: truncation < 1e-8 relative). Below ln(FLT_MIN) gives 0.
-inline __m512 exp_vector(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(-87.33654f);
-  const __mmask16 representable = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(representable, _mm512_scalef_ps(p, n));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp_vector(__m256 x) {
-  const __m256 representable = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_GE_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.33654f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // 2^n through the exponent field: n ∈ [−126, 127] after the clamp above.
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), representable);
-}
-#endif
 
 // l[i] ← exp(l[i] − m) over [0, n). Returns Σ e; *kept_sum receives Σ of the e ≥ floor. The sums
 // are in double: over 50k terms an fp32 sum drifts by more than the smallest probabilities.
@@ -158,7 +117,7 @@ double exp_in_place(float* l, int64_t n, float m, float floor, double* kept_sum)
   const __m512 shift = _mm512_set1_ps(m), floor_vector = _mm512_set1_ps(floor);
   for (; i < n; i += 16) {
     const __mmask16 live = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp_vector(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, l + i), shift)));
+    const __m512 e = _mm512_maskz_mov_ps(live, simd::vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, l + i), shift)));
     _mm512_mask_storeu_ps(l + i, live, e);
     const __m512 e_kept = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, floor_vector, _CMP_GE_OQ), e);
     total_vector = _mm512_add_pd(total_vector, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
@@ -172,7 +131,7 @@ double exp_in_place(float* l, int64_t n, float m, float floor, double* kept_sum)
   __m256d total_vector = _mm256_setzero_pd(), kept_vector = _mm256_setzero_pd();
   const __m256 shift = _mm256_set1_ps(m), floor_vector = _mm256_set1_ps(floor);
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp_vector(_mm256_sub_ps(_mm256_loadu_ps(l + i), shift));
+    const __m256 e = simd::vexp(_mm256_sub_ps(_mm256_loadu_ps(l + i), shift));
     _mm256_storeu_ps(l + i, e);
     const __m256 e_kept = _mm256_and_ps(e, _mm256_cmp_ps(e, floor_vector, _CMP_GE_OQ));
     total_vector = _mm256_add_pd(total_vector, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
