@@ -264,6 +264,14 @@ class ModelWorker : public Napi::AsyncWorker {
   }
   Napi::Promise promise() { return deferred_.Promise(); }
 
+  // Keeps (and pins) the buffers the call writes, queues the work, and returns its Promise.
+  Napi::Promise start(const Args& a) {
+    for (const char* name : {"logits", "convState", "ssmState"}) keep(a.get(name));
+    Napi::Promise p = promise();
+    Queue();
+    return p;
+  }
+
   bool step = false;
   std::vector<int32_t> ids;
   std::vector<int64_t> lengths;
@@ -380,12 +388,7 @@ Napi::Value ModelForward(const Napi::CallbackInfo& info) {
     worker->forward.use_initial_state = use_initial;
     worker->forward.segment_tokens = segment;
     worker->forward.padded_length = last_only ? 0 : padded;
-    worker->keep(a.get("logits"));
-    worker->keep(a.get("convState"));
-    worker->keep(a.get("ssmState"));
-    Napi::Promise promise = worker->promise();
-    worker->Queue();
-    return promise;
+    return worker->start(a);
   });
 }
 
@@ -417,12 +420,7 @@ Napi::Value ModelStep(const Napi::CallbackInfo& info) {
     worker->step_args.conv_state = conv;
     worker->step_args.ssm_state = ssm;
     worker->step_args.logits = logits;
-    worker->keep(a.get("logits"));
-    worker->keep(a.get("convState"));
-    worker->keep(a.get("ssmState"));
-    Napi::Promise promise = worker->promise();
-    worker->Queue();
-    return promise;
+    return worker->start(a);
   });
 }
 
