@@ -36,7 +36,22 @@ function groupsOf(c: ShapeChecker, name: string, t: unknown, lead: number): numb
   return tensor.shape.length === lead + 2 ? tensor.shape[lead] : 1;
 }
 
-function bcDims(c: ShapeChecker, t: Tensor, lead: (number | string)[]): (number | string)[] {
+/** The inputs both forms pass to the kernel (already validated). */
+function scanBuffers(c: ShapeChecker, inputs: Omit<SelectiveScanInputs, "state">) {
+  return {
+    u: inputs.u.buffer(),
+    delta: inputs.delta.buffer(),
+    A: inputs.A.buffer(),
+    B: inputs.B.buffer(),
+    C: inputs.C.buffer(),
+    D: bufferOf(inputs.D ?? null),
+    z: bufferOf(inputs.z ?? null),
+    deltaBias: bufferOf(inputs.deltaBias ?? null),
+    deltaSoftplus: c.flag("deltaSoftplus", inputs.deltaSoftplus, false),
+  };
+}
+
+function bcDims(t: Tensor, lead: (number | string)[]): (number | string)[] {
   return t.shape.length === lead.length + 1 ? [...lead, "state"] : [...lead, "groups", "state"];
 }
 
@@ -50,7 +65,7 @@ export function selectiveScan(inputs: SelectiveScanInputs): { y: Tensor; state: 
   c.required("delta", inputs.delta, ["batch", "length", "channels"]);
   c.required("A", inputs.A, ["channels", "state"]);
   const groups = groupsOf(c, "B", inputs.B, 2);
-  c.required("B", inputs.B, bcDims(c, inputs.B, ["batch", "length"]));
+  c.required("B", inputs.B, bcDims(inputs.B, ["batch", "length"]));
   c.required("C", inputs.C, inputs.B.shape);
   const [batch, length, channels] = inputs.u.shape;
   const state = c.size("state");
@@ -64,15 +79,7 @@ export function selectiveScan(inputs: SelectiveScanInputs): { y: Tensor; state: 
   const stateOut = Tensor.zeros([batch, channels, state]);
   native().selectiveScan({
     batch, length, channels, state, groups,
-    u: inputs.u.buffer(),
-    delta: inputs.delta.buffer(),
-    A: inputs.A.buffer(),
-    B: inputs.B.buffer(),
-    C: inputs.C.buffer(),
-    D: bufferOf(inputs.D ?? null),
-    z: bufferOf(inputs.z ?? null),
-    deltaBias: bufferOf(inputs.deltaBias ?? null),
-    deltaSoftplus: c.flag("deltaSoftplus", inputs.deltaSoftplus, false),
+    ...scanBuffers(c, inputs),
     stateIn: bufferOf(stateIn),
     stateOut: stateOut.buffer(),
     y: y.buffer(),
@@ -87,7 +94,7 @@ export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs): Tensor
   c.required("delta", inputs.delta, ["batch", "channels"]);
   c.required("A", inputs.A, ["channels", "state"]);
   const groups = groupsOf(c, "B", inputs.B, 1);
-  c.required("B", inputs.B, bcDims(c, inputs.B, ["batch"]));
+  c.required("B", inputs.B, bcDims(inputs.B, ["batch"]));
   c.required("C", inputs.C, inputs.B.shape);
   const [batch, channels] = inputs.u.shape;
   const state = c.size("state");
@@ -99,15 +106,7 @@ export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs): Tensor
   const y = Tensor.zeros(inputs.u.shape);
   native().selectiveStateUpdate({
     batch, channels, state, groups,
-    u: inputs.u.buffer(),
-    delta: inputs.delta.buffer(),
-    A: inputs.A.buffer(),
-    B: inputs.B.buffer(),
-    C: inputs.C.buffer(),
-    D: bufferOf(inputs.D ?? null),
-    z: bufferOf(inputs.z ?? null),
-    deltaBias: bufferOf(inputs.deltaBias ?? null),
-    deltaSoftplus: c.flag("deltaSoftplus", inputs.deltaSoftplus, false),
+    ...scanBuffers(c, inputs),
     stateIn: s.buffer(),
     stateOut: s.buffer(),
     y: y.buffer(),

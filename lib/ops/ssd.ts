@@ -35,6 +35,21 @@ export interface SsdStepInputs extends Omit<SsdInputs, "state" | "chunkSize"> {
   state: Tensor;
 }
 
+/** The inputs both forms pass to the kernel (already validated). */
+function ssdBuffers(c: ShapeChecker, inputs: Omit<SsdInputs, "state" | "chunkSize">) {
+  return {
+    x: inputs.x.buffer(),
+    dt: inputs.dt.buffer(),
+    A: inputs.A.buffer(),
+    B: inputs.B.buffer(),
+    C: inputs.C.buffer(),
+    D: bufferOf(inputs.D ?? null),
+    z: bufferOf(inputs.z ?? null),
+    dtBias: bufferOf(inputs.dtBias ?? null),
+    dtSoftplus: c.flag("dtSoftplus", inputs.dtSoftplus, false),
+  };
+}
+
 function limits(c: ShapeChecker, limit: readonly [number, number] | undefined): [number, number] {
   if (limit === undefined) return [0, Infinity];
   if (!Array.isArray(limit) || limit.length !== 2 || !(limit[0] <= limit[1])) {
@@ -69,15 +84,7 @@ export function ssdChunked(inputs: SsdInputs): { y: Tensor; state: Tensor } {
   const stateOut = Tensor.zeros([batch, heads, headDim, state]);
   native().ssdChunked({
     batch, length, heads, headDim, state, groups, chunkSize, dtMin, dtMax,
-    x: inputs.x.buffer(),
-    dt: inputs.dt.buffer(),
-    A: inputs.A.buffer(),
-    B: inputs.B.buffer(),
-    C: inputs.C.buffer(),
-    D: bufferOf(inputs.D ?? null),
-    z: bufferOf(inputs.z ?? null),
-    dtBias: bufferOf(inputs.dtBias ?? null),
-    dtSoftplus: c.flag("dtSoftplus", inputs.dtSoftplus, false),
+    ...ssdBuffers(c, inputs),
     stateIn: bufferOf(stateIn),
     stateOut: stateOut.buffer(),
     y: y.buffer(),
@@ -105,15 +112,7 @@ export function ssdStep(inputs: SsdStepInputs): Tensor {
   const y = Tensor.zeros(inputs.x.shape);
   native().ssdStep({
     batch, heads, headDim, state, groups, dtMin, dtMax,
-    x: inputs.x.buffer(),
-    dt: inputs.dt.buffer(),
-    A: inputs.A.buffer(),
-    B: inputs.B.buffer(),
-    C: inputs.C.buffer(),
-    D: bufferOf(inputs.D ?? null),
-    z: bufferOf(inputs.z ?? null),
-    dtBias: bufferOf(inputs.dtBias ?? null),
-    dtSoftplus: c.flag("dtSoftplus", inputs.dtSoftplus, false),
+    ...ssdBuffers(c, inputs),
     stateIn: s.buffer(),
     stateOut: s.buffer(),
     y: y.buffer(),
