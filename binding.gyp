@@ -2,6 +2,7 @@
   "variables": {
     "kernel_sources": [
       "native/cpu/gemm.cpp",
+      "native/cpu/gemm_prefill.cpp",
       "native/cpu/norm.cpp",
       "native/cpu/conv1d.cpp",
       "native/cpu/selective_scan.cpp",
@@ -48,7 +49,7 @@
       "dependencies": ["mssm_cpu_baseline"],
       "libraries": ["-lpthread"],
       "conditions": [
-        ["target_arch=='x64'", {"dependencies": ["mssm_cpu_avx2", "mssm_cpu_avx512"]}]
+        ["target_arch=='x64'", {"dependencies": ["mssm_cpu_avx2", "mssm_cpu_avx512", "mssm_cpu_avx512bf16"]}]
       ]
     }
   ],
@@ -68,6 +69,14 @@
           "sources": ["<@(kernel_sources)"],
           "defines": ["MSSM_LEVEL=avx512"],
           "cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        },
+        {
+          "target_name": "mssm_cpu_avx512bf16",
+          "type": "static_library",
+          "sources": ["<@(kernel_sources)"],
+          "defines": ["MSSM_LEVEL=avx512bf16"],
+          "cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                        "-mavx512bf16", "-mavx512vnni"]
         }
       ]
     }]

@@ -21,8 +21,8 @@ Usage:
 Every command takes --threads N. PATH is a Hugging Face or mamba_ssm folder, or a GGUF file.
 
 Environment:
-  MAMBA_SSM_CPU=baseline|avx2|avx512   use a lower CPU kernel level
-  MAMBA_SSM_THREADS=N                  size of the thread pool
+  MAMBA_SSM_CPU=baseline|avx2|avx512|avx512bf16   use a lower CPU kernel level
+  MAMBA_SSM_THREADS=N                             size of the thread pool
 `;
 
 class UsageError extends Error {}

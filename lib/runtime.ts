@@ -1,7 +1,7 @@
 // Process-wide settings of the native core: the CPU kernel level and the thread pool.
 import { native } from "./native";
 
-export type CpuLevel = "baseline" | "avx2" | "avx512";
+export type CpuLevel = "baseline" | "avx2" | "avx512" | "avx512bf16";
 
 export interface CpuInfo {
   /** The kernel level in use. */

@@ -20,7 +20,7 @@ describe("CPU levels", () => {
   });
 
   test("an unknown level is refused by name", () => {
-    expect(() => setCpuLevel("sse9" as never)).toThrow('unknown level "sse9"; expected baseline, avx2 or avx512');
+    expect(() => setCpuLevel("sse9" as never)).toThrow('unknown level "sse9"; expected baseline, avx2, avx512 or avx512bf16');
   });
 
   test("MAMBA_SSM_CPU forces a lower level in a new process, and a bad value warns and falls back", () => {
@@ -52,7 +52,7 @@ describe("CLI", () => {
   test("prints the version, the CPU level and the threads", () => {
     const out = execFileSync(process.execPath, [cli, "--threads", "2"], { encoding: "utf8" });
     expect(out).toContain(`mamba-ssm ${version}`);
-    expect(out).toMatch(/cpu level: (baseline|avx2|avx512)/);
+    expect(out).toMatch(/cpu level: (baseline|avx2|avx512|avx512bf16)/);
     expect(out).toMatch(/threads:\s+2/);
     expect(execFileSync(process.execPath, [cli, "--version"], { encoding: "utf8" }).trim()).toBe(version);
   });

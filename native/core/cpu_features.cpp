@@ -70,7 +70,7 @@ void init_level() {
   if (env && *env) {
     CpuLevel want;
     if (!parse_cpu_level(env, &want)) {
-      g_error = std::string("MAMBA_SSM_CPU=") + env + " is not a CPU level; expected baseline, avx2 or avx512";
+      g_error = std::string("MAMBA_SSM_CPU=") + env + " is not a CPU level; expected baseline, avx2, avx512 or avx512bf16";
     } else if (!cpu_level_supported(want)) {
       g_error = std::string("MAMBA_SSM_CPU=") + env + " is not supported by this CPU; the best it supports is " +
                 cpu_level_name(g_level);
@@ -92,6 +92,7 @@ const char* cpu_level_name(CpuLevel level) {
     case CpuLevel::baseline: return "baseline";
     case CpuLevel::avx2: return "avx2";
     case CpuLevel::avx512: return "avx512";
+    case CpuLevel::avx512bf16: return "avx512bf16";
   }
   return "unknown";
 }
@@ -111,6 +112,8 @@ bool cpu_level_supported(CpuLevel level) {
     case CpuLevel::avx2: return f.avx2 && f.fma && f.f16c;
     case CpuLevel::avx512:
       return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+    case CpuLevel::avx512bf16:
+      return cpu_level_supported(CpuLevel::avx512) && f.avx512bf16 && f.avx512vnni;
 #else
     default: (void)f; return false;
 #endif

@@ -6,11 +6,13 @@ namespace mssm {
 
 // Kernel levels, lowest first. Each is compiled into the one binary; the highest the CPU (and OS)
 // supports is used unless MAMBA_SSM_CPU or set_cpu_level() asks for a lower one.
-enum class CpuLevel : int { baseline = 0, avx2 = 1, avx512 = 2 };
-constexpr int kCpuLevelCount = 3;
+// avx512bf16 is avx512 plus the BF16 dot product (VDPBF16PS) and VNNI int8 dot products
+// (Zen 4 and later, Cooper Lake, Sapphire Rapids and later).
+enum class CpuLevel : int { baseline = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+constexpr int kCpuLevelCount = 4;
 
 const char* cpu_level_name(CpuLevel level);
-// Parses "baseline" | "avx2" | "avx512"; returns false on anything else.
+// Parses "baseline" | "avx2" | "avx512" | "avx512bf16"; returns false on anything else.
 bool parse_cpu_level(const std::string& name, CpuLevel* out);
 
 // Whether the CPU and OS can run kernels of this level, and whether this binary contains them.

@@ -6,6 +6,7 @@ namespace baseline { extern const KernelTable table; }
 #if MSSM_HAVE_X86_LEVELS
 namespace avx2 { extern const KernelTable table; }
 namespace avx512 { extern const KernelTable table; }
+namespace avx512bf16 { extern const KernelTable table; }
 #endif
 
 const KernelTable* kernels_for(CpuLevel level) {
@@ -15,6 +16,7 @@ const KernelTable* kernels_for(CpuLevel level) {
 #if MSSM_HAVE_X86_LEVELS
     case CpuLevel::avx2: return &avx2::table;
     case CpuLevel::avx512: return &avx512::table;
+    case CpuLevel::avx512bf16: return &avx512bf16::table;
 #else
     default: return nullptr;
 #endif

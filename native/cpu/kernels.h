@@ -1,6 +1,6 @@
 // The CPU kernels of the Mamba family, and the table that selects one compiled level of them.
 //
-// Every kernel source in native/cpu/ is compiled once per CPU level (baseline, avx2, avx512) into its
+// Every kernel source in native/cpu/ is compiled once per CPU level (baseline, avx2, avx512, avx512bf16) into its
 // own namespace, mssm::cpu::<level>; table.cpp gathers each level's functions into a KernelTable and
 // kernels() returns the table of the level in use. All tensors are contiguous, row-major, fp32 unless
 // a DType says otherwise. Glossary of sizes:

@@ -41,7 +41,7 @@ Napi::Value SetCpuLevel(const Napi::CallbackInfo& info) {
     if (info.Length() < 1 || !info[0].IsString()) args.fail("level must be a string");
     std::string name = info[0].As<Napi::String>().Utf8Value();
     CpuLevel level;
-    if (!parse_cpu_level(name, &level)) args.fail("unknown level \"" + name + "\"; expected baseline, avx2 or avx512");
+    if (!parse_cpu_level(name, &level)) args.fail("unknown level \"" + name + "\"; expected baseline, avx2, avx512 or avx512bf16");
     if (!set_cpu_level(level)) {
       args.fail("level \"" + name + "\" is not supported by this CPU; the best it supports is " +
                 cpu_level_name(best_cpu_level()));
