@@ -7,17 +7,12 @@
 //   npm run bench:generate [-- --quick] [-- --threads N]
 // Prints a table and one JSON line. Not part of `npm test`.
 import { spawnSync } from "child_process";
-import * as path from "path";
-import { getThreads, setThreads, Tensor } from "../lib";
 import * as fs from "fs";
 import * as os from "os";
-import { loadModel, MambaModel } from "../lib/models/model";
-import { initWeights, preset } from "../lib/models/init";
-import { isMatrixWeight } from "../lib/models/config";
-import { native } from "../lib/native";
-
-type Arch = "mamba-130m" | "mamba2-130m";
-type WeightType = "f32" | "bf16" | "q8_0";
+import * as path from "path";
+import { getThreads, setThreads, Tensor } from "../lib";
+import { loadModel } from "../lib/models/model";
+import { ARCHS, Arch, argmaxRow, formatTable, makeBenchModel, measureBandwidth, promptIds, WEIGHT_TYPES, WeightType } from "./common";
 
 interface Result {
   model: Arch;
@@ -40,47 +35,13 @@ const BATCH = 16;
 const BATCH_PROMPT = quick ? 16 : 64;
 const BATCH_STEPS = quick ? 8 : 32;
 
-function measureBandwidth(): number {
-  const addon = native();
-  const bytes = 1 << 30;
-  const t = Tensor.zeros([bytes / 4]);
-  (t.data as Float32Array).fill(1);
-  let best = Infinity;
-  for (let i = 0; i < 5; i++) {
-    const t0 = performance.now();
-    addon.readSum({ data: t.buffer(), n: bytes / 4 });
-    best = Math.min(best, performance.now() - t0);
-  }
-  t.dispose();
-  return bytes / (best / 1000);
-}
-
-/** Writes the random model of `arch` with its matrices in `dtype` as a GGUF file. */
-async function makeModel(arch: Arch, dtype: WeightType, file: string) {
-  const config = preset(arch);
-  const weights = initWeights(config, { seed: 1 });
-  if (dtype !== "f32") {
-    for (const [name, t] of weights) {
-      if (isMatrixWeight(name)) {
-        // As llama.cpp does, a matrix whose rows are not whole q8_0 blocks (dt_proj at rank 48) is kept in f16.
-        const rowsFit = t.shape[t.shape.length - 1] % 32 === 0;
-        weights.set(name, t.to(dtype === "q8_0" && !rowsFit ? "f16" : dtype));
-        t.dispose();
-      }
-    }
-  }
-  const model = MambaModel.fromWeights(config, weights);
-  await model.save(file, { format: "gguf" });
-  model.dispose();
-}
-
 async function runOne(arch: Arch, dtype: WeightType, file: string, bandwidth: number): Promise<Result> {
   // Loaded as a user would: memory-mapped, in the stored dtype.
   const model = await loadModel(file);
   const config = model.config;
   // Every weight once; a tied head is the embedding table, read in full (the gathered rows are negligible).
   const bytesPerToken = model.weightBytes;
-  const ids = Array.from({ length: PROMPT }, (_, i) => (i * 7919 + 13) % config.vocabSize);
+  const ids = promptIds(PROMPT, config.vocabSize);
 
   // Prefill: one native call over the prompt (warm once with a short prompt).
   let state = model.createState(1);
@@ -92,12 +53,7 @@ async function runOne(arch: Arch, dtype: WeightType, file: string, bandwidth: nu
   const prefillMs = performance.now() - t0;
 
   // Decode: greedy steps from the prefilled state.
-  const argmax = (l: Tensor) => {
-    const d = l.data as Float32Array;
-    let best = 0;
-    for (let i = 1; i < d.length; i++) if (d[i] > d[best]) best = i;
-    return best;
-  };
+  const argmax = (l: Tensor) => argmaxRow(l.data as Float32Array, 0, config.vocabSize);
   let token = argmax(logits);
   logits.dispose();
   t0 = performance.now();
@@ -111,14 +67,14 @@ async function runOne(arch: Arch, dtype: WeightType, file: string, bandwidth: nu
 
   // Batched decode: 16 sequences with their own prompts, stepped together.
   const batchState = model.createState(BATCH);
-  const prompts = Array.from({ length: BATCH }, (_, b) => Array.from({ length: BATCH_PROMPT }, (_, i) => (i * 31 + b * 977 + 5) % config.vocabSize));
+  const prompts = Array.from({ length: BATCH }, (_, b) => promptIds(BATCH_PROMPT, config.vocabSize, b + 1));
   logits = await model.prefill(batchState, prompts);
-  let tokens = Array.from({ length: BATCH }, (_, b) => argmax(sliceRow(logits, b)));
+  let tokens = Array.from({ length: BATCH }, (_, b) => argmaxRow(logits.data as Float32Array, b, config.vocabSize));
   logits.dispose();
   t0 = performance.now();
   for (let i = 0; i < BATCH_STEPS; i++) {
     logits = await model.step(batchState, tokens);
-    tokens = tokens.map((_, b) => argmax(sliceRow(logits, b)));
+    tokens = tokens.map((_, b) => argmaxRow(logits.data as Float32Array, b, config.vocabSize));
     logits.dispose();
   }
   const batchMs = performance.now() - t0;
@@ -141,11 +97,6 @@ async function runOne(arch: Arch, dtype: WeightType, file: string, bandwidth: nu
   };
 }
 
-function sliceRow(t: Tensor, row: number): Tensor {
-  const vocab = t.shape[t.shape.length - 1];
-  return Tensor.from((t.data as Float32Array).subarray(row * vocab, (row + 1) * vocab));
-}
-
 async function child(arch: Arch, dtype: WeightType, file: string, bandwidth: number) {
   const r = await runOne(arch, dtype, file, bandwidth);
   process.stdout.write(`RESULT ${JSON.stringify(r)}\n`);
@@ -155,7 +106,7 @@ async function main() {
   if (threadsArg >= 0) setThreads(Number(argv[threadsArg + 1]));
   const makeIdx = argv.indexOf("--make");
   if (makeIdx >= 0) {
-    await makeModel(argv[makeIdx + 1] as Arch, argv[makeIdx + 2] as WeightType, argv[makeIdx + 3]);
+    makeBenchModel(argv[makeIdx + 1] as Arch, argv[makeIdx + 2] as WeightType, argv[makeIdx + 3]);
     return;
   }
   const childIdx = argv.indexOf("--child");
@@ -171,8 +122,8 @@ async function main() {
   const results: Result[] = [];
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-bench-"));
   process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
-  for (const arch of ["mamba-130m", "mamba2-130m"] as Arch[]) {
-    for (const dtype of ["f32", "bf16", "q8_0"] as WeightType[]) {
+  for (const arch of ARCHS) {
+    for (const dtype of WEIGHT_TYPES) {
       const file = path.join(scratch, `${arch}-${dtype}.gguf`);
       const spawnChild = (extra: string[]) =>
         spawnSync(process.execPath, ["-r", "ts-node/register", __filename, ...extra, ...argv], {
@@ -200,11 +151,8 @@ async function main() {
   }
   const head = ["model", "dtype", "weights MB", "prefill tok/s", "decode tok/s", "of bound", "bound tok/s", `batch-${BATCH} tok/s`, "peak RSS MB"];
   const rows = results.map((r) => [r.model, r.dtype, r.weightMB, r.prefillTokS, r.decodeTokS, `${(100 * r.decodeOfBound).toFixed(0)}%`, r.decodeBoundTokS, r.batchDecodeTokS, r.peakRssMB].map(String));
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const fmt = (cells: string[]) => cells.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
   console.log(`mamba-ssm generation benchmark — ${getThreads()} threads, read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s; prompt ${PROMPT}, decode ${DECODE}, batch ${BATCH}×${BATCH_STEPS} steps${quick ? " (quick)" : ""}`);
-  console.log(fmt(head));
-  for (const r of rows) console.log(fmt(r));
+  console.log(formatTable(head, rows));
   console.log(JSON.stringify({ bench: "generate", threads: getThreads(), bandwidthGBs: +(bandwidth / 1e9).toFixed(2), prompt: PROMPT, decode: DECODE, batch: BATCH, results }));
 }
 

@@ -1,0 +1,277 @@
+// mamba-ssm against llama.cpp (through node-llama-cpp) on the very same GGUF files, in one run.
+//
+// For mamba-130m- and mamba2-130m-shaped models with random weights (written by mamba-ssm's own GGUF
+// writer) at F32, BF16 and Q8_0, each engine runs in its own process, alternating which goes first,
+// for several repetitions, and the medians are compared:
+//   prefill   a 512-token prompt evaluated in one call (tokens/s)
+//   decode    128 single-token steps from the last prompt token, greedy, batch 1 (tokens/s), also as a
+//             fraction of the read-bandwidth bound (weight bytes per token / measured bandwidth)
+//   batch-16  16 sequences (64-token prompts) stepped together, 32 steps (aggregate tokens/s)
+// and the greedy tokens of the two engines are compared. node-llama-cpp is installed on demand into
+// .cache/peer/ (it is not a dependency of the package); --llama-cpp DIR uses an existing install.
+//
+//   npm run bench:peer [-- --quick] [-- --reps R] [-- --threads N] [-- --models a,b] [-- --dtypes f32,q8_0]
+// Prints tables and one JSON line. Not part of `npm test`.
+import { spawnSync } from "child_process";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { getThreads, setThreads, Tensor } from "../lib";
+import { loadModel } from "../lib/models/model";
+import { preset } from "../lib/models/init";
+import { ARCHS, Arch, argmaxRow, formatTable, makeBenchModel, measureBandwidth, promptIds, WEIGHT_TYPES, WeightType } from "./common";
+
+const LLAMA_CPP_VERSION = "3.21.1";
+const repoRoot = path.resolve(__dirname, "..");
+
+interface Options {
+  threads: number;
+  prompt: number;
+  decode: number;
+  promptIds: number[];
+  batchPrompts: number[][];
+  batchPromptLength: number;
+  batchSteps: number;
+}
+
+interface EngineResult {
+  prefillTokS: number;
+  decodeTokS: number;
+  batchTokS: number;
+  decodeTokens: number[];
+  batchTokens: number[][];
+  weightBytes?: number;
+}
+
+const argv = process.argv.slice(2);
+const flag = (name: string) => argv.includes(name);
+const value = (name: string) => {
+  const i = argv.indexOf(name);
+  return i >= 0 ? argv[i + 1] : undefined;
+};
+
+// ---- the mamba-ssm side (a child process) --------------------------------------------------------
+async function mambaChild(file: string, o: Options): Promise<EngineResult> {
+  setThreads(o.threads);
+  const model = await loadModel(file);
+  const vocab = model.config.vocabSize;
+  const argmax = (logits: Tensor, row = 0) => argmaxRow(logits.data as Float32Array, row, vocab);
+
+  let state = model.createState(1);
+  (await model.prefill(state, [o.promptIds.slice(0, 16)])).dispose();
+  state.dispose();
+  state = model.createState(1);
+  let t0 = performance.now();
+  (await model.prefill(state, [o.promptIds])).dispose();
+  const prefillMs = performance.now() - t0;
+  state.dispose();
+
+  state = model.createState(1);
+  (await model.prefill(state, [o.promptIds.slice(0, -1)])).dispose();
+  let token = o.promptIds[o.promptIds.length - 1];
+  const decodeTokens: number[] = [];
+  t0 = performance.now();
+  for (let i = 0; i < o.decode; i++) {
+    const logits = await model.step(state, [token]);
+    token = argmax(logits);
+    logits.dispose();
+    decodeTokens.push(token);
+  }
+  const decodeMs = performance.now() - t0;
+  state.dispose();
+
+  const n = o.batchPrompts.length;
+  state = model.createState(n);
+  (await model.prefill(state, o.batchPrompts.map((p) => p.slice(0, -1)))).dispose();
+  let tokens = o.batchPrompts.map((p) => p[p.length - 1]);
+  const batchTokens: number[][] = o.batchPrompts.map(() => []);
+  t0 = performance.now();
+  for (let s = 0; s < o.batchSteps; s++) {
+    const logits = await model.step(state, tokens);
+    tokens = tokens.map((_, b) => argmax(logits, b));
+    logits.dispose();
+    tokens.forEach((t, b) => batchTokens[b].push(t));
+  }
+  const batchMs = performance.now() - t0;
+  state.dispose();
+  const weightBytes = model.weightBytes;
+  model.dispose();
+  return {
+    prefillTokS: (1000 * o.prompt) / prefillMs,
+    decodeTokS: (1000 * o.decode) / decodeMs,
+    batchTokS: (1000 * n * o.batchSteps) / batchMs,
+    decodeTokens,
+    batchTokens,
+    weightBytes,
+  };
+}
+
+// ---- the parent --------------------------------------------------------------------------------
+/** The entry file of node-llama-cpp, installed into .cache/peer/ on first use. */
+function nodeLlamaCpp(): string {
+  const dir = value("--llama-cpp") ?? path.join(repoRoot, ".cache", "peer", `node-llama-cpp-${LLAMA_CPP_VERSION}`);
+  const entry = path.join(dir, "node_modules", "node-llama-cpp", "dist", "index.js");
+  if (fs.existsSync(entry)) return entry;
+  process.stderr.write(`installing node-llama-cpp@${LLAMA_CPP_VERSION} into ${dir} …\n`);
+  fs.mkdirSync(dir, { recursive: true });
+  if (!fs.existsSync(path.join(dir, "package.json"))) {
+    fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "mamba-ssm-peer", private: true }) + "\n");
+  }
+  const npm = process.platform === "win32" ? "npm.cmd" : "npm";
+  const r = spawnSync(npm, ["install", `node-llama-cpp@${LLAMA_CPP_VERSION}`, "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"], {
+    cwd: dir,
+    stdio: ["ignore", "inherit", "inherit"],
+  });
+  if (r.status !== 0 || !fs.existsSync(entry)) {
+    throw new Error(`bench:peer: installing node-llama-cpp@${LLAMA_CPP_VERSION} into ${dir} failed (npm exit ${r.status}); install it there by hand or pass --llama-cpp DIR`);
+  }
+  return entry;
+}
+
+function runChild(command: string[], env: NodeJS.ProcessEnv, what: string): EngineResult {
+  const r = spawnSync(process.execPath, command, { encoding: "utf8", cwd: repoRoot, env, maxBuffer: 64 * 2 ** 20 });
+  const line = r.stdout.split("\n").find((l) => l.startsWith("RESULT "));
+  if (!line) throw new Error(`${what} failed (exit ${r.status}):\n${r.stderr.slice(-4000)}`);
+  return JSON.parse(line.slice(7));
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+/** Length of the common prefix of two token lists, and the fraction of equal positions. */
+function agreement(a: number[], b: number[]): { prefix: number; equal: number } {
+  let prefix = 0;
+  while (prefix < Math.min(a.length, b.length) && a[prefix] === b[prefix]) prefix++;
+  let equal = 0;
+  for (let i = 0; i < Math.min(a.length, b.length); i++) if (a[i] === b[i]) equal++;
+  return { prefix, equal: equal / Math.max(1, Math.max(a.length, b.length)) };
+}
+
+async function main() {
+  const childFile = value("--child-mamba");
+  if (childFile) {
+    const o: Options = JSON.parse(value("--options")!);
+    process.stdout.write(`RESULT ${JSON.stringify(await mambaChild(childFile, o))}\n`);
+    return;
+  }
+  const quick = flag("--quick");
+  const threads = Number(value("--threads") ?? getThreads());
+  setThreads(threads);
+  const reps = Number(value("--reps") ?? (quick ? 1 : 3));
+  const archs = (value("--models")?.split(",") ?? ARCHS) as Arch[];
+  const dtypes = (value("--dtypes")?.split(",") ?? WEIGHT_TYPES) as WeightType[];
+  for (const a of archs) if (!ARCHS.includes(a)) throw new Error(`--models: unknown model ${a}; expected ${ARCHS.join(", ")}`);
+  for (const d of dtypes) if (!WEIGHT_TYPES.includes(d)) throw new Error(`--dtypes: unknown dtype ${d}; expected ${WEIGHT_TYPES.join(", ")}`);
+
+  const entry = nodeLlamaCpp();
+  const bandwidth = measureBandwidth();
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+
+  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-peer-"));
+  process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
+  const tsEnv = { ...process.env, TS_NODE_PROJECT: "tsconfig.test.json", TS_NODE_TRANSPILE_ONLY: "1" };
+  const results = [];
+  for (const arch of archs) {
+    const vocab = preset(arch).vocabSize;
+    const prompt = quick ? 128 : 512;
+    const batchPromptLength = quick ? 16 : 64;
+    const o: Options = {
+      threads,
+      prompt,
+      decode: quick ? 32 : 128,
+      promptIds: promptIds(prompt, vocab),
+      batchPrompts: Array.from({ length: 16 }, (_, b) => promptIds(batchPromptLength, vocab, b + 1)),
+      batchPromptLength,
+      batchSteps: quick ? 8 : 32,
+    };
+    for (const dtype of dtypes) {
+      const file = path.join(scratch, `${arch}-${dtype}.gguf`);
+      const made = spawnSync(process.execPath, ["-r", "ts-node/register", path.join(__dirname, "generate.ts"), "--make", arch, dtype, file], {
+        encoding: "utf8",
+        cwd: repoRoot,
+        env: tsEnv,
+      });
+      if (made.status !== 0) throw new Error(`making ${arch} ${dtype} failed:\n${made.stderr}`);
+      const llama: EngineResult[] = [];
+      const mamba: EngineResult[] = [];
+      for (let r = 0; r < reps; r++) {
+        const runLlama = () => llama.push(runChild([path.join(__dirname, "peer-llama.mjs"), entry, file, JSON.stringify(o)], process.env, `llama.cpp ${arch} ${dtype}`));
+        const runMamba = () =>
+          mamba.push(runChild(["-r", "ts-node/register", __filename, "--child-mamba", file, "--options", JSON.stringify(o)], tsEnv, `mamba-ssm ${arch} ${dtype}`));
+        if (r % 2 === 0) {
+          runLlama();
+          runMamba();
+        } else {
+          runMamba();
+          runLlama();
+        }
+        process.stderr.write(`${arch} ${dtype} repetition ${r + 1}/${reps} done\n`);
+      }
+      fs.rmSync(file, { force: true });
+      const summary = (rs: EngineResult[]) => ({
+        prefillTokS: +median(rs.map((x) => x.prefillTokS)).toFixed(1),
+        decodeTokS: +median(rs.map((x) => x.decodeTokS)).toFixed(2),
+        batchTokS: +median(rs.map((x) => x.batchTokS)).toFixed(1),
+      });
+      const l = summary(llama);
+      const m = summary(mamba);
+      const bound = bandwidth / mamba[0].weightBytes!;
+      const decodeAgree = agreement(mamba[0].decodeTokens, llama[0].decodeTokens);
+      const batchAgree = mamba[0].batchTokens.map((t, b) => agreement(t, llama[0].batchTokens[b]));
+      results.push({
+        model: arch,
+        dtype,
+        weightMB: +(mamba[0].weightBytes! / 2 ** 20).toFixed(1),
+        llamaCpp: l,
+        mambaSsm: m,
+        ratio: {
+          prefill: +(m.prefillTokS / l.prefillTokS).toFixed(2),
+          decode: +(m.decodeTokS / l.decodeTokS).toFixed(2),
+          batch: +(m.batchTokS / l.batchTokS).toFixed(2),
+        },
+        decodeBoundTokS: +bound.toFixed(1),
+        decodeOfBound: { mambaSsm: +(m.decodeTokS / bound).toFixed(3), llamaCpp: +(l.decodeTokS / bound).toFixed(3) },
+        greedy: {
+          decodePrefix: decodeAgree.prefix,
+          decodeEqual: +decodeAgree.equal.toFixed(3),
+          batchEqual: +(batchAgree.reduce((s, a) => s + a.equal, 0) / batchAgree.length).toFixed(3),
+        },
+        samples: { llamaCpp: llama.map(({ prefillTokS, decodeTokS, batchTokS }) => ({ prefillTokS, decodeTokS, batchTokS })), mambaSsm: mamba.map(({ prefillTokS, decodeTokS, batchTokS }) => ({ prefillTokS, decodeTokS, batchTokS })) },
+      });
+    }
+  }
+
+  const o = { prompt: quick ? 128 : 512, decode: quick ? 32 : 128, steps: quick ? 8 : 32 };
+  console.log(
+    `mamba-ssm vs llama.cpp (node-llama-cpp ${LLAMA_CPP_VERSION}) — ${threads} threads, read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s; ` +
+      `prompt ${o.prompt}, decode ${o.decode}, 16 sequences × ${o.steps} steps; median of ${reps}${quick ? " (quick)" : ""}`,
+  );
+  const head = ["model", "dtype", "prefill llama.cpp", "prefill mamba-ssm", "×", "decode llama.cpp", "decode mamba-ssm", "×", "of bound", "batch-16 llama.cpp", "batch-16 mamba-ssm", "×", "greedy equal"];
+  const rows = results.map((r) =>
+    [
+      r.model,
+      r.dtype,
+      r.llamaCpp.prefillTokS,
+      r.mambaSsm.prefillTokS,
+      r.ratio.prefill.toFixed(2),
+      r.llamaCpp.decodeTokS,
+      r.mambaSsm.decodeTokS,
+      r.ratio.decode.toFixed(2),
+      `${(100 * r.decodeOfBound.mambaSsm).toFixed(0)}%`,
+      r.llamaCpp.batchTokS,
+      r.mambaSsm.batchTokS,
+      r.ratio.batch.toFixed(2),
+      `${(100 * r.greedy.decodeEqual).toFixed(0)}% / ${(100 * r.greedy.batchEqual).toFixed(0)}%`,
+    ].map(String),
+  );
+  console.log(formatTable(head, rows));
+  console.log("(tokens/s; × = mamba-ssm / llama.cpp; of bound = mamba-ssm decode / (bandwidth / weight bytes); greedy equal = decode / batch-16 tokens that agree)");
+  console.log(JSON.stringify({ bench: "peer", llamaCpp: LLAMA_CPP_VERSION, threads, bandwidthGBs: +(bandwidth / 1e9).toFixed(2), reps, ...o, results }));
+}
+
+main().catch((e) => {
+  console.error(e instanceof Error ? e.message : e);
+  process.exitCode = 1;
+});
