@@ -24,9 +24,18 @@ describe.each(levels)("ops at CPU level %s", (level) => {
         const y = ops.matmul(t(x, [M, K]), wt, t(b, [N]));
         expect(y.shape).toEqual([M, N]);
         const want = matmulRef(x, wq, b, M, N, K);
-        // fp32 accumulation over K ≤ 96 terms: 1e-5 relative to |want| + 0.1·RMS (rounding scales with
-        // the terms, so an output that cancels to near zero is held to 1e-6 of the RMS in absolute terms).
-        expect(maxRelError(y.data, want, 0.1 * rmsOf(want))).toBeLessThan(1e-5);
+        if (level === "avx512bf16" && (dtype === "bf16" || dtype === "q8_0")) {
+          // This level rounds the activations too (to bf16 for bf16 products of many rows, to 8 bits per
+          // block for q8_0 products of few rows): the error's RMS within 1e-2 and its largest element
+          // within 5e-2 of the output's RMS.
+          const err = Float64Array.from(want, (v, i) => y.data[i] - v);
+          expect(rmsOf(err) / rmsOf(want)).toBeLessThan(1e-2);
+          expect(Math.max(...err.map(Math.abs)) / rmsOf(want)).toBeLessThan(5e-2);
+        } else {
+          // fp32 accumulation over K ≤ 96 terms: 1e-5 relative to |want| + 0.1·RMS (rounding scales with
+          // the terms, so an output that cancels to near zero is held to 1e-6 of the RMS in absolute terms).
+          expect(maxRelError(y.data, want, 0.1 * rmsOf(want))).toBeLessThan(1e-5);
+        }
       }
     }
   });

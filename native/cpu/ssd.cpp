@@ -15,13 +15,20 @@
 //   (3) S_chunk  = Σ_j exp(cum[last] - cum[j])·dt'_j·x_j ⊗ B_j
 //   (4) S_c      = exp(cum[last])·S_{c-1} + S_chunk,   S_{-1} = state_in
 //   (5) Y_off[i] = exp(cum[i])·C_i·S_{c-1}ᵀ;   y = (Y_diag + Y_off + D·x)·silu(z)
-// Every step is a small fp32 matmul (small_matmul below). Inside the kernel the states are held
-// transposed, [N, P], so that (3) and (5) are plain row-major products.
+// Inside the kernel the states are held transposed, [N, P], so that (3) and (5) are plain row-major
+// products.
 //
-// Work is split into stages, each a parallel_for: (A) C·Bᵀ per (b, chunk, group), shared by the
-// group's heads; (B) steps 1-3 per (b, head, chunk); (C) the recurrence 4 per (b, head), the only
-// sequential part, elementwise over the states; (D) step 5 per (b, head, chunk). The sequence is
-// processed in windows of chunks so the per-chunk states (b·H·window·N·P floats) stay bounded.
+// Work: C·Bᵀ is computed once per (b, chunk, group) and shared by the group's heads (stage A). Each
+// (b, head) then walks its chunks in order (stage B), keeping its state: per chunk one pass of
+// register-blocked products writes y (steps 5 and 2 accumulate into the same registers, the decays
+// applied in between) and one updates the state in place (steps 3 and 4). No per-chunk states are
+// stored: a thread takes its heads a few at a time, chunk by chunk, so that both the chunk's inputs
+// and the heads' states stay in cache. state_in and state_out are transposed there too, head by head.
+// The sequence is processed in windows of chunks so that the C·Bᵀ blocks (b·window·G·Q² floats)
+// stay bounded.
+//
+// Cost per token and head: P·(2N + Q/2) multiply-adds for the products above, so the chunk size
+// trades the Q/2 of the masked product against per-chunk overheads; the result does not depend on it.
 #include "level.h"
 
 #include <algorithm>
@@ -29,7 +36,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -47,9 +54,10 @@ namespace {
 
 // A thread takes at least this many multiply-adds of work, so tiny problems stay on one thread.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
-// Upper bound on the per-chunk states kept for one window of chunks (floats; 4 MiB). A window of a
-// single chunk still gives batch·heads independent items per stage.
-constexpr int64_t kWindowStateFloats = int64_t(1) << 20;
+// Upper bound on the C·Bᵀ blocks kept for one window of chunks (floats; 4 MiB).
+constexpr int64_t kWindowFloats = int64_t(1) << 20;
+// States a thread cycles through chunk by chunk (floats; 256 KiB): they should stay in L2.
+constexpr int64_t kStateCacheFloats = int64_t(1) << 16;
 
 inline int64_t min_items(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
@@ -76,117 +84,11 @@ void exp_inplace(float* v, int64_t n) {
   for (; k < n; ++k) v[k] = std::exp(v[k]);
 }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
-
-// Which part of a product small_matmul may skip, for the causal (j ≤ i) products of a chunk:
-//   lower_k:    row i reads a[i, k] only for k ≤ i (the caller stores zeros above the diagonal of
-//               a up to the next multiple of kRows, or everywhere above it);
-//   lower_cols: only columns j ≤ i of the output are needed (others may hold anything).
-enum class Causal { none, lower_k, lower_cols };
-constexpr int64_t kRows = 4;
-
-#if MSSM_SSD_VECTOR
-// One register tile: R rows × V vectors of out; the last vector is partial when Tail.
-template <int R, int V, bool Tail>
-void tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* out, int64_t ldo, int64_t K,
-          const float* row_scale, bool accumulate, mask tail) {
-  vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = vzero();
-  for (int64_t k = 0; k < K; ++k) {
-    const float* bk = b + k * ldb;
-    vec bv[V];
-    for (int v = 0; v < V; ++v) bv[v] = (Tail && v == V - 1) ? vload_tail(bk + v * kWidth, tail) : vload(bk + v * kWidth);
-    for (int r = 0; r < R; ++r) {
-      const vec av = vset(a[r * lda + k]);
-      for (int v = 0; v < V; ++v) acc[r][v] = vfma(av, bv[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) {
-      vec result = row_scale ? vmul(acc[r][v], vset(row_scale[r])) : acc[r][v];
-      float* o = out + r * ldo + v * kWidth;
-      const bool partial = Tail && v == V - 1;
-      if (accumulate) result = vadd(result, partial ? vload_tail(o, tail) : vload(o));
-      if (partial)
-        vstore_tail(o, result, tail);
-      else
-        vstore(o, result);
-    }
-  }
-}
-
-template <int R>
-void tile_rows(int64_t V, bool partial, const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
-               int64_t ldo, int64_t K, const float* row_scale, bool accumulate, mask tail) {
-  if (V == 2) {
-    if (partial)
-      tile<R, 2, true>(a, lda, b, ldb, out, ldo, K, row_scale, accumulate, tail);
-    else
-      tile<R, 2, false>(a, lda, b, ldb, out, ldo, K, row_scale, accumulate, tail);
-  } else {
-    if (partial)
-      tile<R, 1, true>(a, lda, b, ldb, out, ldo, K, row_scale, accumulate, tail);
-    else
-      tile<R, 1, false>(a, lda, b, ldb, out, ldo, K, row_scale, accumulate, tail);
-  }
-}
-#endif
-
-// out[i, j] = row_scale[i] · Σ_k a[i, k]·b[k, j]   (+ out[i, j] when accumulate; row_scale may be
-// null), i < M, j < cols, k < K, all row-major with leading dimensions lda, ldb, ldo; fp32
-// accumulation. The vector path keeps a kRows × 2-vector tile of out in registers and walks k,
-// broadcasting a and streaming rows of b.
-void small_matmul(int64_t M, int64_t cols, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                  float* out, int64_t ldo, const float* row_scale, bool accumulate, Causal causal) {
-#if MSSM_SSD_VECTOR
-  for (int64_t j0 = 0; j0 < cols; j0 += 2 * kWidth) {
-    const int64_t width = std::min(2 * kWidth, cols - j0);
-    const int64_t V = width > kWidth ? 2 : 1;
-    const int64_t last = width - (V - 1) * kWidth;
-    const bool partial = last < kWidth;
-    const mask tail = tail_mask(last);
-    // Rows above j0 need none of these columns.
-    for (int64_t i0 = causal == Causal::lower_cols ? j0 : 0; i0 < M; i0 += kRows) {
-      const int64_t R = std::min(kRows, M - i0);
-      const int64_t k_end = causal == Causal::lower_k ? std::min(K, i0 + R) : K;
-      const float* ai = a + i0 * lda;
-      float* oi = out + i0 * ldo + j0;
-      const float* si = row_scale ? row_scale + i0 : nullptr;
-      switch (R) {
-        case 4: tile_rows<4>(V, partial, ai, lda, b + j0, ldb, oi, ldo, k_end, si, accumulate, tail); break;
-        case 3: tile_rows<3>(V, partial, ai, lda, b + j0, ldb, oi, ldo, k_end, si, accumulate, tail); break;
-        case 2: tile_rows<2>(V, partial, ai, lda, b + j0, ldb, oi, ldo, k_end, si, accumulate, tail); break;
-        default: tile_rows<1>(V, partial, ai, lda, b + j0, ldb, oi, ldo, k_end, si, accumulate, tail); break;
-      }
-    }
-  }
-#else
-  thread_local std::vector<float> row;
-  if ((int64_t)row.size() < cols) row.resize(cols);
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t k_end = causal == Causal::lower_k ? std::min(K, i + 1) : K;
-    const int64_t j_end = causal == Causal::lower_cols ? std::min(cols, i + 1) : cols;
-    float* acc = row.data();
-    for (int64_t j = 0; j < j_end; ++j) acc[j] = 0.0f;
-    for (int64_t k = 0; k < k_end; ++k) {
-      const float aik = a[i * lda + k];
-      const float* bk = b + k * ldb;
-      for (int64_t j = 0; j < j_end; ++j) acc[j] += aik * bk[j];
-    }
-    const float scale = row_scale ? row_scale[i] : 1.0f;
-    float* o = out + i * ldo;
-    if (accumulate)
-      for (int64_t j = 0; j < j_end; ++j) o[j] += scale * acc[j];
-    else
-      for (int64_t j = 0; j < j_end; ++j) o[j] = scale * acc[j];
-  }
-#endif
-}
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
 
 inline float process_dt(const SsdArgs& args, float raw, int64_t h) {
   float v = raw + (args.dt_bias ? args.dt_bias[h] : 0.0f);
-  if (args.dt_softplus) v = v > 20.0f ? v : std::log1p(std::exp(v));
+  if (args.dt_softplus) v = softplus(v);
   return std::min(std::max(v, args.dt_min), args.dt_max);
 }
 
@@ -200,12 +102,210 @@ void finish_row(float* y, const float* x, const float* z, float D, bool has_D, i
   for (int64_t p = 0; p < P; ++p) y[p] *= z[p] / (1.0f + gate[p]);
 }
 
+// softplus over n values in place (the chunk's dt + dt_bias): log1p(exp(v)) through the vector exp,
+// with the 1 + e rounding avoided as in the selective scan (log1p(e) = 2·atanh(e / (2 + e))).
+void softplus_inplace(float* v, int64_t n) {
+  int64_t k = 0;
+#if MSSM_SSD_VECTOR
+  auto one = [](vec x) {
+    const vec zero = vzero();
+#if defined(__AVX512F__)
+    const vec e = vexp(_mm512_sub_ps(zero, _mm512_abs_ps(x)));
+    const vec pos = _mm512_max_ps(x, zero);
+#else
+    const vec e = vexp(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
+    const vec pos = _mm256_max_ps(x, zero);
+#endif
+    const vec s = vdiv(e, vadd(vset(2.0f), e));
+    const vec s2 = vmul(s, s);
+    vec series = vset(1.0f / 15.0f);
+    for (const float c : {1.0f / 13.0f, 1.0f / 11.0f, 1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f})
+      series = vfma(series, s2, vset(c));
+    const vec r = vfma(vadd(s, s), series, pos);
+#if defined(__AVX512F__)
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(20.0f), _CMP_GT_OQ), r, x);
+#else
+    return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, vset(20.0f), _CMP_GT_OQ));
+#endif
+  };
+  for (; k + kWidth <= n; k += kWidth) vstore(v + k, one(vload(v + k)));
+  if (k < n) {
+    const mask m = tail_mask(n - k);
+    vstore_tail(v + k, one(vload_tail(v + k, m)), m);
+    return;
+  }
+#endif
+  for (; k < n; ++k) v[k] = softplus(v[k]);
+}
+
+// out[j] = exp((float)(base - cum[j])) for j < n, the differences taken in double.
+void exp_of_differences(double base, const double* cum, int64_t n, float* out) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512d vbase = _mm512_set1_pd(base);
+  for (; j < n; j += kWidth) {
+    const mask m = tail_mask(std::min<int64_t>(kWidth, n - j));
+    const __m512d lo = _mm512_sub_pd(vbase, _mm512_maskz_loadu_pd((__mmask8)m, cum + j));
+    const __m512d hi = _mm512_sub_pd(vbase, _mm512_maskz_loadu_pd((__mmask8)(m >> 8), cum + j + 8));
+    const vec d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+    vstore_tail(out + j, vexp(d), m);
+  }
+#else
+  for (; j < n; ++j) out[j] = (float)(base - cum[j]);
+  exp_inplace(out, n);
+#endif
+}
+
+#if MSSM_SSD_VECTOR
+// ---- Register-blocked products --------------------------------------------------------------
+// acc[r][v] += Σ_k a(r, k) · b[k, v·kWidth + lane] for k < K, with a(r, k) = a[r·a_rs + k·a_ks] (a
+// broadcast, any strides: the products read B and C in place) and b row-major with leading
+// dimension ldb; the last vector column loads only `tail` lanes.
+#if defined(__AVX512F__)
+constexpr int kRowsMax = 6, kVecsMax = 4;  // 24 accumulators of 32 registers
+#else
+constexpr int kRowsMax = 4, kVecsMax = 2;  // 8 accumulators of 16 registers
+#endif
+
+// Every member is inlined into its caller so that the accumulators live in registers.
+#define MSSM_INLINE inline __attribute__((always_inline))
+// Loops over the R×V accumulators are unrolled in full: an accumulator indexed at run time would be
+// kept in memory.
+#define MSSM_UNROLL _Pragma("GCC unroll 32")
+template <int R, int V>
+struct Acc {
+  vec v[R][V];
+  MSSM_INLINE void zero() {
+    MSSM_UNROLL for (int r = 0; r < R; ++r)
+      MSSM_UNROLL for (int c = 0; c < V; ++c) v[r][c] = vzero();
+  }
+  MSSM_INLINE void accumulate(int64_t K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                              mask tail) {
+    for (int64_t k = 0; k < K; ++k, a += a_ks, b += ldb) {
+      vec bv[V];
+      MSSM_UNROLL for (int c = 0; c < V; ++c)
+        bv[c] = c == V - 1 ? vload_tail(b + c * kWidth, tail) : vload(b + c * kWidth);
+      MSSM_UNROLL for (int r = 0; r < R; ++r) {
+        const vec av = vset(a[r * a_rs]);
+        MSSM_UNROLL for (int c = 0; c < V; ++c) v[r][c] = vfma(av, bv[c], v[r][c]);
+      }
+    }
+  }
+  MSSM_INLINE void scale(float s) {
+    const vec sv = vset(s);
+    MSSM_UNROLL for (int r = 0; r < R; ++r)
+      MSSM_UNROLL for (int c = 0; c < V; ++c) v[r][c] = vmul(v[r][c], sv);
+  }
+  // Row r ·= scale[r].
+  MSSM_INLINE void scale_rows(const float* scale) {
+    MSSM_UNROLL for (int r = 0; r < R; ++r) {
+      const vec s = vset(scale[r]);
+      MSSM_UNROLL for (int c = 0; c < V; ++c) v[r][c] = vmul(v[r][c], s);
+    }
+  }
+  MSSM_INLINE void store(float* out, int64_t ldo, mask tail) const {
+    MSSM_UNROLL for (int r = 0; r < R; ++r)
+      MSSM_UNROLL for (int c = 0; c < V; ++c) {
+        if (c == V - 1)
+          vstore_tail(out + r * ldo + c * kWidth, v[r][c], tail);
+        else
+          vstore(out + r * ldo + c * kWidth, v[r][c]);
+      }
+  }
+};
+
+// Calls fn(integral R, integral V) for rows = R ≤ kRowsMax and vecs = V ≤ kVecsMax.
+template <typename F>
+inline void dispatch(int64_t rows, int64_t vecs, F&& fn) {
+  auto by_v = [&](auto r) {
+    switch (vecs) {
+      case 1: fn(r, std::integral_constant<int, 1>()); break;
+      case 2: fn(r, std::integral_constant<int, 2>()); break;
+      case 3: fn(r, std::integral_constant<int, 3>()); break;
+      case 4: if constexpr (kVecsMax >= 4) fn(r, std::integral_constant<int, 4>()); break;
+      default: break;
+    }
+  };
+  switch (rows) {
+    case 1: by_v(std::integral_constant<int, 1>()); break;
+    case 2: by_v(std::integral_constant<int, 2>()); break;
+    case 3: by_v(std::integral_constant<int, 3>()); break;
+    case 4: if constexpr (kRowsMax >= 4) by_v(std::integral_constant<int, 4>()); break;
+    case 5: if constexpr (kRowsMax >= 5) by_v(std::integral_constant<int, 5>()); break;
+    case 6: if constexpr (kRowsMax >= 6) by_v(std::integral_constant<int, 6>()); break;
+    default: break;
+  }
+}
+
+// Walks the column blocks of `cols` (kVecsMax vectors each, the last one partial) and calls
+// fn(j0, vecs, tail).
+template <typename F>
+inline void for_column_blocks(int64_t cols, F&& fn) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kVecsMax * kWidth) {
+    const int64_t width = std::min<int64_t>(kVecsMax * kWidth, cols - j0);
+    const int64_t vecs = (width + kWidth - 1) / kWidth;
+    fn(j0, vecs, tail_mask(width - (vecs - 1) * kWidth));
+  }
+}
+#endif
+
+// dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols: the states between the layout of the
+// arguments, [P, N] per head, and the kernel's [N, P].
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+#if defined(__AVX512F__)
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      const mask col_mask = tail_mask(nc), row_mask = tail_mask(nr);
+      vec v[16];
+      for (int i = 0; i < 16; ++i) v[i] = i < nr ? vload_tail(src + (r0 + i) * ld_src + c0, col_mask) : vzero();
+      // 16×16 transpose: interleave pairs of rows, then pairs of pairs, then 128-bit lanes twice.
+      vec t[16];
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int k = 0; k < 4; ++k) {
+          t[8 * i + k] = _mm512_shuffle_f32x4(v[8 * i + k], v[8 * i + 4 + k], 0x88);
+          t[8 * i + 4 + k] = _mm512_shuffle_f32x4(v[8 * i + k], v[8 * i + 4 + k], 0xdd);
+        }
+      for (int k = 0; k < 8; ++k) {
+        v[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+        v[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd);
+      }
+      for (int i = 0; i < nc; ++i) vstore_tail(dst + (c0 + i) * ld_dst + r0, v[i], row_mask);
+    }
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+#endif
+}
+
 // Per-thread scratch of stage B, reused across calls.
 struct ChunkScratch {
-  std::vector<double> cum;   // [Q] cumulative a inside the chunk (double: the differences stay exact)
-  std::vector<float> lseg;   // [Q, Q] (Lseg ⊙ C·Bᵀ), zero above the diagonal
-  std::vector<float> xdt;    // [Q, P] dt'_j·x_j, then scaled by the decay to the chunk end
-  std::vector<float> gate;   // [P]
+  std::vector<double> cum;     // [Q] cumulative a inside the chunk (double: the differences stay exact)
+  std::vector<float> dtp;      // [Q] dt'
+  std::vector<float> decay;    // [Q] exp(cum[i])
+  std::vector<float> to_end;   // [Q] exp(cum[last] - cum[j])
+  std::vector<float> lseg;     // [Q, Q] Lseg ⊙ C·Bᵀ, zero above the diagonal (scalar path)
+  std::vector<float> to_block;  // [Q] exp(cum[i0] - cum[j]) for one row block (vector path)
+  std::vector<float> within;    // [Q, kRows] Lseg inside each row block (vector path)
+  std::vector<float> block;    // [kRows, Q] the a operand of one row block (vector path)
+  std::vector<float> xdt;      // [Q, P] dt'_j·x_j
+  std::vector<float> xw;       // [Q, P] dt'_j·x_j·exp(cum[last] - cum[j])
+  std::vector<float> bt;       // [N, Q] Bᵀ of one chunk (stage A)
+  std::vector<float> gate;     // [P]
 };
 ChunkScratch& chunk_scratch() {
   static thread_local ChunkScratch scratch;
@@ -217,6 +317,219 @@ void grow(std::vector<T>& v, int64_t n) {
   if ((int64_t)v.size() < n) v.resize(n);
 }
 
+// cb[i, j] = C_i · B_j for j ≤ i < n_tok (rows i of C and B `stride` floats apart); entries above
+// the diagonal are left as they are.
+void chunk_scores(const float* Cc, const float* Bc, int64_t stride, int64_t n_tok, int64_t N, int64_t Q, float* cb,
+                  std::vector<float>& bt_buffer) {
+#if MSSM_SSD_VECTOR
+  grow(bt_buffer, N * Q);
+  float* bt = bt_buffer.data();  // Bᵀ [N, Q]
+  for (int64_t j = 0; j < n_tok; ++j)
+    for (int64_t n = 0; n < N; ++n) bt[n * Q + j] = Bc[j * stride + n];
+  for (int64_t i0 = 0; i0 < n_tok; i0 += kRowsMax) {
+    const int64_t rows = std::min<int64_t>(kRowsMax, n_tok - i0);
+    const int64_t cols = std::min(n_tok, i0 + rows);  // the row block needs columns j ≤ i
+    for_column_blocks(cols, [&](int64_t j0, int64_t vecs, mask tail) {
+      dispatch(rows, vecs, [&](auto r, auto v) {
+        Acc<decltype(r)::value, decltype(v)::value> acc;
+        acc.zero();
+        acc.accumulate(N, Cc + i0 * stride, stride, 1, bt + j0, Q, tail);
+        acc.store(cb + i0 * Q + j0, Q, tail);
+      });
+    });
+  }
+#else
+  (void)bt_buffer;
+  for (int64_t i = 0; i < n_tok; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      float s = 0.0f;
+      for (int64_t n = 0; n < N; ++n) s += Cc[i * stride + n] * Bc[j * stride + n];
+      cb[i * Q + j] = s;
+    }
+#endif
+}
+
+struct ChunkRun {
+  const SsdArgs& args;
+  int64_t L, H, P, N, G, Q, heads_per_group;
+};
+
+// One chunk of one (b, h): writes y for its tokens and moves `state` ([N, P]) to the chunk's end.
+// cb: the chunk's C·Bᵀ ([Q, Q], lower triangle). state_is_zero: skip the products with the state.
+void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n_tok, const float* cb, float* state,
+                bool state_is_zero, bool need_state, ChunkScratch& scratch) {
+  const SsdArgs& args = run.args;
+  const int64_t L = run.L, H = run.H, P = run.P, N = run.N, G = run.G, Q = run.Q;
+  const int64_t g = h / run.heads_per_group;
+  const int64_t row_stride = H * P;  // between tokens in x, z and y
+  const int64_t bc_stride = G * N;   // between tokens in B and C
+  const float* x = args.x + ((b * L + t0) * H + h) * P;
+  float* y = args.y + ((b * L + t0) * H + h) * P;
+  const float* z = args.z ? args.z + ((b * L + t0) * H + h) * P : nullptr;
+  const float* Bc = args.B + ((b * L + t0) * G + g) * N;
+  const float* Cc = args.C + ((b * L + t0) * G + g) * N;
+
+  double* cum = scratch.cum.data();
+  float* dtp = scratch.dtp.data();
+  float* decay = scratch.decay.data();
+  float* to_end = scratch.to_end.data();
+  float* xdt = scratch.xdt.data();
+  float* xw = scratch.xw.data();
+
+  // dt', cum, the decays from the chunk start and to the chunk end.
+  const float* dt = args.dt + (b * L + t0) * H + h;
+  const float bias = args.dt_bias ? args.dt_bias[h] : 0.0f;
+  for (int64_t i = 0; i < n_tok; ++i) dtp[i] = dt[i * H] + bias;
+  if (args.dt_softplus) softplus_inplace(dtp, n_tok);
+  const double A = args.A[h];
+  double sum = 0.0;
+  for (int64_t i = 0; i < n_tok; ++i) {
+    dtp[i] = std::min(std::max(dtp[i], args.dt_min), args.dt_max);
+    sum += dtp[i] * A;
+    cum[i] = sum;
+  }
+  for (int64_t i = 0; i < n_tok; ++i) decay[i] = (float)cum[i];  // exp(cum[i])
+  exp_inplace(decay, n_tok);
+  exp_of_differences(cum[n_tok - 1], cum, n_tok, to_end);
+
+  for (int64_t j = 0; j < n_tok; ++j) {
+    const float* xj = x + j * row_stride;
+    float* o = xdt + j * P;
+    float* w = xw + j * P;
+    const float d = dtp[j], e = to_end[j];
+    for (int64_t p = 0; p < P; ++p) {
+      o[p] = d * xj[p];
+      w[p] = o[p] * e;
+    }
+  }
+
+  const float Dh = args.D ? args.D[h] : 0.0f;
+#if MSSM_SSD_VECTOR
+  // (1), (2) and (5) by row blocks of kRowsMax rows from i0. Lseg[i, j] splits as
+  // exp(cum[i] - cum[i0]) · exp(cum[i0] - cum[j]) for j < i0 (both factors ≤ 1, each from a difference
+  // taken in double, so the product is as accurate as one exp), which leaves one exp per column and
+  // per row of the block instead of one per element; the block's own triangle j ≥ i0 is taken
+  // directly. Row i of y:
+  //   y_i = from_block_i · (exp(cum[i0])·(C_i · S) + Σ_{j<i0} (C·Bᵀ[i, j]·to_block_j)·xdt_j)
+  //         + Σ_{i0≤j≤i} Lseg[i, j]·C·Bᵀ[i, j]·xdt_j
+  // with from_block_i = exp(cum[i] - cum[i0]), to_block_j = exp(cum[i0] - cum[j]); then D·x and the
+  // gate.
+  float* to_block = scratch.to_block.data();
+  // [kRowsMax, Q]: C·Bᵀ[i, j]·to_block_j, then the block's triangle of Lseg ⊙ C·Bᵀ
+  float* block = scratch.block.data();
+  // The triangles of all row blocks at once: within[i·kRowsMax + k] = exp(cum[i] - cum[i0 + k]) for
+  // the row block i0 of row i and k ≤ i - i0 (0 beyond: the argument is set far below).
+  float* within = scratch.within.data();
+  for (int64_t i = 0; i < n_tok; ++i) {
+    const int64_t i0 = i - i % kRowsMax;
+    for (int64_t k = 0; k < kRowsMax; ++k)
+      within[i * kRowsMax + k] = i0 + k <= i ? (float)(cum[i] - cum[i0 + k]) : -1e4f;
+  }
+  exp_inplace(within, n_tok * kRowsMax);
+  for (int64_t i0 = 0; i0 < n_tok; i0 += kRowsMax) {
+    const int64_t rows = std::min<int64_t>(kRowsMax, n_tok - i0);
+    const int64_t k_end = std::min(n_tok, i0 + rows);
+    exp_of_differences(cum[i0], cum, i0, to_block);
+    float from_block[kRowsMax];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const float* cbi = cb + i * Q;
+      float* row = block + r * Q;
+      for (int64_t j = 0; j < i0; ++j) row[j] = cbi[j] * to_block[j];
+      for (int64_t k = 0; k < k_end - i0; ++k) row[i0 + k] = within[i * kRowsMax + k] * cbi[i0 + k];
+      from_block[r] = within[i * kRowsMax];
+    }
+    const float e0 = decay[i0];
+    for_column_blocks(P, [&](int64_t j0, int64_t vecs, mask tail) {
+      dispatch(rows, vecs, [&](auto r, auto v) {
+        constexpr int R = decltype(r)::value, V = decltype(v)::value;
+        Acc<R, V> acc;
+        acc.zero();
+        if (!state_is_zero) {
+          acc.accumulate(N, Cc + i0 * bc_stride, bc_stride, 1, state + j0, P, tail);
+          acc.scale(e0);
+        }
+        acc.accumulate(i0, block, Q, 1, xdt + j0, P, tail);
+        acc.scale_rows(from_block);
+        acc.accumulate(k_end - i0, block + i0, Q, 1, xdt + i0 * P + j0, P, tail);
+        MSSM_UNROLL for (int rr = 0; rr < R; ++rr) {
+          const int64_t i = i0 + rr;
+          const float* xi = x + i * row_stride + j0;
+          const float* zi = z ? z + i * row_stride + j0 : nullptr;
+          float* yi = y + i * row_stride + j0;
+          MSSM_UNROLL for (int c = 0; c < V; ++c) {
+            const bool last = c == V - 1;
+            vec out = acc.v[rr][c];
+            if (args.D) out = vfma(vset(Dh), last ? vload_tail(xi + c * kWidth, tail) : vload(xi + c * kWidth), out);
+            if (zi) {
+              const vec zv = last ? vload_tail(zi + c * kWidth, tail) : vload(zi + c * kWidth);
+              out = vmul(out, vdiv(zv, vadd(vset(1.0f), vexp(vmul(zv, vset(-1.0f))))));
+            }
+            if (last)
+              vstore_tail(yi + c * kWidth, out, tail);
+            else
+              vstore(yi + c * kWidth, out);
+          }
+        }
+      });
+    });
+  }
+
+  // (3) and (4): S = exp(cum[last])·S + Σ_j B_jᵀ·xw[j], row block by row block of S.
+  if (!need_state) return;
+  const float chunk_decay = decay[n_tok - 1];
+  for (int64_t n0 = 0; n0 < N; n0 += kRowsMax) {
+    const int64_t rows = std::min<int64_t>(kRowsMax, N - n0);
+    for_column_blocks(P, [&](int64_t j0, int64_t vecs, mask tail) {
+      dispatch(rows, vecs, [&](auto r, auto v) {
+        constexpr int R = decltype(r)::value, V = decltype(v)::value;
+        Acc<R, V> acc;
+        float* s = state + n0 * P + j0;
+        if (state_is_zero) {
+          acc.zero();
+        } else {
+          const vec cd = vset(chunk_decay);
+          MSSM_UNROLL for (int rr = 0; rr < R; ++rr)
+            MSSM_UNROLL for (int c = 0; c < V; ++c)
+              acc.v[rr][c] = vmul(cd, c == V - 1 ? vload_tail(s + rr * P + c * kWidth, tail)
+                                                 : vload(s + rr * P + c * kWidth));
+        }
+        acc.accumulate(n_tok, Bc + n0, 1, bc_stride, xw + j0, P, tail);
+        acc.store(s, P, tail);
+      });
+    });
+  }
+#else
+  float* lseg = scratch.lseg.data();
+  for (int64_t i = 0; i < n_tok; ++i) {
+    exp_of_differences(cum[i], cum, i + 1, lseg + i * Q);
+    for (int64_t j = 0; j <= i; ++j) lseg[i * Q + j] *= cb[i * Q + j];
+  }
+  for (int64_t i = 0; i < n_tok; ++i) {
+    float* yi = y + i * row_stride;
+    for (int64_t p = 0; p < P; ++p) {
+      float acc = 0.0f;
+      if (!state_is_zero) {
+        for (int64_t n = 0; n < N; ++n) acc += Cc[i * bc_stride + n] * state[n * P + p];
+        acc *= decay[i];
+      }
+      for (int64_t j = 0; j <= i; ++j) acc += lseg[i * Q + j] * xdt[j * P + p];
+      yi[p] = acc;
+    }
+    finish_row(yi, x + i * row_stride, z ? z + i * row_stride : nullptr, Dh, args.D != nullptr, P,
+               scratch.gate.data());
+  }
+  if (!need_state) return;
+  const float chunk_decay = decay[n_tok - 1];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < P; ++p) {
+      float acc = state_is_zero ? 0.0f : chunk_decay * state[n * P + p];
+      for (int64_t j = 0; j < n_tok; ++j) acc += Bc[j * bc_stride + n] * xw[j * P + p];
+      state[n * P + p] = acc;
+    }
+#endif
+}
+
 }  // namespace
 
 void ssd_chunked(const SsdArgs& args) {
@@ -225,7 +538,7 @@ void ssd_chunked(const SsdArgs& args) {
   if (G <= 0 || H % G != 0) fail("ssd_chunked: heads must be a multiple of groups");
   if (args.chunk_size <= 0) fail("ssd_chunked: chunk_size must be positive");
   if (batch <= 0 || H <= 0 || P <= 0 || N <= 0) return;
-  const int64_t heads_per_group = H / G, state_size = N * P;
+  const int64_t state_size = N * P;
   const float* const state_in = args.state_in;
   float* const state_out = args.state_out;
 
@@ -242,156 +555,73 @@ void ssd_chunked(const SsdArgs& args) {
 
   const int64_t Q = std::min(args.chunk_size, L);
   const int64_t chunks = (L + Q - 1) / Q;
-  const int64_t window = std::clamp<int64_t>(kWindowStateFloats / (batch * H * state_size), 1, chunks);
-  const int64_t row_stride = H * P;  // between tokens in x, z and y
-  const int64_t bc_stride = G * N;   // between tokens in B and C
+  const int64_t window = std::clamp<int64_t>(kWindowFloats / (batch * G * Q * Q), 1, chunks);
+  const ChunkRun run{args, L, H, P, N, G, Q, H / G};
 
-  // Window buffers; [.., window, ..] indexes the chunk within the window.
-  std::unique_ptr<float[]> Bt(new float[batch * window * G * N * Q]);        // [b, window, G, N, Q] Bᵀ
-  std::unique_ptr<float[]> CB(new float[batch * window * G * Q * Q]);        // [b, window, G, Q, Q]
-  std::unique_ptr<float[]> states(new float[batch * H * window * state_size]);  // [b, H, window, N, P]
-  std::unique_ptr<float[]> decay(new float[batch * H * window * Q]);         // [b, H, window, Q] exp(cum[i])
-  std::unique_ptr<float[]> running(new float[batch * H * state_size]);       // [b, H, N, P] S before the window
+  // Kept by the calling thread from call to call: fresh buffers of this size would cost a page fault
+  // per 4 KiB on every call.
+  static thread_local std::vector<float> cb_buffer, state_buffer;
+  grow(cb_buffer, batch * window * G * Q * Q);
+  grow(state_buffer, batch * H * state_size);
+  float* const CB = cb_buffer.data();          // [b, window, G, Q, Q]
+  float* const running = state_buffer.data();  // [b, H, N, P] the state of each (b, head), transposed
 
-  parallel_for(batch * H, min_items(state_size), [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      float* run = running.get() + bh * state_size;
-      if (!state_in) {
-        std::memset(run, 0, (size_t)state_size * sizeof(float));
-        continue;
-      }
-      const float* s = state_in + bh * state_size;
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t n = 0; n < N; ++n) run[n * P + p] = s[p * N + n];
-    }
-  });
-  bool running_is_zero = !state_in;
+  // The state only matters after the last chunk when state_out is wanted.
+  const bool keep_final_state = state_out != nullptr;
 
   for (int64_t c0 = 0; c0 < chunks; c0 += window) {
     const int64_t in_window = std::min(window, chunks - c0);
     auto chunk_start = [&](int64_t w) { return (c0 + w) * Q; };
     auto chunk_length = [&](int64_t w) { return std::min(Q, L - (c0 + w) * Q); };
 
-    // Stage A: Bᵀ and C·Bᵀ (lower triangle) once per (b, chunk, group).
+    // Stage A: C·Bᵀ (lower triangle) once per (b, chunk, group).
     parallel_for(batch * in_window * G, min_items(Q * Q * N / 2), [&](int64_t begin, int64_t end) {
+      ChunkScratch& scratch = chunk_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / (in_window * G), w = item / G % in_window, g = item % G;
-        const int64_t t0 = chunk_start(w), n_tok = chunk_length(w);
-        const float* Bc = args.B + ((b * L + t0) * G + g) * N;
-        const float* Cc = args.C + ((b * L + t0) * G + g) * N;
-        float* bt = Bt.get() + ((b * window + w) * G + g) * N * Q;
-        float* cb = CB.get() + ((b * window + w) * G + g) * Q * Q;
-        for (int64_t j = 0; j < n_tok; ++j)
-          for (int64_t n = 0; n < N; ++n) bt[n * Q + j] = Bc[j * bc_stride + n];
-        small_matmul(n_tok, n_tok, N, Cc, bc_stride, bt, Q, cb, Q, nullptr, false, Causal::lower_cols);
+        const int64_t t0 = chunk_start(w);
+        chunk_scores(args.C + ((b * L + t0) * G + g) * N, args.B + ((b * L + t0) * G + g) * N, G * N,
+                     chunk_length(w), N, Q, CB + ((b * window + w) * G + g) * Q * Q, scratch.bt);
       }
     });
 
-    // Stage B: steps 1-3 per (b, head, chunk): Y_diag into y, S_chunk into states, exp(cum) into decay.
-    parallel_for(batch * H * in_window, min_items(Q * (Q * P / 2 + N * P)), [&](int64_t begin, int64_t end) {
+    // Stage B: each (b, head) through the window's chunks in order.
+    const bool first_window = c0 == 0;
+    parallel_for(batch * H, min_items(in_window * Q * P * (2 * N + Q / 2)), [&](int64_t begin, int64_t end) {
       ChunkScratch& scratch = chunk_scratch();
       grow(scratch.cum, Q);
+      grow(scratch.dtp, Q);
+      grow(scratch.decay, Q);
+      grow(scratch.to_end, Q);
+#if MSSM_SSD_VECTOR
+      grow(scratch.to_block, Q);
+      grow(scratch.within, Q * kRowsMax);
+      grow(scratch.block, kRowsMax * Q);
+#else
       grow(scratch.lseg, Q * Q);
+#endif
       grow(scratch.xdt, Q * P);
-      double* cum = scratch.cum.data();
-      float* lseg = scratch.lseg.data();
-      float* xdt = scratch.xdt.data();
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / (H * in_window), h = item / in_window % H, w = item % in_window;
-        const int64_t g = h / heads_per_group;
-        const int64_t t0 = chunk_start(w), n_tok = chunk_length(w);
-        const float* dt = args.dt + (b * L + t0) * H + h;
-        const float* x = args.x + ((b * L + t0) * H + h) * P;
-        float* y = args.y + ((b * L + t0) * H + h) * P;
-        const float* bt = Bt.get() + ((b * window + w) * G + g) * N * Q;
-        const float* cb = CB.get() + ((b * window + w) * G + g) * Q * Q;
-        float* st = states.get() + ((b * H + h) * window + w) * state_size;
-        float* dec = decay.get() + ((b * H + h) * window + w) * Q;
-        const double A = args.A[h];
-
-        double sum = 0.0;
-        for (int64_t i = 0; i < n_tok; ++i) {
-          const float dtp = process_dt(args, dt[i * H], h);
-          for (int64_t p = 0; p < P; ++p) xdt[i * P + p] = dtp * x[i * row_stride + p];
-          sum += dtp * A;
-          cum[i] = sum;
-          dec[i] = (float)sum;
-        }
-        exp_inplace(dec, n_tok);
-
-        // (1)+(2): row i of Lseg ⊙ C·Bᵀ, then Y_diag = that · (dt' ⊙ x).
-        for (int64_t i = 0; i < n_tok; ++i) {
-          float* row = lseg + i * Q;
-          for (int64_t j = 0; j <= i; ++j) row[j] = (float)(cum[i] - cum[j]);
-          exp_inplace(row, i + 1);
-          const float* cbi = cb + i * Q;
-          for (int64_t j = 0; j <= i; ++j) row[j] *= cbi[j];
-          for (int64_t j = i + 1; j < n_tok; ++j) row[j] = 0.0f;
-        }
-        small_matmul(n_tok, P, n_tok, lseg, Q, xdt, P, y, row_stride, nullptr, false, Causal::lower_k);
-
-        // (3): weight each token by its decay to the chunk end; S_chunkᵀ[n, p] = Σ_j Bᵀ[n, j]·xdt[j, p].
-        float* to_end = lseg;  // row 0 of lseg is free again
-        for (int64_t j = 0; j < n_tok; ++j) to_end[j] = (float)(cum[n_tok - 1] - cum[j]);
-        exp_inplace(to_end, n_tok);
-        for (int64_t j = 0; j < n_tok; ++j)
-          for (int64_t p = 0; p < P; ++p) xdt[j * P + p] *= to_end[j];
-        small_matmul(N, P, n_tok, bt, Q, xdt, P, st, P, nullptr, false, Causal::none);
-      }
-    });
-
-    // Stage C, step 4: states[w] becomes the state entering chunk w; running moves to the window end.
-    parallel_for(batch * H, min_items(in_window * state_size), [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        float* run = running.get() + bh * state_size;
+      grow(scratch.xw, Q * P);
+      grow(scratch.gate, P);
+      // Chunk by chunk over a few heads at a time: a chunk's B, C and C·Bᵀ stay in cache across the
+      // heads, and so do the heads' states from one chunk to the next.
+      const int64_t heads_at_once = std::max<int64_t>(1, kStateCacheFloats / state_size);
+      for (int64_t first = begin; first < end; first += heads_at_once) {
         for (int64_t w = 0; w < in_window; ++w) {
-          float* st = states.get() + (bh * window + w) * state_size;
-          const float chunk_decay = decay[(bh * window + w) * Q + chunk_length(w) - 1];
-          for (int64_t e = 0; e < state_size; ++e) {
-            const float entering = run[e];
-            run[e] = chunk_decay * entering + st[e];
-            st[e] = entering;
+          const bool state_is_zero = first_window && w == 0 && !state_in;
+          const bool need_state = c0 + w + 1 < chunks || keep_final_state;
+          const bool last = c0 + w + 1 == chunks;
+          for (int64_t bh = first; bh < std::min(end, first + heads_at_once); ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            float* state = running + bh * state_size;
+            // state_in and state_out are read and written here, head by head, where the state is in
+            // cache: state_out may alias state_in, and heads are disjoint.
+            if (first_window && w == 0 && state_in) transpose(state_in + bh * state_size, N, P, N, state, P);
+            chunk_step(run, b, h, chunk_start(w), chunk_length(w),
+                       CB + ((b * window + w) * G + h / (H / G)) * Q * Q, state, state_is_zero, need_state, scratch);
+            if (last && state_out) transpose(state, P, N, P, state_out + bh * state_size, N);
           }
         }
-      }
-    });
-
-    // Stage D, step 5: y += exp(cum[i])·C_i·S_enteringᵀ, then D·x and the gate.
-    const bool first_is_zero = running_is_zero;
-    parallel_for(batch * H * in_window, min_items(Q * N * P), [&](int64_t begin, int64_t end) {
-      ChunkScratch& scratch = chunk_scratch();
-      grow(scratch.gate, P);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / (H * in_window), h = item / in_window % H, w = item % in_window;
-        const int64_t g = h / heads_per_group;
-        const int64_t t0 = chunk_start(w), n_tok = chunk_length(w);
-        const int64_t offset = ((b * L + t0) * H + h) * P;
-        float* y = args.y + offset;
-        if (!(w == 0 && first_is_zero)) {
-          const float* Cc = args.C + ((b * L + t0) * G + g) * N;
-          const float* st = states.get() + ((b * H + h) * window + w) * state_size;
-          const float* dec = decay.get() + ((b * H + h) * window + w) * Q;
-          small_matmul(n_tok, P, N, Cc, bc_stride, st, P, y, row_stride, dec, true, Causal::none);
-        }
-        if (args.D || args.z) {
-          const float D = args.D ? args.D[h] : 0.0f;
-          for (int64_t i = 0; i < n_tok; ++i)
-            finish_row(y + i * row_stride, args.x + offset + i * row_stride,
-                       args.z ? args.z + offset + i * row_stride : nullptr, D, args.D != nullptr, P,
-                       scratch.gate.data());
-        }
-      }
-    });
-    running_is_zero = false;
-  }
-
-  if (state_out) {
-    parallel_for(batch * H, min_items(state_size), [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const float* run = running.get() + bh * state_size;
-        float* s = state_out + bh * state_size;
-        for (int64_t p = 0; p < P; ++p)
-          for (int64_t n = 0; n < N; ++n) s[p * N + n] = run[n * P + p];
       }
     });
   }

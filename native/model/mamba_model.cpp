@@ -61,6 +61,9 @@ struct Workspace {
   //          B, C [rows, G·N]; dt [rows, H].
   float *x = nullptr, *z = nullptr, *xc = nullptr, *delta = nullptr, *y = nullptr, *yn = nullptr;
   float *dbc = nullptr, *dt_low = nullptr, *B = nullptr, *C = nullptr, *xbc = nullptr, *dt = nullptr;
+  // Decode: the whole in_proj product [rows, in_proj rows], split afterwards (one product instead of
+  // two or three small ones, each of which would wake the thread pool).
+  float* proj = nullptr;
   // States of one sequence when the caller keeps none: [layers][conv] and [layers][ssm].
   std::vector<float> conv_state, ssm_state;
 
@@ -70,7 +73,9 @@ struct Workspace {
       float** target;
       int64_t per_row;
     };
-    std::vector<Slot> slots = {{&residual, d}, {&hidden, d}, {&normed, d}, {&x, di}, {&z, di}, {&y, di}};
+    const int64_t in_proj_rows = c.mamba1() ? 2 * di : di + c.conv_channels() + c.num_heads;
+    std::vector<Slot> slots = {{&residual, d}, {&hidden, d},  {&normed, d},          {&x, di},
+                               {&z, di},        {&y, di},       {&proj, in_proj_rows}};
     if (c.mamba1()) {
       const int64_t R = c.time_step_rank;
       slots.insert(slots.end(), {{&xc, di}, {&delta, di}, {&dbc, R + 2 * N}, {&dt_low, R}, {&B, N}, {&C, N}});
@@ -271,16 +276,30 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const auto& k = kernels();
   const Config& c = config_;
   const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, R = c.time_step_rank;
-  // xz = hn·W_inᵀ (+b): the x rows and the z rows of W_in as two products, so x and z land packed.
-  k.matmul(ws.normed, matrix_rows(w.in_proj, 0), w.in_proj.dtype, offset_or_null(w.in_proj_bias, 0), ws.x, rows, di,
-           d);
-  k.matmul(ws.normed, matrix_rows(w.in_proj, di), w.in_proj.dtype, offset_or_null(w.in_proj_bias, di), ws.z, rows,
-           di, d);
+  // xz = hn·W_inᵀ (+b). Prefill: the x rows and the z rows of W_in as two products, so x and z land
+  // packed. Decode: one product; with one row its x and z halves are already packed.
+  const float* x = ws.x;
+  const float* z = ws.z;
+  if (decode) {
+    k.matmul(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, 2 * di, d);
+    if (rows == 1) {
+      x = ws.proj;
+      z = ws.proj + di;
+    } else {
+      copy_columns(ws.proj, rows, 2 * di, 0, di, ws.x);
+      copy_columns(ws.proj, rows, 2 * di, di, di, ws.z);
+    }
+  } else {
+    k.matmul(ws.normed, matrix_rows(w.in_proj, 0), w.in_proj.dtype, offset_or_null(w.in_proj_bias, 0), ws.x, rows,
+             di, d);
+    k.matmul(ws.normed, matrix_rows(w.in_proj, di), w.in_proj.dtype, offset_or_null(w.in_proj_bias, di), ws.z, rows,
+             di, d);
+  }
   // x = silu(conv1d(x) + b_conv)
   if (decode) {
-    k.conv1d_step(ws.x, f32(w.conv), f32_or_null(w.conv_bias), conv_out, ws.xc, rows, di, c.conv_kernel, true);
+    k.conv1d_step(x, f32(w.conv), f32_or_null(w.conv_bias), conv_out, ws.xc, rows, di, c.conv_kernel, true);
   } else {
-    k.conv1d(ws.x, f32(w.conv), f32_or_null(w.conv_bias), conv_in, conv_out, ws.xc, 1, rows, di, c.conv_kernel, true);
+    k.conv1d(x, f32(w.conv), f32_or_null(w.conv_bias), conv_in, conv_out, ws.xc, 1, rows, di, c.conv_kernel, true);
   }
   // dt_low, B, C = split(x·W_xᵀ, [R, N, N]);  delta = dt_low·W_dtᵀ (its bias is the scan's delta_bias)
   k.matmul(ws.xc, w.x_proj.data, w.x_proj.dtype, nullptr, ws.dbc, rows, R + 2 * N, di);
@@ -300,7 +319,7 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   s.B = ws.B;
   s.C = ws.C;
   s.D = f32(w.D);
-  s.z = ws.z;
+  s.z = z;
   s.delta_bias = f32(w.dt_bias);
   s.delta_softplus = true;
   s.state_in = ssm_in;
@@ -320,19 +339,37 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const Config& c = config_;
   const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, H = c.num_heads;
   const int64_t gn = c.num_groups * N, channels = c.conv_channels();
-  // zxbcdt = hn·W_inᵀ (+b): the z, xBC and dt row blocks of W_in as three products.
-  k.matmul(ws.normed, matrix_rows(w.in_proj, 0), w.in_proj.dtype, offset_or_null(w.in_proj_bias, 0), ws.z, rows, di,
-           d);
-  k.matmul(ws.normed, matrix_rows(w.in_proj, di), w.in_proj.dtype, offset_or_null(w.in_proj_bias, di), ws.xbc, rows,
-           channels, d);
-  k.matmul(ws.normed, matrix_rows(w.in_proj, di + channels), w.in_proj.dtype,
-           offset_or_null(w.in_proj_bias, di + channels), ws.dt, rows, H, d);
+  // zxbcdt = hn·W_inᵀ (+b). Prefill: the z, xBC and dt row blocks of W_in as three products, so each
+  // lands packed. Decode: one product; with one row its parts are already packed.
+  const float* z = ws.z;
+  const float* xbc = ws.xbc;
+  const float* dt = ws.dt;
+  if (decode) {
+    const int64_t width = di + channels + H;
+    k.matmul(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, width, d);
+    if (rows == 1) {
+      z = ws.proj;
+      xbc = ws.proj + di;
+      dt = ws.proj + di + channels;
+    } else {
+      copy_columns(ws.proj, rows, width, 0, di, ws.z);
+      copy_columns(ws.proj, rows, width, di, channels, ws.xbc);
+      copy_columns(ws.proj, rows, width, di + channels, H, ws.dt);
+    }
+  } else {
+    k.matmul(ws.normed, matrix_rows(w.in_proj, 0), w.in_proj.dtype, offset_or_null(w.in_proj_bias, 0), ws.z, rows,
+             di, d);
+    k.matmul(ws.normed, matrix_rows(w.in_proj, di), w.in_proj.dtype, offset_or_null(w.in_proj_bias, di), ws.xbc,
+             rows, channels, d);
+    k.matmul(ws.normed, matrix_rows(w.in_proj, di + channels), w.in_proj.dtype,
+             offset_or_null(w.in_proj_bias, di + channels), ws.dt, rows, H, d);
+  }
   // xBC = silu(conv1d(xBC) + b_conv);  x [H, P], B [G, N], C [G, N]
   if (decode) {
-    k.conv1d_step(ws.xbc, f32(w.conv), f32_or_null(w.conv_bias), conv_out, ws.xc, rows, channels, c.conv_kernel,
+    k.conv1d_step(xbc, f32(w.conv), f32_or_null(w.conv_bias), conv_out, ws.xc, rows, channels, c.conv_kernel,
                   true);
   } else {
-    k.conv1d(ws.xbc, f32(w.conv), f32_or_null(w.conv_bias), conv_in, conv_out, ws.xc, 1, rows, channels,
+    k.conv1d(xbc, f32(w.conv), f32_or_null(w.conv_bias), conv_in, conv_out, ws.xc, 1, rows, channels,
              c.conv_kernel, true);
   }
   copy_columns(ws.xc, rows, channels, 0, di, ws.x);
@@ -347,7 +384,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   s.groups = c.num_groups;
   s.chunk_size = c.chunk_size;
   s.x = ws.x;
-  s.dt = ws.dt;
+  s.dt = dt;
   s.A = f32(w.A);
   s.B = ws.B;
   s.C = ws.C;
@@ -366,7 +403,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
     k.ssd_chunked(s);
   }
   // y = rmsnorm_grouped(y ⊙ silu(z)) · w over groups of di / G (norm_before_gate false)
-  k.gated_rmsnorm(ws.y, ws.z, f32(w.ssm_norm), ws.yn, rows, di, di / c.num_groups, c.norm_eps, c.norm_before_gate);
+  k.gated_rmsnorm(ws.y, z, f32(w.ssm_norm), ws.yn, rows, di, di / c.num_groups, c.norm_eps, c.norm_before_gate);
   k.matmul(ws.yn, w.out_proj.data, w.out_proj.dtype, f32_or_null(w.out_proj_bias), ws.hidden, rows, d, di);
 }
 

@@ -8,6 +8,13 @@
 #include "../core/dtype.h"
 #include "test_util.h"
 
+#if MSSM_HAVE_X86_LEVELS
+// The int8-product form of q8_0 matmul (gemm.cpp), defined at the avx512bf16 level (VNNI).
+namespace mssm::cpu::avx512bf16::gemm_detail {
+void matmul_q8_0_int8(const float* x, const void* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K);
+}
+#endif
+
 using namespace mssm;
 using namespace mssm::test;
 
@@ -97,6 +104,72 @@ struct Shape {
   int64_t M, N, K;
 };
 
+// Two forms change what is multiplied, both at the avx512bf16 level, and are judged by what that
+// change costs rather than by the tolerance of fp32 accumulation:
+//  - bf16 × bf16: bf16 weights with more rows of x than the decode path takes (gemm.cpp: 8 when
+//    K < 256, else 6); the prefill path rounds x to bf16 (gemm_prefill.cpp, test_gemm_prefill.cpp).
+//  - int8 × int8: q8_0 weights through gemm_detail::matmul_q8_0_int8 (VNNI; matmul takes it only when
+//    gemm.cpp's kInt8Activations is set). x is quantised too, per block of 32 with d = max|x| / 127,
+//    so y carries its rounding to 8 bits.
+// The error in y[m,n] is then Σ_k W[n,k]·δx[m,k], so it is judged relative to the size of the terms,
+// s[m,n] = sqrt(Σ_k (x[m,k]·W[n,k])²) (for zero-mean inputs, the RMS of y without bias): the RMS over
+// outputs of |error| / s (over 16 outputs or more; fewer say little about an RMS) and the largest.
+// Measured over the shapes here, int8: RMS up to 7.6e-3, largest 3.2e-2; bf16: RMS up to 2.1e-3,
+// largest 8.6e-3. The bounds are 1.6–1.9× that.
+enum class Products { f32, int8_x, bf16_x };
+constexpr double kInt8RmsBound = 1.2e-2, kInt8MaxBound = 5e-2;
+constexpr double kBf16RmsBound = 4e-3, kBf16MaxBound = 1.6e-2;
+// Below this the int8 form cannot have run (its error is that of 8-bit activations).
+constexpr double kInt8MinRms = 1e-4;
+
+// What matmul multiplies at level t.
+Products products(const cpu::KernelTable& t, DType dtype, int64_t M, int64_t K) {
+  if (std::string(t.level) != "avx512bf16") return Products::f32;
+  if (dtype == DType::bf16 && M > (K < 256 ? 8 : 6)) return Products::bf16_x;
+  return Products::f32;
+}
+
+// RMS and largest of |got − want| / s over the outputs, s as above.
+std::pair<double, double> term_relative_errors(const float* got, const std::vector<double>& want,
+                                               const std::vector<float>& x, const std::vector<float>& w, int64_t M,
+                                               int64_t N, int64_t K) {
+  double sum = 0, largest = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double terms = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double t = (double)x[m * K + k] * (double)w[n * K + k];
+        terms += t * t;
+      }
+      const double e = std::fabs((double)got[m * N + n] - want[m * N + n]) / std::sqrt(terms);
+      sum += e * e;
+      largest = std::isnan(e) ? INFINITY : std::max(largest, e);
+    }
+  return {std::sqrt(sum / (M * N)), largest};
+}
+
+// Checks one matmul result against the double-precision reference of the weights as stored (x as
+// given), for products of the given kind.
+void check_matmul(const std::string& what, Products kind, const float* y, const std::vector<double>& want,
+                  const std::vector<float>& x, const std::vector<float>& w, int64_t M, int64_t N, int64_t K) {
+  if (kind == Products::f32) {
+    expect_close(what.c_str(), y, want.data(), M * N, kMatmulTolerance, kFloorFraction * rms(want.data(), M * N));
+    return;
+  }
+  const auto [rms_error, max_error] = term_relative_errors(y, want, x, w, M, N, K);
+  const bool int8 = kind == Products::int8_x;
+  const double rms_bound = int8 ? kInt8RmsBound : kBf16RmsBound, max_bound = int8 ? kInt8MaxBound : kBf16MaxBound;
+  MSSM_CHECK((rms_error <= rms_bound || M * N < 16) && max_error <= max_bound,
+             "%s: %s x: RMS error %.3g (bound %.3g), largest %.3g (bound %.3g) of the terms' size", what.c_str(),
+             int8 ? "int8" : "bf16", rms_error, rms_bound, max_error, max_bound);
+  // (Over 16 outputs or more: a single output's error may be near zero by chance.)
+  if (int8)
+    MSSM_CHECK(rms_error >= kInt8MinRms || M * N < 16, "%s: RMS error %.3g: the int8 path did not run", what.c_str(),
+               rms_error);
+  if (std::getenv("MSSM_PRINT_ROUNDED_X"))
+    std::printf("%s x %s: rms %.3g max %.3g\n", int8 ? "int8" : "bf16", what.c_str(), rms_error, max_error);
+}
+
 void test_matmul() {
   // Odd N and K, none a multiple of 16 or 32 (q8_0 rounds K up to a multiple of 32); M on both sides of
   // the decode / prefill switch; one shape large enough for several K panels and N blocks, one with
@@ -117,7 +190,6 @@ void test_matmul() {
       StoredWeights stored = store(w, dtype);
       const float* b = with_bias ? bias.data() : nullptr;
       std::vector<double> want = reference_matmul(x, stored.values, b, M, N, K);
-      const double floor = kFloorFraction * rms(want.data(), M * N);
 
       char what[160];
       std::snprintf(what, sizeof what, "matmul %s M=%lld N=%lld K=%lld bias=%d", dtype_name(dtype), (long long)M,
@@ -125,8 +197,8 @@ void test_matmul() {
       for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
         std::vector<float> y(M * N, NAN);
         t.matmul(x.data(), stored.bytes.data(), dtype, b, y.data(), M, N, K);
-        expect_close((std::string(what) + " " + label).c_str(), y.data(), want.data(), M * N, kMatmulTolerance,
-                     floor);
+        check_matmul(std::string(what) + " " + label, products(t, dtype, M, K), y.data(), want, x, stored.values, M,
+                     N, K);
       });
 
       if (dtype != DType::f32 && K >= 32) {
@@ -139,6 +211,230 @@ void test_matmul() {
       }
     }
   }
+}
+
+// The decode path (few rows of x) on every size class it handles differently: M on both sides of each
+// register tile of rows of x and of the decode / prefill switch; N of 1, 3 and 17 (partial groups of
+// output features and partial registers of lane sums) and one large enough to be split over threads;
+// K not a multiple of 16 or 32 where the dtype allows (q8_0 needs K % 32 == 0), and one K shorter than a
+// register. Every level at 1 and N threads, with and without bias, against the double-precision
+// reference of the weights as stored; the tolerance is kMatmulTolerance (fp32 accumulation).
+void test_matmul_decode_sizes() {
+  const int64_t Ms[] = {1, 2, 3, 5, 7, 15, 16, 17, 31, 32, 33};
+  const int64_t Ns[] = {1, 3, 17, 301};
+  Rng rng(4321);
+  int case_index = 0;
+  for (DType dtype : kWeightTypes) {
+    const std::vector<int64_t> Ks = dtype == DType::q8_0 ? std::vector<int64_t>{32, 96, 416}
+                                                          : std::vector<int64_t>{7, 45, 419};
+    for (int64_t M : Ms)
+      for (int64_t N : Ns)
+        for (int64_t K : Ks) {
+          const bool with_bias = ++case_index % 2 == 0;
+          std::vector<float> x = rng.normals(M * K);
+          std::vector<float> w = rng.normals(N * K, 0.5f);
+          std::vector<float> bias = rng.normals(N);
+          StoredWeights stored = store(w, dtype);
+          const float* b = with_bias ? bias.data() : nullptr;
+          std::vector<double> want = reference_matmul(x, stored.values, b, M, N, K);
+          char what[160];
+          std::snprintf(what, sizeof what, "matmul %s M=%lld N=%lld K=%lld bias=%d", dtype_name(dtype), (long long)M,
+                        (long long)N, (long long)K, (int)with_bias);
+          for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
+            std::vector<float> y(M * N, NAN);
+            t.matmul(x.data(), stored.bytes.data(), dtype, b, y.data(), M, N, K);
+            check_matmul(std::string(what) + " " + label, products(t, dtype, M, K), y.data(), want, x, stored.values, M,
+                     N, K);
+          });
+        }
+  }
+  // Model-sized: an in_proj-like [3072 × 768] at M = 1 and 16 (split over threads by output features)
+  // and an x_proj-like [80 × 1536] and dt_proj-like [1536 × 48].
+  const Shape model_shapes[] = {{1, 3072, 768}, {16, 3072, 768}, {1, 80, 1536}, {16, 80, 1536}, {1, 1536, 48},
+                                {16, 1536, 48}};
+  for (const Shape& shape : model_shapes)
+    for (DType dtype : kWeightTypes) {
+      if (dtype == DType::q8_0 && shape.K % kQ8BlockSize != 0) continue;
+      const int64_t M = shape.M, N = shape.N, K = shape.K;
+      std::vector<float> x = rng.normals(M * K);
+      std::vector<float> w = rng.normals(N * K, 0.5f);
+      std::vector<float> bias = rng.normals(N);
+      StoredWeights stored = store(w, dtype);
+      std::vector<double> want = reference_matmul(x, stored.values, bias.data(), M, N, K);
+      char what[160];
+      std::snprintf(what, sizeof what, "matmul %s M=%lld N=%lld K=%lld bias=1", dtype_name(dtype), (long long)M,
+                    (long long)N, (long long)K);
+      for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
+        std::vector<float> y(M * N, NAN);
+        t.matmul(x.data(), stored.bytes.data(), dtype, bias.data(), y.data(), M, N, K);
+        check_matmul(std::string(what) + " " + label, products(t, dtype, M, K), y.data(), want, x, stored.values, M,
+                     N, K);
+      });
+    }
+}
+
+// The decode path's direct form sums in the same order whatever the number of rows of x, so a row of
+// x gets bit-identical results alone and in a batch, on every level (up to 4 rows of x, and up to 8
+// when K < 256; the panel form beyond is not covered).
+void test_matmul_batch_invariance() {
+  const int64_t N = 37;
+  Rng rng(808);
+  for (DType dtype : kWeightTypes)
+    for (int64_t K : {45, 419}) {
+      const int64_t k = dtype == DType::q8_0 ? (K + 31) / 32 * 32 : K;
+      const int64_t M = k < 256 ? 8 : 4;
+      std::vector<float> x = rng.normals(M * k), w = rng.normals(N * k, 0.5f), bias = rng.normals(N);
+      StoredWeights stored = store(w, dtype);
+      for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
+        std::vector<float> batch(M * N), alone(N);
+        t.matmul(x.data(), stored.bytes.data(), dtype, bias.data(), batch.data(), M, N, k);
+        int64_t differ = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          t.matmul(x.data() + m * k, stored.bytes.data(), dtype, bias.data(), alone.data(), 1, N, k);
+          differ += std::memcmp(alone.data(), batch.data() + m * N, N * sizeof(float)) != 0;
+        }
+        MSSM_CHECK(differ == 0, "matmul %s M=%lld K=%lld %s: %lld rows differ alone and in the batch",
+                   dtype_name(dtype), (long long)M, (long long)k, label.c_str(), (long long)differ);
+      });
+    }
+}
+
+// x holding a NaN or an infinity gives non-finite outputs in its row and only there, on every path; a
+// block of subnormal x (which the int8 path must not overflow when quantising) and a block of zeros
+// give ordinary results.
+void test_matmul_special_inputs() {
+  const int64_t N = 37, K = 128;
+  Rng rng(555);
+  for (DType dtype : kWeightTypes)
+    for (int64_t M : {1, 3, 4, 7, 16}) {
+      std::vector<float> x = rng.normals(M * K);
+      std::vector<float> w = rng.normals(N * K, 0.5f);
+      StoredWeights stored = store(w, dtype);
+      for (int64_t k = 0; k < 32; ++k) x[k] = 3e-41f * (float)(k - 16);  // row 0, block 0: subnormals
+      if (M > 1)
+        for (int64_t k = 32; k < 64; ++k) x[K + k] = 0.0f;  // row 1, block 1: zeros
+      const int64_t nan_row = M > 2 ? 2 : -1, inf_row = M > 3 ? 3 : -1;
+      std::vector<double> want = reference_matmul(x, stored.values, nullptr, M, N, K);
+      if (nan_row >= 0) x[nan_row * K + 77] = NAN;
+      if (inf_row >= 0) x[inf_row * K + 5] = INFINITY;
+      for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
+        std::vector<float> y(M * N, 0.0f);
+        t.matmul(x.data(), stored.bytes.data(), dtype, nullptr, y.data(), M, N, K);
+        for (int64_t m = 0; m < M; ++m) {
+          const bool special = m == nan_row || m == inf_row;
+          int64_t finite = 0;
+          for (int64_t n = 0; n < N; ++n) finite += std::isfinite(y[m * N + n]);
+          MSSM_CHECK(finite == (special ? 0 : N), "matmul %s M=%lld %s: row %lld has %lld finite outputs of %lld",
+                     dtype_name(dtype), (long long)M, label.c_str(), (long long)m, (long long)finite, (long long)N);
+          if (special) continue;
+          std::vector<float> row(y.begin() + m * N, y.begin() + (m + 1) * N);
+          std::vector<double> row_want(want.begin() + m * N, want.begin() + (m + 1) * N);
+          std::vector<float> row_x(x.begin() + m * K, x.begin() + (m + 1) * K);
+          char what[160];
+          std::snprintf(what, sizeof what, "matmul %s M=%lld row %lld %s", dtype_name(dtype), (long long)M,
+                        (long long)m, label.c_str());
+          check_matmul(what, products(t, dtype, M, K), row.data(), row_want, row_x, stored.values, 1, N, K);
+        }
+      });
+    }
+}
+
+// The int8-product form of q8_0 matmul, at the avx512bf16 level with 1 and N threads: the decode
+// sizes (K a multiple of 32), model-sized shapes, rows of x bit-identical alone and in a batch, and a
+// NaN or infinity in x reaching only the outputs of its row.
+void test_matmul_q8_0_int8() {
+#if MSSM_HAVE_X86_LEVELS
+  if (!cpu::kernels_for(CpuLevel::avx512bf16)) {
+    std::printf("  (level avx512bf16 not supported here: int8 products skipped)\n");
+    return;
+  }
+  const auto int8 = &cpu::avx512bf16::gemm_detail::matmul_q8_0_int8;
+  const int threads = default_num_threads();
+  std::vector<Shape> shapes;
+  for (int64_t M : {1, 2, 3, 5, 7, 15, 16, 17, 31, 32, 33})
+    for (int64_t N : {1, 3, 17, 301})
+      for (int64_t K : {32, 96, 416}) shapes.push_back({M, N, K});
+  for (Shape model : {Shape{1, 3072, 768}, Shape{16, 3072, 768}, Shape{4, 80, 1536}}) shapes.push_back(model);
+  Rng rng(2468);
+  int case_index = 0;
+  for (const Shape& shape : shapes) {
+    const int64_t M = shape.M, N = shape.N, K = shape.K;
+    const bool with_bias = ++case_index % 2 == 0;
+    std::vector<float> x = rng.normals(M * K), w = rng.normals(N * K, 0.5f), bias = rng.normals(N);
+    StoredWeights stored = store(w, DType::q8_0);
+    const float* b = with_bias ? bias.data() : nullptr;
+    std::vector<double> want = reference_matmul(x, stored.values, b, M, N, K);
+    for (int n : {1, threads > 1 ? threads : 2}) {
+      set_num_threads(n);
+      std::vector<float> y(M * N, NAN);
+      int8(x.data(), stored.bytes.data(), b, y.data(), M, N, K);
+      char what[160];
+      std::snprintf(what, sizeof what, "int8 products M=%lld N=%lld K=%lld bias=%d t%d", (long long)M, (long long)N,
+                    (long long)K, (int)with_bias, n);
+      check_matmul(what, Products::int8_x, y.data(), want, x, stored.values, M, N, K);
+    }
+  }
+  set_num_threads(threads);
+
+  {  // alone and in a batch
+    const int64_t M = 8, N = 37, K = 160;
+    std::vector<float> x = rng.normals(M * K), w = rng.normals(N * K, 0.5f), bias = rng.normals(N);
+    StoredWeights stored = store(w, DType::q8_0);
+    std::vector<float> batch(M * N), alone(N);
+    int8(x.data(), stored.bytes.data(), bias.data(), batch.data(), M, N, K);
+    int64_t differ = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      int8(x.data() + m * K, stored.bytes.data(), bias.data(), alone.data(), 1, N, K);
+      differ += std::memcmp(alone.data(), batch.data() + m * N, N * sizeof(float)) != 0;
+    }
+    MSSM_CHECK(differ == 0, "int8 products: %lld rows of 8 differ alone and in the batch", (long long)differ);
+  }
+
+  {  // non-finite x; a block of subnormals and one of zeros (which the quantiser must not overflow)
+    const int64_t M = 4, N = 37, K = 128;
+    std::vector<float> x = rng.normals(M * K), w = rng.normals(N * K, 0.5f);
+    StoredWeights stored = store(w, DType::q8_0);
+    for (int64_t k = 0; k < 32; ++k) x[k] = 3e-41f * (float)(k - 16);
+    for (int64_t k = 32; k < 64; ++k) x[K + k] = 0.0f;
+    std::vector<double> want = reference_matmul(x, stored.values, nullptr, M, N, K);
+    x[2 * K + 77] = NAN;
+    x[3 * K + 5] = INFINITY;
+    std::vector<float> y(M * N);
+    int8(x.data(), stored.bytes.data(), nullptr, y.data(), M, N, K);
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t finite = 0;
+      for (int64_t n = 0; n < N; ++n) finite += std::isfinite(y[m * N + n]);
+      MSSM_CHECK(finite == (m >= 2 ? 0 : N), "int8 products: row %lld has %lld finite outputs of %lld", (long long)m,
+                 (long long)finite, (long long)N);
+    }
+    std::vector<double> want_rows(want.begin(), want.begin() + 2 * N);
+    std::vector<float> x_rows(x.begin(), x.begin() + 2 * K);
+    check_matmul("int8 products, subnormal and zero blocks", Products::int8_x, y.data(), want_rows, x_rows,
+                 stored.values, 2, N, K);
+  }
+#endif
+}
+
+// The bounds on rounded x can fail: an error of 1.5·kInt8RmsBound·s in every output, or of
+// 1.2·kInt8MaxBound·s in one, is caught (the bf16 bounds are judged by the same measure).
+void test_int8_check_catches_errors() {
+  const int64_t M = 2, N = 40, K = 64;
+  Rng rng(31);
+  std::vector<float> x = rng.normals(M * K), w = rng.normals(N * K);
+  std::vector<double> want = reference_matmul(x, w, nullptr, M, N, K);
+  std::vector<double> s(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double terms = 0;
+      for (int64_t k = 0; k < K; ++k) terms += std::pow((double)x[m * K + k] * w[n * K + k], 2);
+      s[m * N + n] = std::sqrt(terms);
+    }
+  std::vector<float> y(M * N);
+  for (int64_t i = 0; i < M * N; ++i) y[i] = (float)(want[i] + (i % 2 ? 1.5 : -1.5) * kInt8RmsBound * s[i]);
+  MSSM_CHECK(term_relative_errors(y.data(), want, x, w, M, N, K).first > kInt8RmsBound, "an RMS error is caught");
+  for (int64_t i = 0; i < M * N; ++i) y[i] = (float)want[i];
+  y[7] = (float)(want[7] + 1.2 * kInt8MaxBound * s[7]);
+  MSSM_CHECK(term_relative_errors(y.data(), want, x, w, M, N, K).second > kInt8MaxBound, "one large error is caught");
 }
 
 // The comparison above can fail: small errors in one element of a real result are caught.
@@ -297,7 +593,12 @@ void test_convert() {
 
 int main() {
   test_matmul();
+  test_matmul_decode_sizes();
+  test_matmul_special_inputs();
+  test_matmul_batch_invariance();
+  test_matmul_q8_0_int8();
   test_matmul_check_catches_errors();
+  test_int8_check_catches_errors();
   test_convert();
   return finish("test_gemm");
 }

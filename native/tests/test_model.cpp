@@ -3,6 +3,8 @@
 // paths the runner takes). Tiny random models of both architectures with awkward sizes, biases on and
 // off, tied and untied heads, and f32 / bf16 / q8_0 matrices (the reference reads the same stored,
 // dequantised values, so the tolerance is the runner's arithmetic alone).
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <unordered_map>
 
@@ -323,14 +325,31 @@ std::vector<float> sequence_state(const std::vector<float>& all, int64_t layers,
   return out;
 }
 
+// Whether the level in use rounds activations for the case's matrices: the avx512bf16 level's bf16
+// products round x to bf16 (prefill), and its q8_0 products with few rows of x quantise x to 8 bits
+// (decode). Results then differ between paths (prefill, step, segments) by that rounding, not by the
+// order of fp32 sums, and are checked by the error's RMS and maximum against the values' RMS.
+bool g_rounds_activations = false;
+
+// Rounded activations, through a few random layers: the error's RMS within 2e-2 of the values' RMS
+// and no element off by more than 0.1 of it (a wrong token, state or weight row is off by about 1);
+// measured: at most 6e-3 and 3e-2 on these cases.
+template <typename T>
+void expect_near_rms(const char* what, const std::vector<float>& got, const std::vector<T>& want) {
+  MSSM_CHECK(got.size() == want.size(), "%s: %zu values, want %zu", what, got.size(), want.size());
+  expect_rms_close(what, got.data(), want.data(), (int64_t)want.size(), 2e-2, 0.1);
+}
+
 // fp32 against the float64 reference through a few layers: 1e-4 relative, floor 0.1·RMS of the reference.
 void expect_matches_reference(const char* what, const std::vector<float>& got, const std::vector<double>& want) {
+  if (g_rounds_activations) return expect_near_rms(what, got, want);
   MSSM_CHECK(got.size() == want.size(), "%s: %zu values, want %zu", what, got.size(), want.size());
   expect_close(what, got.data(), want.data(), (int64_t)want.size(), 1e-4, 0.1 * rms(want.data(), (int64_t)want.size()));
 }
 
 // Two runner results that should agree up to the order of fp32 sums.
 void expect_same(const char* what, const std::vector<float>& got, const std::vector<float>& want, double rel) {
+  if (g_rounds_activations) return expect_near_rms(what, got, want);
   MSSM_CHECK(got.size() == want.size(), "%s: %zu values, want %zu", what, got.size(), want.size());
   expect_close(what, got.data(), want.data(), (int64_t)want.size(), rel, 0.1 * rms(want.data(), (int64_t)want.size()));
 }
@@ -350,6 +369,7 @@ void check_case(const Case& tc, uint64_t seed) {
   const int64_t conv_per = c.conv_state_floats(), ssm_per = c.ssm_state_floats();
   const std::vector<int32_t> a = random_ids(rng, L, V), b = random_ids(rng, L, V);
   const std::string label = std::string(tc.name) + " [" + cpu::kernels().level + "]";
+  g_rounds_activations = std::string(cpu::kernels().level) == "avx512bf16" && tc.matrix_dtype != DType::f32;
   auto what = [&](const char* check) { return label + ": " + check; };
 
   // 1. forward of one sequence == the reference, logits at every position and the final states.
@@ -418,7 +438,7 @@ void check_case(const Case& tc, uint64_t seed) {
                 v.insert(v.end(), w.begin(), w.end());
                 return v;
               }(),
-              1e-6);
+              1e-5);
 
   // 4. a sequence split in two, the second part from the first part's states == the whole. Split
   //    points below K-1 leave the conv state partly from the initial zeros.

@@ -7,7 +7,9 @@
 // absolute for elements that cancel to near zero (each is a sum over hidden of products that are each
 // sums over dim, so fp32 rounding scales with the terms, not with the result); bf16 and q8_0 weights are
 // dequantised exactly by the reference, so they get the same bound, loosened to 2e-5 for their longer
-// sums. Results must be bit-identical at 1 and N threads.
+// sums; except at the avx512bf16 level, whose bf16 products round the activations to bf16: there the
+// error's RMS must stay within 1e-2 and its largest element within 5e-2 of the output's RMS. Results
+// must be bit-identical at 1 and N threads.
 #include <algorithm>
 #include <numeric>
 
@@ -210,7 +212,12 @@ void test_experts() {
           std::snprintf(what, sizeof what, "%s experts T%lld D%lld H%lld E%lld k%lld %s act%d bias%d", label.c_str(),
                         (long long)T, (long long)D, (long long)H, (long long)E, (long long)k, dtype_name(s.dtype),
                         (int)act, (int)bias);
-          expect_close(what, out.data(), want.data(), T * D, tolerance, floor);
+          if (s.dtype == DType::bf16 && std::string(kt.level) == "avx512bf16") {
+            // This level's bf16 products round the activations (x, then the hidden layer) to bf16.
+            expect_rms_close(what, out.data(), want.data(), T * D, 1e-2, 5e-2);
+          } else {
+            expect_close(what, out.data(), want.data(), T * D, tolerance, floor);
+          }
           // Thread counts alternate within a level (t1 then tN): the second must repeat the first.
           if (label.find("/t1") != std::string::npos) {
             first_run = out;

@@ -1,6 +1,9 @@
 // selective_scan and selective_state_update against the recurrence of kernels.h evaluated in
-// float64, on every CPU level at 1 and N threads; token-by-token updates and a split sequence must
-// agree with one call; and the kernels' exp and softplus are checked directly over their range.
+// float64, on every CPU level at 1 and N threads, over lengths around the kernel's runs of 64 tokens
+// (up to 513), channel counts that are not multiples of the vector width or that span several groups
+// of staged blocks, and model-like inputs (realistic Δ' and A over 513 tokens, where an error in the
+// decay would accumulate most); token-by-token updates and a split sequence must agree with one call;
+// and the kernels' exp and softplus are checked directly over their range.
 //
 // Tolerance: fp32 y and final states within 1e-5 relative of the reference, measured against
 // |want| + floor with floor = RMS(output), so elements that cancel to near zero may be off by
@@ -112,8 +115,44 @@ std::vector<Case> make_cases() {
         }
   // Every remainder of N modulo the kernels' tiles, and a wide state.
   for (int64_t state : {2, 3, 4, 5, 6, 128}) cases.push_back(make_case(rng, 1, 7, 37, state, 1, 31 + 32));
-  // Longer than one staged run of tokens (128), with every option on.
+  // Longer than several staged runs of tokens (64), with every option on.
   cases.push_back(make_case(rng, 2, 300, 40, 16, 2, 31 + 64));
+  // Lengths on either side of the runs and of the vector width, with channel counts that are not
+  // multiples of 16 and that span several groups of blocks staged together (at N = 16 the kernel
+  // stages up to 27 blocks of 16 channels): 500 channels are 31 blocks and a partial one, groups of
+  // 250 and 100 channels end in a partial block each.
+  const int64_t long_shapes[][3] = {{500, 1, 16}, {500, 2, 16}, {200, 2, 16}, {45, 3, 13}, {24, 1, 24}, {37, 1, 17}};
+  for (int64_t length : {63, 65, 257, 513})
+    for (auto& shape : long_shapes) {
+      if (length >= 257 && shape[0] == 500 && shape[1] == 2) continue;  // keep the run short
+      options = (options + 37) % 96;
+      cases.push_back(make_case(rng, length == 65 ? 3 : 2, length, shape[0], shape[2], shape[1], options | 8));
+    }
+  return cases;
+}
+
+// Model-like inputs, where the recurrence remembers longest: Δ' from 0.001 to 0.1 (log-uniform, set
+// through softplus⁻¹ and the bias), A from -16 to -1, u, B, C ~ N(0, 1), over 513 tokens. With Δ'·|A|
+// down to 0.001 a state sums hundreds of decayed terms, so an exp whose error were biased would show
+// here first (its relative error would grow with the number of tokens remembered).
+std::vector<Case> make_model_like_cases() {
+  std::vector<Case> cases;
+  Rng rng(11);
+  for (unsigned options : {31u, 31u + 32u, 15u + 64u}) {
+    Case c = make_case(rng, 2, 513, 48, 16, 1, options | 8);
+    for (auto& d : c.delta) {
+      const double target = std::exp(std::log(0.001) + (std::log(0.1) - std::log(0.001)) * rng.uniform());
+      d = (float)std::log(std::expm1(target));  // softplus⁻¹
+    }
+    for (auto& b : c.bias) b = 0.0f;
+    for (auto& a : c.A) a = -rng.uniform(1.0f, 16.0f);
+    if (options == 15u + 64u) {  // the slowest decay of the range everywhere: Δ' = 0.001, A = -1
+      for (auto& d : c.delta) d = (float)std::log(std::expm1(0.001));
+      for (auto& a : c.A) a = -1.0f;
+    }
+    reference(c);
+    cases.push_back(c);
+  }
   return cases;
 }
 
@@ -123,6 +162,12 @@ std::string describe(const std::string& label, const Case& c) {
                 (long long)c.batch, (long long)c.length, (long long)c.channels, (long long)c.state,
                 (long long)c.groups, c.has_D, c.has_z, c.has_bias, c.softplus, c.has_state_in, (int)c.state_out);
   return text;
+}
+
+// The largest relative error seen by test_sequence_form (printed: the margin to kRel).
+double& worst_seen() {
+  static double w = 0;
+  return w;
 }
 
 void test_sequence_form(const std::vector<Case>& cases) {
@@ -136,11 +181,15 @@ void test_sequence_form(const std::vector<Case>& cases) {
                                                          : state.data();
       k.selective_scan(c.args(s_in, s_out, y.data()));
       const std::string what = describe(label, c);
-      expect_close((what + " y").c_str(), y.data(), c.y_ref.data(), (int64_t)y.size(), kRel,
-                   kFloor * rms(c.y_ref.data(), y.size()));
-      if (s_out)
-        expect_close((what + " state").c_str(), s_out, c.s_ref.data(), (int64_t)c.s_ref.size(), kRel,
-                     kFloor * rms(c.s_ref.data(), c.s_ref.size()));
+      const double y_floor = kFloor * rms(c.y_ref.data(), y.size());
+      expect_close((what + " y").c_str(), y.data(), c.y_ref.data(), (int64_t)y.size(), kRel, y_floor);
+      worst_seen() = std::max(worst_seen(), compare(y.data(), c.y_ref.data(), (int64_t)y.size(), y_floor).max_rel);
+      if (s_out) {
+        const double s_floor = kFloor * rms(c.s_ref.data(), c.s_ref.size());
+        expect_close((what + " state").c_str(), s_out, c.s_ref.data(), (int64_t)c.s_ref.size(), kRel, s_floor);
+        worst_seen() =
+            std::max(worst_seen(), compare(s_out, c.s_ref.data(), (int64_t)c.s_ref.size(), s_floor).max_rel);
+      }
     }
   });
 }
@@ -208,11 +257,13 @@ void test_step_and_split(const std::vector<Case>& cases) {
   });
 }
 
-// With one state index, a unit state_in, B = 0 and C = 1, y = exp(Δ·A): the kernel's exp alone.
+// With one state index, a unit state_in, B = 0 and C = 1, y = exp(Δ·A): the kernel's decay alone.
 // Δ = 1 and A sweeps [-88, 0] (results down into the subnormal range) and far below (→ 0).
-// Tolerance: 3e-7 relative (≈ 2.5 ulp) for normal results; within 2 subnormal ulps (2.8e-45)
-// absolute below FLT_MIN. With B = 1, state_in = 0, u = 1 instead, y = Δ' = softplus(Δ): swept over
-// [-30, 30] to the same 3e-7 relative.
+// Tolerance: (3e-7 + 1.5e-7·|Δ·A|) relative, plus 2 subnormal ulps (2.8e-45) absolute. 3e-7 is
+// ≈ 2.5 ulp; the term in |Δ·A| is the documented error of the AVX-512 decay, which keeps A as
+// A·log2 e and rounds the product Δ·A·log2 e once (so its error grows only where the decay is
+// small: in absolute terms it stays below 0.6e-7). The other levels meet 3e-7 alone. With B = 1,
+// state_in = 0, u = 1 instead, y = Δ' = softplus(Δ): swept over [-30, 30] to 3e-7 relative.
 void test_exp_and_softplus() {
   const int64_t count = 2000;
   std::vector<float> A(count), ones(count, 1.0f), zeros(count, 0.0f), y(count);
@@ -232,7 +283,8 @@ void test_exp_and_softplus() {
     for (int64_t i = 0; i < count; ++i) {
       const double want = std::exp((double)A[i]);
       const double err = std::fabs(y[i] - want);
-      const bool ok = want >= 1.1754944e-38 ? err <= 3e-7 * want : err <= 2.8e-45;
+      const double x = std::fmin(std::fabs((double)A[i]), 1e6);  // |Δ·A|, finite
+      const bool ok = err <= (3e-7 + 1.5e-7 * x) * want + 2.8e-45;
       if (!ok && bad++ < 3) std::fprintf(stderr, "  %s exp(%.9g) = %.9g, want %.9g\n", label.c_str(), A[i], y[i], want);
     }
     MSSM_CHECK(bad == 0, "%s: exp off at %d arguments", label.c_str(), bad);
@@ -274,6 +326,10 @@ int main() {
   test_comparison_catches_errors(cases);
   test_exp_and_softplus();
   test_sequence_form(cases);
+  std::printf("  sequence form: worst rel err %.3g (tolerance %.0e)\n", worst_seen(), kRel);
+  worst_seen() = 0;
+  test_sequence_form(make_model_like_cases());
+  std::printf("  model-like, 513 tokens: worst rel err %.3g (tolerance %.0e)\n", worst_seen(), kRel);
   test_step_and_split(cases);
   return finish("test_selective_scan");
 }

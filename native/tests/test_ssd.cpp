@@ -1,7 +1,12 @@
 // Mamba-2 SSD kernels (ssd_chunked, ssd_step) against the recurrence of kernels.h evaluated in
 // double, at every CPU level and at 1 and N threads:
 //   - ssd_chunked over a covering set of chunk sizes, lengths, heads/groups, head_dim, state, batch
-//     and options (D, z, dt_bias, softplus, dt clamp, state_in null/given, state_out aliasing);
+//     and options (D, z, dt_bias, softplus, dt clamp, state_in null/given, state_out aliasing),
+//     including lengths around the chunks (63, 65, 257, 513), chunk sizes that do not divide them,
+//     head_dim and state off the kernel's register blocks, and sequences long enough for several
+//     windows of chunks;
+//   - model-like inputs (mamba2-130m head shape, realistic dt' and A, 513 tokens) at chunk sizes 32
+//     to 256;
 //   - the duality: ssd_chunked == ssd_step token by token == the Mamba-1 selective scan with
 //     A[d, n] = A[h(d)], delta[d] = dt[h(d)], D[d] = D[h(d)];
 //   - a sequence split into two calls with the state carried == one call.
@@ -250,6 +255,20 @@ void test_chunked_matches_recurrence() {
       // batch·heads·P·N large enough that the kernel works through the chunks in several windows
       {{1, 257, 8, 64, 128, 2, 8}, clamp_alias},
       {{2, 100, 8, 64, 128, 4, 8}, no_state},
+      // Lengths on either side of the chunks, chunk sizes that do not divide them, head_dim that is not
+      // a multiple of 16 or spans several column blocks of the products (64 + 16, 64 + 36), states
+      // whose rows end in partial row blocks.
+      {{2, 63, 3, 20, 7, 1, 32}, all},
+      {{1, 65, 4, 80, 33, 2, 64}, clamp_alias},
+      {{2, 65, 2, 100, 130, 1, 16}, no_state},
+      {{1, 257, 4, 16, 64, 4, 64}, raw_dt},
+      {{2, 257, 2, 33, 16, 1, 100}, all},
+      {{1, 513, 2, 64, 128, 1, 64}, all},
+      {{1, 513, 2, 64, 128, 2, 256}, no_state},
+      {{2, 513, 3, 24, 16, 3, 37}, clamp_alias},
+      // C·Bᵀ blocks of 2·2·256² floats: the window holds 4 chunks, so 1100 tokens take two windows
+      // (the second starting from the carried state), the last chunk partial.
+      {{2, 1100, 2, 8, 16, 2, 256}, all},
   };
   uint64_t seed = 1000;
   for (const Case& c : cases) {
@@ -433,6 +452,33 @@ void test_duality() {
   }
 }
 
+// Model-like inputs (mamba2-130m heads: P 64, N 128, G 1), where the recurrence remembers longest:
+// dt' from 0.001 to 0.1 (log-uniform, through softplus⁻¹), A from -16 to -1, over 513 tokens, at the
+// chunk sizes a caller would pick; each against the double recurrence.
+void test_model_like() {
+  Options o;  // D, z, bias, softplus, state_in
+  Inputs in = make_inputs({1, 513, 4, 64, 128, 1, 64}, o, 4000);
+  Rng rng(4001);
+  for (auto& d : in.dt) {
+    const double target = std::exp(std::log(0.001) + (std::log(0.1) - std::log(0.001)) * rng.uniform());
+    d = (float)std::log(std::expm1(target));
+  }
+  for (auto& b : in.bias) b = 0.0f;
+  for (auto& a : in.A) a = -rng.uniform(1.0f, 16.0f);
+  std::vector<double> want_y, want_state;
+  reference(in, want_y, want_state);
+  for (int64_t Q : {32, 64, 128, 256}) {
+    in.s.chunk = Q;
+    const std::string name = describe(in);
+    for_each_level([&](const cpu::KernelTable& k, const std::string& label) {
+      std::vector<float> y(want_y.size(), NAN), state(want_state.size(), NAN);
+      k.ssd_chunked(args_for(in, y.data(), in.state.data(), state.data()));
+      check_y("model-like y " + name + " " + label, y.data(), want_y.data(), in.s);
+      check_state("model-like state " + name + " " + label, state.data(), want_state.data(), in.s);
+    });
+  }
+}
+
 // The Mamba-1 side of the duality. Run last: selective_scan lives in another kernel file and aborts
 // while it is still a stub.
 void test_duality_with_selective_scan() {
@@ -467,6 +513,7 @@ int main() {
   section("chunked vs recurrence", test_chunked_matches_recurrence);
   std::printf("  (a 0.1%% error in one head's A shows as a rel err of at least %.3g)\n", weakest_detection());
   section("split equals whole", test_split_equals_whole);
+  section("model-like, 513 tokens", test_model_like);
   section("duality: chunked == step", test_duality);
   section("duality: == selective scan", test_duality_with_selective_scan);
   return finish("test_ssd");

@@ -87,6 +87,25 @@ inline double rms(const T* v, int64_t n) {
   return n ? std::sqrt(s / n) : 0;
 }
 
+// For results whose inputs were rounded on purpose (activations rounded to bf16 or 8 bits): the
+// error's RMS and its largest element, each as a fraction of the RMS of want, within the limits.
+template <typename A, typename B>
+inline void expect_rms_close(const char* what, const A* got, const B* want, int64_t n, double rms_limit,
+                             double max_limit) {
+  double err2 = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double e = (double)got[i] - (double)want[i];
+    err2 += e * e;
+    worst = std::isnan(e) ? INFINITY : std::max(worst, std::fabs(e));
+    if (std::isnan(e)) break;
+  }
+  const double scale = rms(want, n) + 1e-30;
+  const double rel_rms = n ? std::sqrt(err2 / n) / scale : 0, rel_max = worst / scale;
+  MSSM_CHECK(rel_rms <= rms_limit && rel_max <= max_limit,
+             "%s: error RMS %.3g and max %.3g of the values' RMS (limits %.3g, %.3g)", what, rel_rms, rel_max,
+             rms_limit, max_limit);
+}
+
 // Asserts got ≈ want within rel (relative to |want| + floor); prints the worst element on failure.
 template <typename A, typename B>
 inline void expect_close(const char* what, const A* got, const B* want, int64_t n, double rel, double floor) {
