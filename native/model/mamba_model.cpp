@@ -47,6 +47,10 @@ void copy_columns(const float* src, int64_t rows, int64_t width, int64_t first, 
 }
 
 constexpr int64_t kDefaultSegment = 512;
+// SSD's result does not depend on its chunk size; on CPU, chunks of 64 tokens measured fastest at the
+// 130M shape (L 512, H 24, P 64, N 128: 1.72 ms against 2.28 ms at the checkpoints' 256).
+constexpr int64_t kCpuSsdChunk = 64;
+int64_t cpu_ssd_chunk(const Config& c) { return std::min(c.chunk_size, kCpuSsdChunk); }
 
 }  // namespace
 
@@ -382,7 +386,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   s.head_dim = c.head_dim;
   s.state = N;
   s.groups = c.num_groups;
-  s.chunk_size = c.chunk_size;
+  s.chunk_size = cpu_ssd_chunk(c);
   s.x = ws.x;
   s.dt = dt;
   s.A = f32(w.A);
@@ -457,7 +461,8 @@ void Model::forward(const ForwardArgs& a) const {
   int64_t segment = a.segment_tokens;
   if (segment <= 0) {
     // Whole SSD chunks per segment, so a long sequence is chunked as it would be in one pass.
-    segment = c.mamba1() ? kDefaultSegment : std::max(c.chunk_size, kDefaultSegment / c.chunk_size * c.chunk_size);
+    const int64_t chunk = cpu_ssd_chunk(c);
+    segment = c.mamba1() ? kDefaultSegment : std::max(chunk, kDefaultSegment / chunk * chunk);
   }
   const int64_t rows_max = std::min(segment, longest);
   std::unique_ptr<Workspace> ws = acquire(rows_max);
