@@ -294,18 +294,18 @@ void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, flo
 
 // Per-thread scratch of stage B, reused across calls.
 struct ChunkScratch {
-  std::vector<double> cum;     // [Q] cumulative a inside the chunk (double: the differences stay exact)
-  std::vector<float> dtp;      // [Q] dt'
-  std::vector<float> decay;    // [Q] exp(cum[i])
-  std::vector<float> to_end;   // [Q] exp(cum[last] - cum[j])
-  std::vector<float> lseg;     // [Q, Q] Lseg ⊙ C·Bᵀ, zero above the diagonal (scalar path)
-  std::vector<float> to_block;  // [Q] exp(cum[i0] - cum[j]) for one row block (vector path)
-  std::vector<float> within;    // [Q, kRows] Lseg inside each row block (vector path)
-  std::vector<float> block;    // [kRows, Q] the a operand of one row block (vector path)
-  std::vector<float> xdt;      // [Q, P] dt'_j·x_j
-  std::vector<float> xw;       // [Q, P] dt'_j·x_j·exp(cum[last] - cum[j])
-  std::vector<float> bt;       // [N, Q] Bᵀ of one chunk (stage A)
-  std::vector<float> gate;     // [P]
+  std::vector<double> cum;       // [Q] cumulative a inside the chunk (double: the differences stay exact)
+  std::vector<float> dtp;        // [Q] dt'
+  std::vector<float> decay;      // [Q] exp(cum[i])
+  std::vector<float> to_end;     // [Q] exp(cum[last] - cum[j])
+  std::vector<float> lseg;       // [Q, Q] Lseg ⊙ C·Bᵀ (scalar path)
+  std::vector<float> to_block;   // [Q] exp(cum[i0] - cum[j]) for one row block (vector path)
+  std::vector<float> within;     // [Q, kRowsMax] Lseg inside each row block (vector path)
+  std::vector<float> block;      // [kRowsMax, Q] the a operand of one row block (vector path)
+  std::vector<float> xdt;        // [Q, P] dt'_j·x_j
+  std::vector<float> xw;         // [Q, P] dt'_j·x_j·exp(cum[last] - cum[j])
+  std::vector<float> bt;         // [N, Q] Bᵀ of one chunk (stage A)
+  std::vector<float> gate;       // [P]
 };
 ChunkScratch& chunk_scratch() {
   static thread_local ChunkScratch scratch;
