@@ -37,12 +37,16 @@
         "native/core/threadpool.cpp",
         "native/cpu/dispatch.cpp",
         "native/model/mamba_model.cpp",
+        "native/train/ops.cpp",
+        "native/train/moe.cpp",
+        "native/train/trainer.cpp",
         "native/napi/addon.cpp",
         "native/napi/memory.cpp",
         "native/napi/ops.cpp",
         "native/napi/bench.cpp",
         "native/napi/mapfile.cpp",
-        "native/napi/model.cpp"
+        "native/napi/model.cpp",
+        "native/napi/train.cpp"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The mamba-ssm command line: generate, inspect, convert, info.
+// The mamba-ssm command line: generate, train, inspect, convert, info.
 import * as fs from "fs";
 import * as path from "path";
 import { packageRoot } from "./native";
@@ -13,6 +13,13 @@ Usage:
                                                        without --model, the embedded default model)
       --max-tokens N (128)  --temperature T (0.8)  --top-k K (40)  --top-p P (0.95)  --min-p P (0)
       --repetition-penalty R (1)  --seed S  --stop STRING (repeatable)  --dtype f32|bf16|q8_0  --json
+  mamba-ssm train --data FILE --out DIR [options]     train a byte-level model on a text file
+      --arch mamba1|mamba2 (mamba1)  --d-model N (128)  --layers N (4)  --state N (16; mamba2 64)
+      --expand N (2)  --head-dim N (mamba2, 32)  --config FILE (JSON of those fields)  --init PATH
+      --steps N (1000)  --batch N (8)  --length N (256)  --grad-accum N (1)  --lr X (1e-3)
+      --min-lr X (lr/10)  --warmup N  --weight-decay X (0.1)  --max-grad-norm X (1)  --seed S (0)
+      --eval-every N  --eval-batches N (8)  --save-every N  --val-fraction X (0.05)  --resume
+      writes DIR/model (a checkpoint generate --model reads), DIR/loss.csv and DIR/loss.svg
   mamba-ssm inspect PATH [--json]                      architecture, sizes, dtypes, parameters, memory
   mamba-ssm convert IN OUT --to gguf|safetensors [--dtype f32|f16|bf16|q8_0]
   mamba-ssm info                                       version, CPU kernel level, threads
@@ -35,7 +42,7 @@ interface Parsed {
   flags: Map<string, string[]>;
 }
 
-const BOOLEAN_FLAGS = new Set(["json", "help", "version"]);
+const BOOLEAN_FLAGS = new Set(["json", "help", "version", "resume"]);
 
 function parse(argv: string[]): Parsed {
   const positional: string[] = [];
@@ -248,6 +255,61 @@ function progressBar(label: string) {
   };
 }
 
+async function trainCommand(p: Parsed): Promise<number> {
+  const sizeFlags: Record<string, string> = {
+    arch: "architecture", "d-model": "hiddenSize", layers: "numLayers", state: "stateSize", expand: "expand",
+    "head-dim": "headDim", groups: "numGroups", "conv-kernel": "convKernel", "dt-rank": "timeStepRank",
+  };
+  const runFlags: Record<string, string> = {
+    steps: "steps", batch: "batchSize", length: "length", "grad-accum": "gradAccumulation", warmup: "warmupSteps",
+    "eval-every": "evalEvery", "eval-batches": "evalBatches", "save-every": "saveEvery", seed: "seed",
+  };
+  const realFlags: Record<string, string> = {
+    lr: "lr", "min-lr": "minLr", "weight-decay": "weightDecay", "max-grad-norm": "maxGradNorm",
+    "val-fraction": "validationFraction", beta1: "beta1", beta2: "beta2",
+  };
+  checkFlags(p, ["data", "out", "config", "init", "resume", ...Object.keys(sizeFlags), ...Object.keys(runFlags), ...Object.keys(realFlags)]);
+  if (p.positional.length) throw new UsageError(`train takes no positional arguments, got "${p.positional[0]}"`);
+  const data = flag(p, "data");
+  const out = flag(p, "out");
+  if (!data) throw new UsageError("train needs --data FILE (a text file to learn from)");
+  if (!out) throw new UsageError("train needs --out DIR (where the checkpoint and the loss curve go)");
+  const model: Record<string, unknown> = {};
+  const configFile = flag(p, "config");
+  if (configFile) {
+    let json: unknown;
+    try {
+      json = JSON.parse(fs.readFileSync(configFile, "utf8"));
+    } catch (e) {
+      throw new UsageError(`--config ${configFile}: ${(e as Error).message}`);
+    }
+    if (typeof json !== "object" || json === null || Array.isArray(json)) throw new UsageError(`--config ${configFile}: expected a JSON object`);
+    Object.assign(model, json);
+  }
+  for (const [name, field] of Object.entries(sizeFlags)) {
+    const raw = flag(p, name);
+    if (raw === undefined) continue;
+    model[field] = name === "arch" ? raw : numberFlag(p, name, (v) => Number.isInteger(v) && v >= 1, "an integer >= 1");
+  }
+  const options: Record<string, unknown> = { data, out, model, init: flag(p, "init"), resume: p.flags.has("resume") };
+  for (const [name, field] of Object.entries(runFlags)) {
+    const v = numberFlag(p, name, (x) => Number.isInteger(x) && x >= 0, "an integer >= 0");
+    if (v !== undefined) options[field] = v;
+  }
+  for (const [name, field] of Object.entries(realFlags)) {
+    const v = numberFlag(p, name, (x) => x >= 0, "a number >= 0");
+    if (v !== undefined) options[field] = v;
+  }
+  const { train } = await import("./training/train");
+  const result = await train(options as unknown as import("./training/train").TrainOptions);
+  const evalText = result.evalLoss !== undefined ? `, eval loss ${result.evalLoss.toFixed(4)} (${(result.evalLoss / Math.LN2).toFixed(3)} bits/byte)` : "";
+  process.stdout.write(
+    `trained ${result.steps} steps: train loss ${result.trainLoss.toFixed(4)}${evalText}, ${Math.round(result.tokensPerSecond)} tokens/s\n` +
+      `model: ${result.model}\nloss curve: ${path.join(result.out, "loss.svg")}, ${path.join(result.out, "loss.csv")}\n`,
+  );
+  return 0;
+}
+
 function info(): number {
   const cpu = cpuInfo();
   process.stdout.write(
@@ -274,6 +336,8 @@ async function main(argv: string[]): Promise<number> {
   switch (command) {
     case "generate":
       return generate(p);
+    case "train":
+      return trainCommand(p);
     case "inspect":
       return inspect(p);
     case "convert":

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../core/exp_poly.h"
 #include "../core/threadpool.h"
 
 namespace mssm::cpu::MSSM_LEVEL {
@@ -31,31 +32,8 @@ constexpr int64_t kSumBlock = 512;
 // Floats per parallel chunk below which a row loop stays on one thread.
 constexpr int64_t kMinFloatsPerThread = 1 << 14;
 
-// e^v to about 2 ulp for v in [-87, 88] (clamped there, so the result is finite and normal):
-// v = n·ln2 + r with |r| ≤ ln2/2, then e^r by its Taylor series to r⁷ (the r⁸/8! term is below 6e-9
-// relative) and 2^n put in the exponent bits. Branch-free so that loops over it vectorise.
-inline float exp_approx(float v) {
-  v = std::min(88.0f, std::max(-87.0f, v));
-  // Adding and subtracting 1.5·2^23 rounds to the nearest integer (valid for |v·log2e| < 2^22).
-  const float n = (v * 1.44269504f + 12582912.0f) - 12582912.0f;
-  // ln 2 split in two so that n · ln2_high is exact (ln2_high has 9 significant bits).
-  const float r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const uint32_t scale_bits = (uint32_t)((int32_t)n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, 4);
-  return p * scale;
-}
 
-// silu(z) = z · sigmoid(z)
-inline float silu(float z) { return z / (1.0f + exp_approx(-z)); }
+inline float silu(float z) { return z / (1.0f + exp_poly(-z)); }
 
 inline float inverse_rms(double sum_squares, int64_t count, float eps) {
   return (float)(1.0 / std::sqrt(sum_squares / (double)count + (double)eps));

@@ -10,6 +10,10 @@
 
 #include "core/dtype.h"
 
+namespace mssm::model {
+struct Config;
+}
+
 namespace mssm::napi {
 
 struct ArgError {
@@ -130,5 +134,9 @@ void register_ops(Napi::Env env, Napi::Object exports);
 void register_bench(Napi::Env env, Napi::Object exports);
 void register_mapfile(Napi::Env env, Napi::Object exports);
 void register_model(Napi::Env env, Napi::Object exports);
+void register_train(Napi::Env env, Napi::Object exports);
+
+// A model configuration object (the fields of lib/models/config.ts), checked; errors name the field.
+model::Config read_model_config(const Args& args, Napi::Value value);
 
 }  // namespace mssm::napi

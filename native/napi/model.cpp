@@ -469,6 +469,8 @@ Napi::Value ModelRelease(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+model::Config read_model_config(const Args& args, Napi::Value value) { return read_config(args, value); }
+
 void register_model(Napi::Env env, Napi::Object exports) {
   exports.Set("modelCreate", Napi::Function::New(env, ModelCreate, "modelCreate"));
   exports.Set("modelForward", Napi::Function::New(env, ModelForward, "modelForward"));

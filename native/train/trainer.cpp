@@ -1,0 +1,562 @@
+// The model-level forward and backward of trainer.h, and AdamW.
+//
+// The forward follows mamba_model.cpp's order exactly (in_proj, causal conv + SiLU, the selective scan
+// or its Mamba-2 form, the gated norm, out_proj, residuals, final norm, head) with the training ops of
+// ops.h, keeping what the backward needs; the backward walks the layers last to first. Matmuls in
+// float go through the CPU kernels (y = x·Wᵀ), the two backward products through transposed copies:
+//   dX = dY·W = dY·(Wᵀ)ᵀ          (Wᵀ copied once per product)
+//   dW += dYᵀ·X = (dYᵀ)·(Xᵀ)ᵀ      (dYᵀ and Xᵀ copied)
+// In double (the gradient checks) they are plain loops.
+//
+// Mamba-2's scan is run as the Mamba-1 scan over di = H·P channels with the head's dt, A, D and dt
+// bias repeated over its P channels and B, C shared by the channels of a group; the gradients of the
+// repeated values are summed back per head.
+#include "trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "../core/threadpool.h"
+#include "../cpu/kernels.h"
+#include "ops.h"
+
+namespace mssm::train {
+
+namespace {
+
+using model::Config;
+
+// ---- Products ---------------------------------------------------------------------------------
+
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t kBlock = 32;
+  parallel_for((cols + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t cb = begin * kBlock; cb < std::min(cols, end * kBlock); cb += kBlock) {
+      const int64_t ce = std::min(cols, cb + kBlock);
+      for (int64_t rb = 0; rb < rows; rb += kBlock) {
+        const int64_t re = std::min(rows, rb + kBlock);
+        for (int64_t c = cb; c < ce; ++c)
+          for (int64_t r = rb; r < re; ++r) dst[c * rows + r] = src[r * cols + c];
+      }
+    }
+  });
+}
+
+// y[M,N] = x[M,K]·W[N,K]ᵀ (+ bias)
+void linear(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+            std::vector<float>&) {
+  cpu::kernels().matmul(x, W, DType::f32, bias, y, M, N, K);
+}
+void linear(const double* x, const double* W, const double* bias, double* y, int64_t M, int64_t N, int64_t K,
+            std::vector<double>&) {
+  parallel_for(M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = bias ? bias[n] : 0.0;
+        for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * W[n * K + k];
+        y[m * N + n] = s;
+      }
+  });
+}
+
+// dx[M,K] = dy[M,N]·W[N,K], or += when accumulate.
+void linear_input_grad(const float* dy, const float* W, float* dx, int64_t M, int64_t N, int64_t K, bool accumulate,
+                       std::vector<float>& scratch) {
+  scratch.resize((size_t)(K * N + (accumulate ? M * K : 0)));
+  float* Wt = scratch.data();
+  transpose(W, N, K, Wt);
+  float* out = accumulate ? Wt + K * N : dx;
+  cpu::kernels().matmul(dy, Wt, DType::f32, nullptr, out, M, K, N);
+  if (accumulate) {
+    parallel_for(M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * K; i < end * K; ++i) dx[i] += out[i];
+    });
+  }
+}
+void linear_input_grad(const double* dy, const double* W, double* dx, int64_t M, int64_t N, int64_t K,
+                       bool accumulate, std::vector<double>&) {
+  parallel_for(M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      double* row = dx + m * K;
+      if (!accumulate) std::fill(row, row + K, 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        const double g = dy[m * N + n];
+        for (int64_t k = 0; k < K; ++k) row[k] += g * W[n * K + k];
+      }
+    }
+  });
+}
+
+// dW[N,K] += dy[M,N]ᵀ·x[M,K];  dbias[N] += Σ_m dy[m] when dbias is given.
+void linear_weight_grad(const float* dy, const float* x, float* dW, float* dbias, int64_t M, int64_t N, int64_t K,
+                        std::vector<float>& scratch) {
+  scratch.resize((size_t)(N * M + K * M + N * K));
+  float* dyt = scratch.data();
+  float* xt = dyt + N * M;
+  float* prod = xt + K * M;
+  transpose(dy, M, N, dyt);
+  transpose(x, M, K, xt);
+  cpu::kernels().matmul(dyt, xt, DType::f32, nullptr, prod, N, K, M);
+  parallel_for(N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * K; i < end * K; ++i) dW[i] += prod[i];
+    if (dbias) {
+      for (int64_t n = begin; n < end; ++n) {
+        double s = 0;
+        for (int64_t m = 0; m < M; ++m) s += dyt[n * M + m];
+        dbias[n] += (float)s;
+      }
+    }
+  });
+}
+void linear_weight_grad(const double* dy, const double* x, double* dW, double* dbias, int64_t M, int64_t N,
+                        int64_t K, std::vector<double>&) {
+  parallel_for(N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      double* row = dW + n * K;
+      double sb = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const double g = dy[m * N + n];
+        sb += g;
+        for (int64_t k = 0; k < K; ++k) row[k] += g * x[m * K + k];
+      }
+      if (dbias) dbias[n] += sb;
+    }
+  });
+}
+
+// Columns [first, first + count) of `rows` rows of width `width`, to or from a packed [rows, count].
+template <typename T>
+void take_columns(const T* src, int64_t rows, int64_t width, int64_t first, int64_t count, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * count, src + r * width + first, count * sizeof(T));
+}
+template <typename T>
+void put_columns(const T* src, int64_t rows, int64_t width, int64_t first, int64_t count, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * width + first, src + r * count, count * sizeof(T));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// What one layer's forward keeps for its backward.
+template <typename T>
+struct LayerSaved {
+  std::vector<T> resid;     // [rows, d]   the layer's input (residual stream)
+  std::vector<T> rstd;      // [rows]
+  std::vector<T> hn;        // [rows, d]   rmsnorm(resid)·norm
+  std::vector<T> z;         // [rows, di]
+  std::vector<T> conv_in;   // Mamba-1 x [rows, di]; Mamba-2 xBC [rows, di + 2GN] (before the conv)
+  std::vector<T> u;         // [rows, di]  the scan's input (the conv's output; Mamba-2: its x part)
+  std::vector<T> dt_low;    // Mamba-1 [rows, R]
+  std::vector<T> Bm, Cm;    // [rows, G·N]
+  std::vector<T> delta;     // Mamba-1 [rows, di] (before the bias); Mamba-2 dt [rows, H]
+  std::vector<T> y;         // [rows, di]  the scan's output (Mamba-1: gated)
+  std::vector<T> yn;        // Mamba-2 [rows, di] the gated norm's output
+  std::vector<T> rstd_g;    // Mamba-2 [rows, G]
+  std::vector<T> boundary;  // the scan's chunk-start states
+};
+
+// The per-head values of a Mamba-2 layer repeated over each head's P channels.
+template <typename T>
+struct Expanded {
+  std::vector<T> delta, bias, A, D;
+};
+
+}  // namespace
+
+// ---- Parameters -------------------------------------------------------------------------------
+
+std::vector<ParamSlot> parameter_slots(const Config& config) {
+  std::vector<ParamSlot> slots;
+  int64_t offset = 0;
+  for (const model::WeightSpec& spec : model::expected_weights(config)) {
+    ParamSlot s;
+    const std::string base = spec.name.substr(spec.name.rfind('.') + 1);
+    s.name = base == "A" ? spec.name + "_log" : spec.name;
+    s.shape = spec.shape;
+    s.count = 1;
+    for (int64_t v : spec.shape) s.count *= v;
+    s.offset = offset;
+    // Rounded to whole cache lines so no two tensors share one.
+    offset += (s.count + 15) / 16 * 16;
+    s.decay = spec.matrix || base == "conv";
+    slots.push_back(std::move(s));
+  }
+  return slots;
+}
+
+template <typename T>
+Trainer<T>::Trainer(const Config& config, int64_t scan_chunk) : config_(config), scan_chunk_(scan_chunk) {
+  model::validate_config(config_);
+  if (scan_chunk_ < 1) throw std::invalid_argument("trainer: scanChunk must be at least 1");
+  slots_ = parameter_slots(config_);
+  const ParamSlot& last = slots_.back();
+  params_.assign((size_t)(last.offset + (last.count + 15) / 16 * 16), T(0));
+  grads_.assign(params_.size(), T(0));
+}
+
+template <typename T>
+const ParamSlot* Trainer<T>::slot(const std::string& name) const {
+  for (const ParamSlot& s : slots_)
+    if (s.name == name) return &s;
+  return nullptr;
+}
+
+template <typename T>
+void Trainer<T>::zero_grads() {
+  std::fill(grads_.begin(), grads_.end(), T(0));
+}
+
+template <typename T>
+double Trainer<T>::grad_norm() const {
+  double s = 0;
+  for (T g : grads_) s += (double)g * (double)g;
+  return std::sqrt(s);
+}
+
+template <typename T>
+void Trainer<T>::scale_grads(double factor) {
+  for (T& g : grads_) g = (T)(g * factor);
+}
+
+template <typename T>
+int64_t Trainer<T>::activation_floats_per_token() const {
+  const Config& c = config_;
+  const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size;
+  int64_t layer;
+  if (c.mamba1()) {
+    // resid, rstd, hn, z, conv_in, u, dt_low, B, C, delta, y
+    layer = 2 * d + 1 + 5 * di + c.time_step_rank + 2 * N;
+  } else {
+    const int64_t gn = c.num_groups * N;
+    // resid, rstd, hn, z, conv_in, u, B, C, dt, y, yn, rstd_g
+    layer = 2 * d + 1 + di + (di + 2 * gn) + di + 2 * gn + c.num_heads + 2 * di + c.num_groups;
+  }
+  // Per token beside the layers: the final norm's input and output, its rstd, the gradient stream.
+  return c.num_layers * layer + 3 * d + 1;
+}
+
+template <typename T>
+int64_t Trainer<T>::boundary_floats(int64_t batch, int64_t length) const {
+  return config_.num_layers * batch * ceil_div(length, scan_chunk_) * config_.intermediate_size * config_.state_size;
+}
+
+template <typename T>
+BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t length,
+                                       bool backward, T loss_scale) {
+  const Config& c = config_;
+  if (batch < 1 || length < 1) {
+    throw std::invalid_argument("trainer: batch and length must be at least 1, got " + std::to_string(batch) + " and " +
+                                std::to_string(length));
+  }
+  const int64_t rows = batch * length;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (ids[i] < 0 || ids[i] >= c.vocab_size) {
+      throw std::out_of_range("trainer: token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                              " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    }
+    if (targets[i] >= c.vocab_size) {
+      throw std::out_of_range("trainer: target " + std::to_string(targets[i]) + " at position " + std::to_string(i) +
+                              " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    }
+  }
+  const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, V = c.vocab_size;
+  const int64_t H = c.num_heads, P = c.head_dim, G = c.mamba1() ? 1 : c.num_groups, gn = G * N;
+  const int64_t R = c.time_step_rank, ch = c.conv_channels(), K = c.conv_kernel;
+  const T eps = (T)c.norm_eps;
+  auto P_ = [&](const std::string& name) -> T* {
+    const ParamSlot* s = slot(name);
+    return s ? params_.data() + s->offset : nullptr;
+  };
+  auto G_ = [&](const std::string& name) -> T* {
+    const ParamSlot* s = slot(name);
+    return s ? grads_.data() + s->offset : nullptr;
+  };
+  std::vector<T> scratch;
+
+  ScanArgs scan;
+  scan.batch = batch;
+  scan.length = length;
+  scan.channels = di;
+  scan.state = N;
+  scan.groups = G;
+  scan.chunk = scan_chunk_;
+  scan.softplus = true;
+  if (!c.mamba1()) {
+    scan.dt_min = c.time_step_min;
+    scan.dt_max = c.time_step_max;
+  }
+
+  // A = -exp(A_log), per channel (Mamba-2: the head's, repeated over P channels and N states).
+  auto layer_A = [&](const std::string& p, std::vector<T>& A) {
+    const T* A_log = P_(p + "A_log");
+    A.resize((size_t)(di * N));
+    for (int64_t i = 0; i < di * N; ++i) {
+      const int64_t src = c.mamba1() ? i : (i / N) / P;
+      A[i] = -std::exp(A_log[src]);
+    }
+  };
+  auto expand_heads = [&](const std::string& p, const T* dt, Expanded<T>& e) {
+    e.delta.resize((size_t)(rows * di));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < H; ++h) std::fill_n(e.delta.data() + r * di + h * P, P, dt[r * H + h]);
+    e.bias.resize((size_t)di);
+    e.D.resize((size_t)di);
+    const T* dt_bias = P_(p + "dt_bias");
+    const T* D = P_(p + "D");
+    for (int64_t h = 0; h < H; ++h) {
+      std::fill_n(e.bias.data() + h * P, P, dt_bias[h]);
+      std::fill_n(e.D.data() + h * P, P, D[h]);
+    }
+  };
+
+  // The scan's inputs of a layer: Mamba-1 reads its own; Mamba-2 the head values repeated in `e`.
+  auto scan_inputs = [&](const std::string& p, const LayerSaved<T>& s, const std::vector<T>& A, const Expanded<T>* e) {
+    ScanTensors<T> t;
+    t.u = s.u.data();
+    t.A = A.data();
+    t.B = s.Bm.data();
+    t.C = s.Cm.data();
+    if (e) {
+      t.delta = e->delta.data();
+      t.D = e->D.data();
+      t.delta_bias = e->bias.data();
+    } else {
+      t.delta = s.delta.data();
+      t.D = P_(p + "D");
+      t.z = s.z.data();
+      t.delta_bias = P_(p + "dt_bias");
+    }
+    return t;
+  };
+
+  // ---- Forward ----
+  std::vector<LayerSaved<T>> saved((size_t)c.num_layers);
+  std::vector<T> resid((size_t)(rows * d)), h((size_t)(rows * d));
+  const T* emb = P_("embeddings");
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(resid.data() + r * d, emb + (int64_t)ids[r] * d, d * sizeof(T));
+  std::vector<T> A, tmp;
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    LayerSaved<T>& s = saved[(size_t)i];
+    if (i > 0)
+      for (int64_t j = 0; j < rows * d; ++j) resid[j] += h[j];
+    s.resid = resid;
+    s.rstd.resize((size_t)rows);
+    s.hn.resize((size_t)(rows * d));
+    rmsnorm_forward(s.resid.data(), P_(p + "norm"), s.hn.data(), s.rstd.data(), rows, d, eps);
+    const T* W_in = P_(p + "in_proj");
+    const T* b_in = P_(p + "in_proj_bias");
+    auto in_rows = [&](int64_t first, int64_t count, std::vector<T>& out) {
+      out.resize((size_t)(rows * count));
+      linear(s.hn.data(), W_in + first * d, b_in ? b_in + first : nullptr, out.data(), rows, count, d, scratch);
+    };
+    layer_A(p, A);
+    s.y.resize((size_t)(rows * di));
+    s.boundary.resize((size_t)(batch * ceil_div(length, scan_chunk_) * di * N));
+    if (c.mamba1()) {
+      in_rows(0, di, s.conv_in);
+      in_rows(di, di, s.z);
+      s.u.resize((size_t)(rows * di));
+      conv1d_forward(s.conv_in.data(), P_(p + "conv"), P_(p + "conv_bias"), s.u.data(), batch, length, di, K, true);
+      tmp.resize((size_t)(rows * (R + 2 * N)));
+      linear(s.u.data(), P_(p + "x_proj"), (const T*)nullptr, tmp.data(), rows, R + 2 * N, di, scratch);
+      s.dt_low.resize((size_t)(rows * R));
+      s.Bm.resize((size_t)(rows * N));
+      s.Cm.resize((size_t)(rows * N));
+      take_columns(tmp.data(), rows, R + 2 * N, 0, R, s.dt_low.data());
+      take_columns(tmp.data(), rows, R + 2 * N, R, N, s.Bm.data());
+      take_columns(tmp.data(), rows, R + 2 * N, R + N, N, s.Cm.data());
+      s.delta.resize((size_t)(rows * di));
+      linear(s.dt_low.data(), P_(p + "dt_proj"), (const T*)nullptr, s.delta.data(), rows, di, R, scratch);
+      scan_forward(scan, scan_inputs(p, s, A, nullptr), s.y.data(), s.boundary.data());
+      linear(s.y.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di, scratch);
+    } else {
+      in_rows(0, di, s.z);
+      in_rows(di, ch, s.conv_in);
+      in_rows(di + ch, H, s.delta);
+      tmp.resize((size_t)(rows * ch));
+      conv1d_forward(s.conv_in.data(), P_(p + "conv"), P_(p + "conv_bias"), tmp.data(), batch, length, ch, K, true);
+      s.u.resize((size_t)(rows * di));
+      s.Bm.resize((size_t)(rows * gn));
+      s.Cm.resize((size_t)(rows * gn));
+      take_columns(tmp.data(), rows, ch, 0, di, s.u.data());
+      take_columns(tmp.data(), rows, ch, di, gn, s.Bm.data());
+      take_columns(tmp.data(), rows, ch, di + gn, gn, s.Cm.data());
+      Expanded<T> e;
+      expand_heads(p, s.delta.data(), e);
+      scan_forward(scan, scan_inputs(p, s, A, &e), s.y.data(), s.boundary.data());
+      s.yn.resize((size_t)(rows * di));
+      s.rstd_g.resize((size_t)(rows * G));
+      gated_rmsnorm_forward(s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.yn.data(), s.rstd_g.data(), rows, di, di / G,
+                            eps, c.norm_before_gate);
+      linear(s.yn.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di, scratch);
+    }
+  }
+  // residual = h + residual; logits = head · rmsnorm_f(residual), in blocks of rows so that at most
+  // kHeadRows × vocab logits exist at once.
+  for (int64_t j = 0; j < rows * d; ++j) resid[j] += h[j];
+  std::vector<T> rstd_f((size_t)rows), hf((size_t)(rows * d));
+  rmsnorm_forward(resid.data(), P_("norm_f"), hf.data(), rstd_f.data(), rows, d, eps);
+  const T* head = c.tie_embeddings ? P_("embeddings") : P_("lm_head");
+  T* dhead = c.tie_embeddings ? G_("embeddings") : G_("lm_head");
+  constexpr int64_t kHeadRows = 256;
+  std::vector<T> logits((size_t)(std::min(rows, kHeadRows) * V));
+  std::vector<T> dhf(backward ? (size_t)(rows * d) : 0);
+  BatchLoss loss;
+  for (int64_t r0 = 0; r0 < rows; r0 += kHeadRows) {
+    const int64_t n = std::min(kHeadRows, rows - r0);
+    linear(hf.data() + r0 * d, head, (const T*)nullptr, logits.data(), n, V, d, scratch);
+    loss.sum += cross_entropy(logits.data(), targets + r0, n, V, loss_scale, &loss.count);
+    if (backward) {
+      linear_input_grad(logits.data(), head, dhf.data() + r0 * d, n, V, d, false, scratch);
+      linear_weight_grad(logits.data(), hf.data() + r0 * d, dhead, (T*)nullptr, n, V, d, scratch);
+    }
+  }
+  if (!backward) return loss;
+
+  // ---- Backward ----
+  // g: the gradient of the residual stream after the current layer (starting with the final one).
+  std::vector<T> g((size_t)(rows * d), T(0));
+  rmsnorm_backward(dhf.data(), resid.data(), P_("norm_f"), rstd_f.data(), g.data(), G_("norm_f"), rows, d);
+  std::vector<T> dy, du, ddelta, dB, dC, dz, dA, dD, dbias, packed, dhn((size_t)(rows * d));
+  for (int64_t i = c.num_layers - 1; i >= 0; --i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    LayerSaved<T>& s = saved[(size_t)i];
+    layer_A(p, A);
+    const T* W_in = P_(p + "in_proj");
+    const T* W_out = P_(p + "out_proj");
+    // out = (Mamba-1 y | Mamba-2 yn) · W_outᵀ + b
+    const std::vector<T>& out_in = c.mamba1() ? s.y : s.yn;
+    linear_weight_grad(g.data(), out_in.data(), G_(p + "out_proj"), G_(p + "out_proj_bias"), rows, d, di, scratch);
+    dy.resize((size_t)(rows * di));
+    linear_input_grad(g.data(), W_out, dy.data(), rows, d, di, false, scratch);
+    du.resize((size_t)(rows * di));
+    ddelta.resize((size_t)(rows * di));
+    dB.resize((size_t)(rows * gn));
+    dC.resize((size_t)(rows * gn));
+    dz.resize((size_t)(rows * di));
+    dA.assign((size_t)(di * N), T(0));
+    ScanGrads<T> sg;
+    sg.du = du.data();
+    sg.ddelta = ddelta.data();
+    sg.dA = dA.data();
+    sg.dB = dB.data();
+    sg.dC = dC.data();
+    T* dA_log = G_(p + "A_log");
+    if (c.mamba1()) {
+      sg.dD = G_(p + "D");
+      sg.dz = dz.data();
+      sg.ddelta_bias = G_(p + "dt_bias");
+      scan_backward(scan, scan_inputs(p, s, A, nullptr), s.boundary.data(), dy.data(), sg);
+      for (int64_t j = 0; j < di * N; ++j) dA_log[j] += dA[j] * A[j];
+      // delta = dt_low · W_dtᵀ
+      linear_weight_grad(ddelta.data(), s.dt_low.data(), G_(p + "dt_proj"), (T*)nullptr, rows, di, R, scratch);
+      tmp.resize((size_t)(rows * R));
+      linear_input_grad(ddelta.data(), P_(p + "dt_proj"), tmp.data(), rows, di, R, false, scratch);
+      // [dt_low, B, C] = u · W_xᵀ
+      packed.resize((size_t)(rows * (R + 2 * N)));
+      put_columns(tmp.data(), rows, R + 2 * N, 0, R, packed.data());
+      put_columns(dB.data(), rows, R + 2 * N, R, N, packed.data());
+      put_columns(dC.data(), rows, R + 2 * N, R + N, N, packed.data());
+      linear_weight_grad(packed.data(), s.u.data(), G_(p + "x_proj"), (T*)nullptr, rows, R + 2 * N, di, scratch);
+      linear_input_grad(packed.data(), P_(p + "x_proj"), du.data(), rows, R + 2 * N, di, true, scratch);
+      // u = silu(conv(x) + b)
+      tmp.resize((size_t)(rows * di));
+      conv1d_backward(du.data(), s.conv_in.data(), P_(p + "conv"), P_(p + "conv_bias"), tmp.data(), G_(p + "conv"),
+                      G_(p + "conv_bias"), batch, length, di, K, true);
+      // [x, z] = hn · W_inᵀ + b
+      packed.resize((size_t)(rows * 2 * di));
+      put_columns(tmp.data(), rows, 2 * di, 0, di, packed.data());
+      put_columns(dz.data(), rows, 2 * di, di, di, packed.data());
+    } else {
+      // yn = gated_norm(y, z) · w
+      // (dy holds the gradient of yn so far; the gated norm turns it into the scan output's.)
+      tmp.assign(dy.begin(), dy.end());
+      gated_rmsnorm_backward(tmp.data(), s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.rstd_g.data(), dy.data(),
+                             dz.data(), G_(p + "ssm_norm"), rows, di, di / G, c.norm_before_gate);
+      Expanded<T> e;
+      expand_heads(p, s.delta.data(), e);
+      dD.assign((size_t)di, T(0));
+      dbias.assign((size_t)di, T(0));
+      sg.dD = dD.data();
+      sg.ddelta_bias = dbias.data();
+      scan_backward(scan, scan_inputs(p, s, A, &e), s.boundary.data(), dy.data(), sg);
+      // Sums over each head's channels.
+      T* dDh = G_(p + "D");
+      T* dbh = G_(p + "dt_bias");
+      const T* A_log = P_(p + "A_log");
+      for (int64_t hh = 0; hh < H; ++hh) {
+        T sa = 0, sd = 0, sb = 0;
+        for (int64_t j = hh * P * N; j < (hh + 1) * P * N; ++j) sa += dA[j];
+        for (int64_t j = hh * P; j < (hh + 1) * P; ++j) {
+          sd += dD[j];
+          sb += dbias[j];
+        }
+        dA_log[hh] += sa * -std::exp(A_log[hh]);
+        dDh[hh] += sd;
+        dbh[hh] += sb;
+      }
+      std::vector<T> ddt((size_t)(rows * H));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t hh = 0; hh < H; ++hh) {
+          T sum = 0;
+          for (int64_t q = 0; q < P; ++q) sum += ddelta[r * di + hh * P + q];
+          ddt[r * H + hh] = sum;
+        }
+      // xBC = silu(conv(xBC_in) + b), split into x, B, C
+      packed.resize((size_t)(rows * ch));
+      put_columns(du.data(), rows, ch, 0, di, packed.data());
+      put_columns(dB.data(), rows, ch, di, gn, packed.data());
+      put_columns(dC.data(), rows, ch, di + gn, gn, packed.data());
+      tmp.resize((size_t)(rows * ch));
+      conv1d_backward(packed.data(), s.conv_in.data(), P_(p + "conv"), P_(p + "conv_bias"), tmp.data(),
+                      G_(p + "conv"), G_(p + "conv_bias"), batch, length, ch, K, true);
+      // [z, xBC_in, dt] = hn · W_inᵀ + b
+      const int64_t width = di + ch + H;
+      packed.resize((size_t)(rows * width));
+      put_columns(dz.data(), rows, width, 0, di, packed.data());
+      put_columns(tmp.data(), rows, width, di, ch, packed.data());
+      put_columns(ddt.data(), rows, width, di + ch, H, packed.data());
+    }
+    const int64_t width = c.in_proj_rows();
+    linear_weight_grad(packed.data(), s.hn.data(), G_(p + "in_proj"), G_(p + "in_proj_bias"), rows, width, d, scratch);
+    linear_input_grad(packed.data(), W_in, dhn.data(), rows, width, d, false, scratch);
+    // hn = rmsnorm(resid)·w; the residual passes g through unchanged and adds the norm's gradient.
+    rmsnorm_backward(dhn.data(), s.resid.data(), P_(p + "norm"), s.rstd.data(), g.data(), G_(p + "norm"), rows, d);
+    // This layer's activations are no longer needed.
+    s = LayerSaved<T>();
+  }
+  T* demb = G_("embeddings");
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = demb + (int64_t)ids[r] * d;
+    const T* src = g.data() + r * d;
+    for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+  }
+  return loss;
+}
+
+template class Trainer<float>;
+template class Trainer<double>;
+
+void adamw_update(float* params, const float* grads, float* m, float* v, const std::vector<ParamSlot>& slots,
+                  const AdamWParams& a) {
+  if (a.step < 1) throw std::invalid_argument("adamw: step counts from 1");
+  const double c1 = 1.0 - std::pow(a.beta1, (double)a.step), c2 = 1.0 - std::pow(a.beta2, (double)a.step);
+  const float lr = (float)a.lr, b1 = (float)a.beta1, b2 = (float)a.beta2, eps = (float)a.eps;
+  const float step_size = (float)(a.lr / c1), inv_sqrt_c2 = (float)(1.0 / std::sqrt(c2));
+  for (const ParamSlot& s : slots) {
+    const float shrink = s.decay ? 1.0f - lr * (float)a.weight_decay : 1.0f;
+    parallel_for(s.count, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = s.offset + begin; j < s.offset + end; ++j) {
+        const float gj = grads[j];
+        m[j] = b1 * m[j] + (1.0f - b1) * gj;
+        v[j] = b2 * v[j] + (1.0f - b2) * gj * gj;
+        params[j] = params[j] * shrink - step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_c2 + eps);
+      }
+    });
+  }
+}
+
+}  // namespace mssm::train

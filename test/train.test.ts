@@ -1,0 +1,266 @@
+// Training: the native trainer's loss and gradients against PyTorch autograd (fixtures written by
+// scripts/fixtures/train_reference.py in float64), the weight conversion A ↔ A_log, and train()
+// end to end: the loss falls, the checkpoint loads and generates, and a run resumed after an
+// interruption — including a process killed at a random moment, often mid-checkpoint — continues
+// exactly the loss curve of an uninterrupted run.
+import { spawn } from "child_process";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { initWeights, loadModel, MambaConfig, Trainer, train, trainConfig } from "../lib";
+import type { TrainOptions } from "../lib";
+
+interface Fixture {
+  config: Omit<MambaConfig, "timeStepLimit"> & { timeStepLimit: [number, number | null] };
+  batch: number;
+  length: number;
+  ids: number[][];
+  targets: number[][];
+  loss: number;
+  params: Record<string, { shape: number[]; data: number[] }>;
+  grads: Record<string, { shape: number[]; data: number[] }>;
+}
+
+function readFixture(name: string): Fixture {
+  return JSON.parse(fs.readFileSync(path.join(__dirname, "fixtures", "train", name), "utf8"));
+}
+
+function tempDir(): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), "mamba-train-"));
+}
+
+describe("Trainer against PyTorch autograd", () => {
+  for (const name of ["mamba1.json", "mamba2.json"]) {
+    test(`${name}: loss and every parameter's gradient within 1e-4`, async () => {
+      const f = readFixture(name);
+      const config = { ...f.config, timeStepLimit: [f.config.timeStepLimit[0], f.config.timeStepLimit[1] ?? Infinity] } as MambaConfig;
+      const trainer = new Trainer(config, { scanChunk: 4 });
+      try {
+        const params = new Float32Array(trainer.floats);
+        for (const s of trainer.slots) {
+          const p = f.params[s.name];
+          expect(p).toBeDefined();
+          expect(p.shape).toEqual(s.shape);
+          params.set(p.data, s.offset);
+        }
+        expect(Object.keys(f.params).length).toBe(trainer.slots.length);
+        trainer.write("params", params);
+        const ids = Int32Array.from(f.ids.flat());
+        const targets = Int32Array.from(f.targets.flat());
+        const count = targets.filter((t) => t >= 0).length;
+        const r = await trainer.forwardBackward(ids, targets, f.batch, f.length, { lossScale: 1 / count });
+        expect(r.count).toBe(count);
+        expect(Math.abs(r.sum / count - f.loss)).toBeLessThan(1e-5 * f.loss);
+        const grads = trainer.tensors("grads");
+        for (const s of trainer.slots) {
+          const want = f.grads[s.name].data;
+          const got = grads.get(s.name)!;
+          let err = 0, ref = 0;
+          for (let i = 0; i < want.length; i++) {
+            err = Math.max(err, Math.abs(got[i] - want[i]));
+            ref = Math.max(ref, Math.abs(want[i]));
+          }
+          // ‖got − want‖∞ ≤ 1e-4 · ‖want‖∞, tensor by tensor
+          if (!(err <= 1e-4 * ref)) throw new Error(`${name}: gradient of ${s.name}: error ${err} against max ${ref}`);
+        }
+      } finally {
+        trainer.dispose();
+      }
+    });
+  }
+
+  test("a wrong gradient would be caught: the fixture's gradients are far from zero", () => {
+    const f = readFixture("mamba1.json");
+    for (const [name, g] of Object.entries(f.grads)) {
+      expect({ name, large: Math.max(...g.data.map(Math.abs)) > 1e-5 }).toEqual({ name, large: true });
+    }
+  });
+});
+
+describe("Trainer", () => {
+  test("loadWeights and weights() convert A to A_log and back", () => {
+    for (const architecture of ["mamba1", "mamba2"] as const) {
+      const config = trainConfig({ architecture, hiddenSize: 32, numLayers: 2, headDim: 16 });
+      const weights = initWeights(config, { seed: 3 });
+      const trainer = new Trainer(config);
+      trainer.loadWeights(weights);
+      const params = trainer.tensors("params");
+      const A = weights.get("layers.1.A")!.data as Float32Array;
+      const A_log = params.get("layers.1.A_log")!;
+      for (let i = 0; i < A.length; i++) expect(A_log[i]).toBeCloseTo(Math.log(-A[i]), 6);
+      const back = trainer.weights();
+      for (const [name, t] of weights) {
+        const got = back.get(name)!.data as Float32Array;
+        const want = t.data as Float32Array;
+        for (let i = 0; i < want.length; i++) expect(Math.abs(got[i] - want[i])).toBeLessThanOrEqual(2e-7 * Math.abs(want[i]) + 1e-30);
+      }
+      for (const t of [...weights.values(), ...back.values()]) t.dispose();
+      trainer.dispose();
+    }
+  });
+
+  test("refuses bad input with a message naming it", async () => {
+    const config = trainConfig({ hiddenSize: 16, numLayers: 1 });
+    const trainer = new Trainer(config);
+    await expect(trainer.forwardBackward(new Int32Array([1, 300]), new Int32Array([1, 2]), 1, 2)).rejects.toThrow(
+      /token id 300 at position 1 is outside the vocabulary \[0, 256\)/,
+    );
+    await expect(trainer.forwardBackward(new Int32Array([1, 2]), new Int32Array([1, 2]), 2, 2)).rejects.toThrow(
+      /ids holds 2 values, expected batch · length = 4/,
+    );
+    expect(() => trainer.optimizerStep({ lr: -1 })).toThrow(/lr must be in/);
+    trainer.dispose();
+    expect(() => trainer.zeroGrads()).toThrow(/disposed/);
+  });
+});
+
+// A text with structure a tiny model learns within a few dozen steps.
+function writeCorpus(dir: string): string {
+  const words = ["the", "state", "space", "model", "reads", "each", "byte", "once", "and", "keeps", "a", "small", "memory"];
+  let text = "";
+  let s = 7;
+  while (text.length < 40000) {
+    s = (s * 1103515245 + 12345) % 2147483648;
+    text += words[s % words.length] + (s % 5 === 0 ? ".\n" : " ");
+  }
+  const file = path.join(dir, "corpus.txt");
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+describe("train()", () => {
+  jest.setTimeout(180000);
+
+  test("learns a text: the loss falls, the checkpoint loads and generates, the curve is written", async () => {
+    const dir = tempDir();
+    const data = writeCorpus(dir);
+    const result = await train({
+      data,
+      out: path.join(dir, "run"),
+      model: { architecture: "mamba1", hiddenSize: 48, numLayers: 2, stateSize: 8 },
+      steps: 150,
+      batchSize: 4,
+      length: 48,
+      lr: 3e-3,
+      warmupSteps: 5,
+      evalEvery: 50,
+      progress: null,
+    });
+    expect(result.steps).toBe(150);
+    expect(result.points).toHaveLength(150);
+    const first = result.points[0].trainLoss;
+    expect(first).toBeGreaterThan(4.5); // ln 256 = 5.55 for a fresh model
+    expect(result.trainLoss).toBeLessThan(first - 2);
+    expect(result.evalLoss).toBeDefined();
+    expect(result.evalLoss!).toBeLessThan(1.5);
+    const csv = fs.readFileSync(path.join(dir, "run", "loss.csv"), "utf8").trim().split("\n");
+    expect(csv).toHaveLength(151);
+    expect(fs.readFileSync(path.join(dir, "run", "loss.svg"), "utf8")).toMatch(/^<svg/);
+    expect(fs.readdirSync(path.join(dir, "run")).filter((n) => n.includes(".tmp-") || n.endsWith(".old"))).toEqual([]);
+
+    const model = await loadModel(result.model);
+    const completion = await model.complete("the state ", { maxTokens: 40, temperature: 0 });
+    model.dispose();
+    // Greedy text from a model that learnt the corpus is made of its words.
+    const words = completion.text.split(/[\s.]+/).filter((w) => w.length > 0);
+    expect(words.length).toBeGreaterThan(2);
+    const known = words.slice(0, -1).filter((w) => /^(the|state|space|model|reads|each|byte|once|and|keeps|a|small|memory)$/.test(w));
+    expect(known.length).toBeGreaterThanOrEqual(Math.max(1, words.length - 2));
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("Mamba-2 trains too", async () => {
+    const dir = tempDir();
+    const result = await train({
+      data: writeCorpus(dir),
+      out: path.join(dir, "run"),
+      model: { architecture: "mamba2", hiddenSize: 32, numLayers: 2, stateSize: 16, headDim: 16 },
+      steps: 40,
+      batchSize: 4,
+      length: 40,
+      lr: 3e-3,
+      progress: null,
+    });
+    expect(result.trainLoss).toBeLessThan(result.points[0].trainLoss - 1.5);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const options = (data: string, out: string): TrainOptions => ({
+    data,
+    out,
+    model: { architecture: "mamba1", hiddenSize: 32, numLayers: 2, stateSize: 8 },
+    steps: 16,
+    batchSize: 2,
+    length: 32,
+    gradAccumulation: 2,
+    lr: 2e-3,
+    warmupSteps: 3,
+    evalEvery: 5,
+    saveEvery: 1,
+    seed: 4,
+    progress: null,
+  });
+
+  test("a run stopped and resumed continues the same loss curve", async () => {
+    const dir = tempDir();
+    const data = writeCorpus(dir);
+    const whole = await train(options(data, path.join(dir, "whole")));
+    const stopped = await train({ ...options(data, path.join(dir, "part")), onStep: (p) => p.step < 7 });
+    expect(stopped.stopped).toBe(true);
+    expect(stopped.steps).toBe(7);
+    const resumed = await train({ data, out: path.join(dir, "part"), resume: true, progress: null });
+    expect(resumed.steps).toBe(16);
+    expect(resumed.points.map((p) => p.trainLoss)).toEqual(whole.points.map((p) => p.trainLoss));
+    expect(resumed.points.map((p) => p.evalLoss)).toEqual(whole.points.map((p) => p.evalLoss));
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("a process killed at a random moment resumes from its last whole checkpoint and continues the same curve", async () => {
+    const dir = tempDir();
+    const data = writeCorpus(dir);
+    const o = options(data, path.join(dir, "whole"));
+    const whole = await train({ ...o, steps: 30 });
+    const out = path.join(dir, "killed");
+    const cli = path.join(__dirname, "..", "dist", "cli.js");
+    const args = [cli, "train", "--data", data, "--out", out, "--arch", "mamba1", "--d-model", "32", "--layers", "2", "--state", "8",
+      "--steps", "30", "--batch", "2", "--length", "32", "--grad-accum", "2", "--lr", "0.002", "--warmup", "3", "--eval-every", "5",
+      "--save-every", "1", "--seed", "4"];
+    const child = spawn(process.execPath, args, { stdio: "ignore" });
+    // Kill it a random few milliseconds after its first checkpoint appears: checkpoints are written
+    // every step, so the kill often lands inside one.
+    await new Promise<void>((resolve, reject) => {
+      const started = Date.now();
+      const poll = setInterval(() => {
+        if (fs.existsSync(path.join(out, "model", "trainer.json")) || fs.existsSync(path.join(out, "model.old"))) {
+          clearInterval(poll);
+          setTimeout(() => {
+            child.kill("SIGKILL");
+            resolve();
+          }, 20 + Math.floor(Math.random() * 200));
+        } else if (Date.now() - started > 60000) {
+          clearInterval(poll);
+          child.kill("SIGKILL");
+          reject(new Error("the training process wrote no checkpoint within 60 s"));
+        }
+      }, 2);
+    });
+    await new Promise((r) => child.once("exit", r));
+    const resumed = await train({ data, out, resume: true, progress: null });
+    expect(resumed.steps).toBe(30);
+    expect(resumed.points.map((p) => p.trainLoss)).toEqual(whole.points.map((p) => p.trainLoss));
+    expect(fs.readdirSync(out).filter((n) => n.includes(".tmp-") || n.endsWith(".old"))).toEqual([]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("bad options are refused before any work", async () => {
+    const dir = tempDir();
+    await expect(train({ data: path.join(dir, "missing.txt"), out: path.join(dir, "o"), progress: null })).rejects.toThrow(/missing\.txt/);
+    const data = writeCorpus(dir);
+    await expect(train({ data, out: path.join(dir, "o"), steps: 0, progress: null })).rejects.toThrow(/steps must be an integer >= 1/);
+    await expect(train({ data, out: path.join(dir, "o"), model: { architecture: "mamba3" as "mamba1" }, progress: null })).rejects.toThrow(
+      /architecture must be "mamba1" or "mamba2"/,
+    );
+    await expect(train({ data, out: path.join(dir, "none"), resume: true, progress: null })).rejects.toThrow(/nothing to resume/);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+});
