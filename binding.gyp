@@ -10,7 +10,8 @@
       "native/cpu/moe.cpp",
       "native/cpu/sampling.cpp",
       "native/cpu/ceilings.cpp",
-      "native/cpu/table.cpp"
+      "native/cpu/table.cpp",
+      "native/train/ops.cpp"
     ],
     "common_cflags": ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-fexceptions"]
   },
@@ -37,7 +38,7 @@
         "native/core/threadpool.cpp",
         "native/cpu/dispatch.cpp",
         "native/model/mamba_model.cpp",
-        "native/train/ops.cpp",
+        "native/train/ops_dispatch.cpp",
         "native/train/moe.cpp",
         "native/train/trainer.cpp",
         "native/napi/addon.cpp",

@@ -7,10 +7,13 @@
 // of channels or columns, per-batch partials added in batch order), never by the thread count, so
 // the results are bit-identical at any number of threads.
 //
-// Vectorisation: this file is compiled once, at the x86-64 baseline, with no reassociation flags, so
-// sums are written over kLanes (or kScanLanes) independent partial sums that the compiler can keep in
-// SIMD registers; for T = float the exponential is a branch-free polynomial (exp_fast) for the same reason.
-#include "ops.h"
+// Vectorisation: like the kernels of native/cpu, this file is compiled once per CPU level (baseline,
+// avx2, avx512, avx512bf16) into mssm::train::<level>, and ops_dispatch.cpp calls the level in use. There
+// are no reassociation flags, so sums are written over kLanes (or kScanLanes) independent partial sums
+// that the compiler can keep in SIMD registers; for T = float the exponential is a branch-free
+// polynomial (exp_fast) for the same reason.
+#include "../cpu/level.h"
+#include "ops_table.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,7 +25,7 @@
 #include "../core/exp_poly.h"
 #include "../core/threadpool.h"
 
-namespace mssm::train {
+namespace mssm::train::MSSM_LEVEL {
 namespace {
 
 constexpr int kLanes = 16;
@@ -648,23 +651,16 @@ double cross_entropy(T* logits, const int32_t* targets, int64_t rows, int64_t vo
   return total;
 }
 
-// ---- Instantiations ------------------------------------------------------------------------------------
+// ---- This level's table -------------------------------------------------------------------------------
 
-#define MSSM_TRAIN_OPS(T)                                                                                          \
-  template void rmsnorm_forward<T>(const T*, const T*, T*, T*, int64_t, int64_t, T);                              \
-  template void rmsnorm_backward<T>(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t);            \
-  template void gated_rmsnorm_forward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, T, bool); \
-  template void gated_rmsnorm_backward<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t,   \
-                                          int64_t, int64_t, bool);                                                  \
-  template void conv1d_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, bool);    \
-  template void conv1d_backward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, \
-                                   int64_t, bool);                                                                  \
-  template void scan_forward<T>(const ScanArgs&, const ScanTensors<T>&, T*, T*);                                  \
-  template void scan_backward<T>(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&); \
-  template double cross_entropy<T>(T*, const int32_t*, int64_t, int64_t, T, int64_t*);
+template <typename T>
+constexpr OpsFor<T> ops_for() {
+  return {&rmsnorm_forward<T>, &rmsnorm_backward<T>, &gated_rmsnorm_forward<T>, &gated_rmsnorm_backward<T>,
+          &conv1d_forward<T>,  &conv1d_backward<T>,  &scan_forward<T>,          &scan_backward<T>,
+          &cross_entropy<T>};
+}
 
-MSSM_TRAIN_OPS(float)
-MSSM_TRAIN_OPS(double)
-#undef MSSM_TRAIN_OPS
+extern const TrainOpsTable ops_table;
+const TrainOpsTable ops_table = {ops_for<float>(), ops_for<double>(), &scan_backward_scratch_bytes};
 
-}  // namespace mssm::train
+}  // namespace mssm::train::MSSM_LEVEL

@@ -18,6 +18,7 @@
 // the model sizes d, di, N, K, R, H, P, G of mamba_model.h.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -45,11 +46,17 @@ struct BatchLoss {
 };
 
 template <typename T>
+struct TrainerWorkspace;
+
+template <typename T>
 class Trainer {
  public:
   // Parameters start at zero; the caller fills params() (e.g. from lib/models/init.ts). scan_chunk:
   // tokens between the scan states kept for the backward.
   explicit Trainer(const model::Config& config, int64_t scan_chunk = 64);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   const model::Config& config() const { return config_; }
   const std::vector<ParamSlot>& slots() const { return slots_; }
@@ -84,6 +91,8 @@ class Trainer {
   int64_t scan_chunk_;
   std::vector<ParamSlot> slots_;
   std::vector<T> params_, grads_;
+  // The buffers of forward_backward, kept between calls (one call at a time).
+  std::unique_ptr<TrainerWorkspace<T>> ws_;
 };
 
 // AdamW (Loshchilov & Hutter; PyTorch's order): for every element, with t the 1-based step,

@@ -1,0 +1,30 @@
+// The training ops of one CPU level as a table: ops.cpp is compiled once per level (like the kernels of
+// native/cpu) and fills mssm::train::<level>::ops_table; ops_dispatch.cpp defines the public functions
+// of ops.h by calling the table of the level in use (cpu::current_cpu_level()).
+#pragma once
+#include "ops.h"
+
+namespace mssm::train {
+
+template <typename T>
+struct OpsFor {
+  void (*rmsnorm_forward)(const T*, const T*, T*, T*, int64_t, int64_t, T);
+  void (*rmsnorm_backward)(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t);
+  void (*gated_rmsnorm_forward)(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, T, bool);
+  void (*gated_rmsnorm_backward)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,
+                                 int64_t, bool);
+  void (*conv1d_forward)(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, bool);
+  void (*conv1d_backward)(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,
+                          bool);
+  void (*scan_forward)(const ScanArgs&, const ScanTensors<T>&, T*, T*);
+  void (*scan_backward)(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&);
+  double (*cross_entropy)(T*, const int32_t*, int64_t, int64_t, T, int64_t*);
+};
+
+struct TrainOpsTable {
+  OpsFor<float> f32;
+  OpsFor<double> f64;
+  int64_t (*scan_backward_scratch_bytes)(const ScanArgs&);
+};
+
+}  // namespace mssm::train
