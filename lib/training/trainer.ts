@@ -26,6 +26,7 @@ interface TrainerLayout {
   floats: number;
   step: number;
   activationFloatsPerToken: number;
+  workingFloatsPerToken: number;
 }
 
 interface TrainerAddon extends NativeAddon {
@@ -69,6 +70,8 @@ export class Trainer {
   readonly floats: number;
   /** Floats the forward keeps per token for the backward (all layers; the scan's chunk-boundary states aside). */
   readonly activationFloatsPerToken: number;
+  /** Floats per token of the buffers the backward works in (one layer at a time). */
+  readonly workingFloatsPerToken: number;
   #handle: object | null;
   #step: number;
 
@@ -79,6 +82,7 @@ export class Trainer {
     this.slots = layout.slots;
     this.floats = layout.floats;
     this.activationFloatsPerToken = layout.activationFloatsPerToken;
+    this.workingFloatsPerToken = layout.workingFloatsPerToken;
     this.#step = layout.step;
   }
 

@@ -88,6 +88,7 @@ Napi::Value TrainerSlots(const Napi::CallbackInfo& info) {
     r.Set("floats", Napi::Number::New(env, (double)t.parameter_count()));
     r.Set("step", Napi::Number::New(env, (double)h->step));
     r.Set("activationFloatsPerToken", Napi::Number::New(env, (double)t.activation_floats_per_token()));
+    r.Set("workingFloatsPerToken", Napi::Number::New(env, (double)t.working_floats_per_token()));
     return r;
   });
 }

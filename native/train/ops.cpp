@@ -9,9 +9,10 @@
 //
 // Vectorisation: like the kernels of native/cpu, this file is compiled once per CPU level (baseline,
 // avx2, avx512, avx512bf16) into mssm::train::<level>, and ops_dispatch.cpp calls the level in use. There
-// are no reassociation flags, so sums are written over kLanes (or kScanLanes) independent partial sums
-// that the compiler can keep in SIMD registers; for T = float the exponential is a branch-free
-// polynomial (exp_fast) for the same reason.
+// are no reassociation flags, so sums are written over kLanes independent partial sums that the
+// compiler can keep in SIMD registers; for T = float the exponential is a branch-free polynomial
+// (exp_fast) for the same reason. The scan vectorises across the 16 channels of a block instead (see
+// "Selective scan" below), with one AVX-512 helper for its sums over channels.
 #include "../cpu/level.h"
 #include "ops_table.h"
 
@@ -20,7 +21,12 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../core/exp_poly.h"
 #include "../core/threadpool.h"
@@ -38,8 +44,6 @@ constexpr int64_t kMinValuesPerTask = 1 << 14;
 constexpr int64_t kScanBlock = 16;
 constexpr int64_t kConvBlock = 16;
 constexpr int64_t kColumnBlock = 64;
-// Lanes of the scan's sums over the state index (N is usually 16).
-constexpr int kScanLanes = 8;
 
 int64_t min_tasks(int64_t values_per_task) {
   return std::max<int64_t>(1, kMinValuesPerTask / std::max<int64_t>(1, values_per_task));
@@ -80,19 +84,6 @@ inline double blocked_sum(int64_t n, F&& term) {
     total += (double)block;
   }
   return total;
-}
-
-// Σ a[n]·b[n] over the state index.
-template <typename T>
-inline T state_dot(const T* a, const T* b, int64_t n_total) {
-  T lanes[kScanLanes] = {};
-  int64_t n = 0;
-  for (; n + kScanLanes <= n_total; n += kScanLanes)
-    for (int q = 0; q < kScanLanes; ++q) lanes[q] += a[n + q] * b[n + q];
-  for (; n < n_total; ++n) lanes[0] += a[n] * b[n];
-  T sum = 0;
-  for (int q = 0; q < kScanLanes; ++q) sum += lanes[q];
-  return sum;
 }
 
 // dW[i] += Σ_r term(r, i) over all rows, by blocks of kColumnBlock columns (one task owns its
@@ -372,26 +363,29 @@ inline void softplus_and_sigmoid(double v, double* value, double* slope) {
   *slope = 1.0 / (1.0 + std::exp(-v));
 }
 
-// dt from Δ + delta_bias for `count` neighbouring channels of one token, and d dt / dΔ (0 where
-// clamped; 1 on softplus's v > 20 branch, where softplus(v) = v).
+// dt from Δ + delta_bias for `count` neighbouring channels of one token (bias: zeros when there is no
+// delta_bias), and d dt / dΔ (0 where clamped; 1 on softplus's v > 20 branch, where softplus(v) = v).
+// Branch-free inside the loop, so that a block's row of 16 vectorises.
 template <typename T>
 struct DtRule {
   bool softplus;
   T lo, hi;
   void row(const T* delta, const T* bias, int64_t count, T* dt, T* grad) const {
-    for (int64_t j = 0; j < count; ++j) {
-      const T v = delta[j] + (bias ? bias[j] : T(0));
-      T value = v, slope = T(1);
-      if (softplus) {
+    if (softplus) {
+      for (int64_t j = 0; j < count; ++j) {
+        const T v = delta[j] + bias[j];
         T sp, sg;
         softplus_and_sigmoid(v, &sp, &sg);
-        value = v > T(20) ? v : sp;
-        slope = v > T(20) ? T(1) : sg;
+        clamp(v > T(20) ? v : sp, v > T(20) ? T(1) : sg, dt + j, grad + j);
       }
-      const bool clamped = value < lo || value > hi;
-      dt[j] = value < lo ? lo : (value > hi ? hi : value);
-      grad[j] = clamped ? T(0) : slope;
+    } else {
+      for (int64_t j = 0; j < count; ++j) clamp(delta[j] + bias[j], T(1), dt + j, grad + j);
     }
+  }
+  void clamp(T value, T slope, T* dt, T* grad) const {
+    const bool clamped = (value < lo) | (value > hi);
+    *dt = value < lo ? lo : (value > hi ? hi : value);
+    *grad = clamped ? T(0) : slope;
   }
 };
 
@@ -405,10 +399,176 @@ inline void gate_row(const T* z, int64_t count, T* gate, T* slope) {
   }
 }
 
-// Per-thread values of the backward's recomputation: states and decays [chunk][kScanBlock][N], dt,
-// its derivative and yc [chunk][kScanBlock].
+// GCC's AVX-512 tuning prefers 256-bit vectors for loops it vectorises; the scan's lane loops are
+// exactly 16 floats, one 512-bit register, so ask for that width here.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+#define MSSM_SCAN_WIDTH_PUSHED 1
+#endif
+
+// The scan works on blocks of kScanBlock channels held as lanes: a block's per-channel values of one
+// token are a row of kSL lanes (zero past the block's last channel: u = 0, dy = 0 and A = 0 there, so
+// those lanes keep a zero state, add nothing to any sum and are never written out), and its states are
+// [N][kSL], n-major. Each update then runs over the 16 lanes with B_t[n], C_t[n] broadcast, and only
+// the sums over channels (dB, dC) need a horizontal sum, one per (token, n).
+constexpr int64_t kSL = kScanBlock;
+static_assert(kSL == 16, "the scan's lane code and its row sums assume blocks of 16 channels");
+
+// Row r of `count` values from src, zero-padded to kSL lanes.
+template <typename T>
+inline void load_lanes(const T* src, int64_t count, T* dst) {
+  if (count == kSL) {
+    std::memcpy(dst, src, kSL * sizeof(T));
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) dst[j] = src[j];
+  for (int64_t j = count; j < kSL; ++j) dst[j] = T(0);
+}
+// [N][kSL] lanes from / to the [channels][N] rows of a block's `count` channels (src / dst at channel d0).
+template <typename T>
+inline void lanes_from_rows(const T* src, int64_t count, int64_t N, T* dst) {
+  std::fill(dst, dst + N * kSL, T(0));
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t n = 0; n < N; ++n) dst[n * kSL + j] = src[j * N + n];
+}
+template <typename T>
+inline void lanes_to_rows(const T* src, int64_t count, int64_t N, T* dst) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t n = 0; n < N; ++n) dst[j * N + n] = src[n * kSL + j];
+}
+
+// out[r] = Σ_j X[r][j]·w[j] over the kSL lanes of each of `rows` rows, summed as a fixed tree: lane j
+// with lane j + 8, then j with j + 4, then j + 2, then j + 1. On AVX-512 (float) 16 rows at a time by
+// a transposing reduction (15 additions for 16 rows, where a horizontal sum per row takes 4 each), in
+// the same order.
+#if defined(__AVX512F__)
+inline void weighted_rowsums16(const float* X, __m512 w, float* out) {
+  __m512 v[16], p[8], q[4], h[2];
+  for (int r = 0; r < 16; ++r) v[r] = _mm512_mul_ps(_mm512_loadu_ps(X + r * 16), w);
+  // p[k]: lanes 0-7 row 2k, 8-15 row 2k+1, each as lane j + lane j+8
+  for (int k = 0; k < 8; ++k)
+    p[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // q[k]: 128-bit lane i holds row 4k+i's four sums (j + j+4)
+  for (int k = 0; k < 4; ++k)
+    q[k] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // h[k]: 128-bit lane i holds rows 8k+i and 8k+4+i, two sums each (j + j+2)
+  for (int k = 0; k < 2; ++k)
+    h[k] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // element 4i+k holds row 4k+i
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(h[0], h[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(h[0], h[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, sums));
+}
+#endif
+template <typename T>
+inline void weighted_rowsums(const T* X, const T* w, int64_t rows, T* out) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 wv = _mm512_loadu_ps(w);
+    for (; r + 16 <= rows; r += 16) weighted_rowsums16(X + r * kSL, wv, out + r);
+  }
+#endif
+  for (; r < rows; ++r) {
+    T p[kSL];
+    for (int64_t j = 0; j < kSL; ++j) p[j] = X[r * kSL + j] * w[j];
+    for (int64_t h = kSL / 2; h >= 1; h /= 2)
+      for (int64_t j = 0; j < h; ++j) p[j] += p[j + h];
+    out[r] = p[0];
+  }
+}
+
+// a·b + c as one fused multiply-add where the CPU level has them. The state update is written with it so
+// that the backward's recomputation rounds exactly as the forward did (left to the compiler, which of
+// a·s and dtu·B gets fused can differ between the two loops, and the chunk would change the results).
+template <typename T>
+inline T mul_add(T a, T b, T c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;  // no fused multiply-add here, so none is contracted either
+#endif
+}
+
+// One token of the recurrence for a block, over lanes: s = a ⊙ sp + dtu·B[n] per n, with the decay
+// a = exp(dt ⊙ A[n]) (per_channel: exp(dt ⊙ A[0]) for every n, computed once); yc += s·C[n]; the
+// decays are stored to dec ([N][kSL], or [kSL] per channel) when dec is given. s may be sp (the
+// forward updates in place). (yc is always summed: the loop without it was left unvectorised.)
+template <typename T, bool kPerChannel>
+inline void scan_token(int64_t N, const T* AT, const T* dt, const T* dtu, const T* Bt, const T* Ct, const T* sp,
+                       T* s, T* dec, T* yc) {
+  if constexpr (kPerChannel) {
+    T a[kSL];
+    for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * AT[j]);
+    if (dec) std::memcpy(dec, a, sizeof a);
+    for (int64_t n = 0; n < N; ++n) {
+      const T bn = Bt[n], cn = Ct[n];
+      const T* spn = sp + n * kSL;
+      T* sn = s + n * kSL;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < kSL; ++j) {
+        sn[j] = mul_add(a[j], spn[j], dtu[j] * bn);
+        yc[j] = mul_add(sn[j], cn, yc[j]);
+      }
+    }
+  } else {
+    for (int64_t n = 0; n < N; ++n) {
+      const T bn = Bt[n], cn = Ct[n];
+      const T* An = AT + n * kSL;
+      const T* spn = sp + n * kSL;
+      T* sn = s + n * kSL;
+      T a[kSL];
+      for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * An[j]);
+      if (dec) std::memcpy(dec + n * kSL, a, sizeof a);
+#pragma GCC ivdep
+      for (int64_t j = 0; j < kSL; ++j) {
+        sn[j] = mul_add(a[j], spn[j], dtu[j] * bn);
+        yc[j] = mul_add(sn[j], cn, yc[j]);
+      }
+    }
+  }
+}
+
+// One token of the backward walk for a block, over lanes (see scan_backward): updates the state
+// adjoint ds and dA in place, leaves ds_t (before the decay) in dst for dB, and returns Σ_n da·A and
+// Σ_n ds_t·B per lane in sum_a, sum_b. ad holds the token's decays ([N][kSL], or [kSL] per channel);
+// in the general path it may be dst (each decay is read before its lane is overwritten).
+template <typename T, bool kPerChannel>
+inline void scan_adjoint(int64_t N, const T* AT, const T* dt, const T* dyc, const T* Bt, const T* Ct, const T* sp,
+                         const T* ad, T* ds, T* dA, T* dst, T* sum_a, T* sum_b) {
+  for (int64_t j = 0; j < kSL; ++j) sum_a[j] = sum_b[j] = T(0);
+  for (int64_t n = 0; n < N; ++n) {
+    const T bn = Bt[n], cn = Ct[n];
+    const T* An = AT + n * kSL;
+    const T* spn = sp + n * kSL;
+    const T* adn = kPerChannel ? ad : ad + n * kSL;
+    T* dsn = ds + n * kSL;
+    T* dAn = dA + n * kSL;
+    T* dstn = dst + n * kSL;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < kSL; ++j) {
+      const T d = dsn[j] + dyc[j] * cn;
+      const T decay = adn[j];
+      const T da = d * spn[j] * decay;
+      dAn[j] += da * dt[j];
+      sum_a[j] += da * An[j];
+      sum_b[j] += d * bn;
+      dstn[j] = d;
+      dsn[j] = d * decay;
+    }
+  }
+}
+
+// Per-thread values of the backward: states and decays / state adjoints [chunk][N][kSL]; dt, d dt/dΔ
+// (then dt·u), yc (then dyc) and the per-channel decay [chunk][kSL]; the block's A, start state, state
+// adjoint and dA partial [N][kSL].
 int64_t scan_thread_values(const ScanArgs& a, const ScanLayout& l) {
-  return l.chunk_rows * kScanBlock * (2 * a.state + 3);
+  return l.chunk_rows * kSL * (2 * a.state + 4) + 4 * kSL * a.state;
 }
 int64_t scan_shared_values(const ScanArgs& a, const ScanLayout& l) {
   return 2 * a.batch * a.channels * a.state + 2 * a.batch * a.channels + 2 * a.batch * l.blocks * l.chunk_rows * a.state;
@@ -421,31 +581,49 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
   const ScanLayout l(a);
   const int64_t L = a.length, D = a.channels, N = a.state, G = a.groups;
   const DtRule<T> rule{a.softplus, (T)a.dt_min, (T)a.dt_max};
+  const bool per_channel = a.decay_per_channel;
   parallel_for(a.batch * l.blocks, [&](int64_t begin, int64_t end) {
-    std::vector<T> states(kScanBlock * N);
-    T dts[kScanBlock], slopes[kScanBlock], gates[kScanBlock], gate_slopes[kScanBlock];
+    std::vector<T> buf(2 * N * kSL);
+    T* S = buf.data();        // [N][kSL]
+    T* AT = S + N * kSL;      // [N][kSL]
+    T bias[kSL], Dl[kSL], del[kSL], ul[kSL], zl[kSL], dts[kSL], slopes[kSL], dtu[kSL], yc[kSL], gates[kSL],
+        gate_slopes[kSL];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / l.blocks;
       int64_t g, d0, count;
       l.block(task % l.blocks, &g, &d0, &count);
-      std::fill(states.begin(), states.end(), T(0));
+      lanes_from_rows(in.A + d0 * N, count, N, AT);
+      if (in.delta_bias)
+        load_lanes(in.delta_bias + d0, count, bias);
+      else
+        std::fill(bias, bias + kSL, T(0));
+      if (in.D) load_lanes(in.D + d0, count, Dl);
+      std::fill(S, S + N * kSL, T(0));
       for (int64_t t = 0; t < L; ++t) {
-        if (t % a.chunk == 0)
-          std::memcpy(boundary + ((b * l.chunks + t / a.chunk) * D + d0) * N, states.data(), count * N * sizeof(T));
+        if (t % a.chunk == 0) lanes_to_rows(S, count, N, boundary + ((b * l.chunks + t / a.chunk) * D + d0) * N);
         const int64_t row = b * L + t;
         const T* Bt = in.B + (row * G + g) * N;
         const T* Ct = in.C + (row * G + g) * N;
         const int64_t i0 = row * D + d0;
-        rule.row(in.delta + i0, in.delta_bias ? in.delta_bias + d0 : nullptr, count, dts, slopes);
-        if (in.z) gate_row(in.z + i0, count, gates, gate_slopes);
-        for (int64_t j = 0; j < count; ++j) {
-          const int64_t d = d0 + j, i = i0 + j;
-          const T dt = dts[j], u = in.u[i], dtu = dt * u;
-          const T* Ad = in.A + d * N;
-          T* s = states.data() + j * N;
-          for (int64_t n = 0; n < N; ++n) s[n] = exp_fast(dt * Ad[n]) * s[n] + dtu * Bt[n];
-          const T yc = state_dot(s, Ct, N) + (in.D ? in.D[d] * u : T(0));
-          y[i] = in.z ? yc * gates[j] : yc;
+        load_lanes(in.delta + i0, count, del);
+        load_lanes(in.u + i0, count, ul);
+        rule.row(del, bias, kSL, dts, slopes);
+        for (int64_t j = 0; j < kSL; ++j) {
+          dtu[j] = dts[j] * ul[j];
+          yc[j] = T(0);
+        }
+        if (per_channel)
+          scan_token<T, true>(N, AT, dts, dtu, Bt, Ct, S, S, nullptr, yc);
+        else
+          scan_token<T, false>(N, AT, dts, dtu, Bt, Ct, S, S, nullptr, yc);
+        if (in.D)
+          for (int64_t j = 0; j < kSL; ++j) yc[j] += Dl[j] * ul[j];
+        if (in.z) {
+          load_lanes(in.z + i0, count, zl);
+          gate_row(zl, kSL, gates, gate_slopes);
+          for (int64_t j = 0; j < count; ++j) y[i0 + j] = yc[j] * gates[j];
+        } else {
+          for (int64_t j = 0; j < count; ++j) y[i0 + j] = yc[j];
         }
       }
     }
@@ -458,27 +636,30 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
 //   ds_t += dyc_t·C_t;  dC_t += dyc_t·s_t;  da = ds_t ⊙ s_{t-1} ⊙ a_t  (the adjoint of dt·A)
 //   dA += da·dt;  ddt = Σ_n da·A + u·Σ_n ds_t·B_t;  du = dt·Σ_n ds_t·B_t + D·dyc;  dB_t += ds_t·dt·u
 //   ds_{t-1} = a_t ⊙ ds_t
-// The block's dB / dC contributions go to a per-block partial of the chunk, which is then summed over
-// the blocks of each group in block order; dA, dD and ddelta_bias are summed per batch, then over
-// batches in order.
+// All of it runs over the block's 16 channels as lanes, so the sums over n are lane-wise; the sums
+// over channels (dB_t, dC_t) are one fixed-order 16-lane sum per (token, n), taken after the walk from
+// the stored ds_t and s_t. The block's dB / dC contributions go to a per-block partial of the chunk,
+// which is then summed over the blocks of each group in block order; dA, dD and ddelta_bias are
+// accumulated per token into per-batch partials (carried across chunks, so the chunk does not change
+// their order), then summed over batches in order.
 template <typename T>
 void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundary, const T* dy, const ScanGrads<T>& out) {
   const ScanLayout l(a);
   const int64_t L = a.length, D = a.channels, N = a.state, G = a.groups, Q = l.chunk_rows;
   const DtRule<T> rule{a.softplus, (T)a.dt_min, (T)a.dt_max};
+  const bool per_channel = a.decay_per_channel;
   const int threads = num_threads();
   const int64_t per_thread = scan_thread_values(a, l);
   std::vector<T> scratch(per_thread * threads);
   std::vector<T> carry(a.batch * D * N, T(0)), dA_part(a.batch * D * N, T(0));
   std::vector<T> dD_part(a.batch * D, T(0)), bias_part(a.batch * D, T(0));
   std::vector<T> dB_part(a.batch * l.blocks * Q * N), dC_part(a.batch * l.blocks * Q * N);
-  std::vector<T> fallback;  // only if the pool grew since `threads` was read
 
   for (int64_t c = l.chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * a.chunk, len = std::min(a.chunk, L - t0);
     parallel_for(a.batch * l.blocks, [&](int64_t begin, int64_t end) {
       const int slot = thread_index();
-      std::vector<T> own;
+      std::vector<T> own;  // only if the pool grew since `threads` was read
       T* work;
       if (slot < threads) {
         work = scratch.data() + slot * per_thread;
@@ -486,16 +667,33 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
         own.resize(per_thread);
         work = own.data();
       }
-      T* S = work;                                // s_t
-      T* dec = S + Q * kScanBlock * N;            // a_t = exp(dt·A)
-      T* dts = dec + Q * kScanBlock * N;          // dt
-      T* dgrad = dts + Q * kScanBlock;            // d dt / dΔ
-      T* ycs = dgrad + Q * kScanBlock;            // yc (for dz)
+      T* S = work;                     // s_t                                   [Q][N][kSL]
+      T* X = S + Q * N * kSL;          // a_t (general path), then ds_t         [Q][N][kSL]
+      T* dts = X + Q * N * kSL;        // dt                                    [Q][kSL]
+      T* dgrad = dts + Q * kSL;        // d dt / dΔ, then dt·u                  [Q][kSL]
+      T* ycs = dgrad + Q * kSL;        // yc (for dz), then dyc                 [Q][kSL]
+      T* dec1 = ycs + Q * kSL;         // a_t (per channel)                     [Q][kSL]
+      T* AT = dec1 + Q * kSL;          // A                                     [N][kSL]
+      T* S0 = AT + N * kSL;            // the chunk's start state               [N][kSL]
+      T* ds = S0 + N * kSL;            // the state adjoint                     [N][kSL]
+      T* dAl = ds + N * kSL;           // dA partial                            [N][kSL]
+      T bias[kSL], Dl[kSL], del[kSL], ul[kSL], zl[kSL], dyl[kSL], dyc[kSL], gates[kSL], gate_slopes[kSL],
+          sum_a[kSL], sum_b[kSL], dDl[kSL], biasl[kSL];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / l.blocks, blk = task % l.blocks;
         int64_t g, d0, count;
         l.block(blk, &g, &d0, &count);
-        const T* s_start = boundary + ((b * l.chunks + c) * D + d0) * N;
+        lanes_from_rows(in.A + d0 * N, count, N, AT);
+        if (in.delta_bias)
+          load_lanes(in.delta_bias + d0, count, bias);
+        else
+          std::fill(bias, bias + kSL, T(0));
+        if (in.D) load_lanes(in.D + d0, count, Dl);
+        lanes_from_rows(boundary + ((b * l.chunks + c) * D + d0) * N, count, N, S0);
+        lanes_from_rows(carry.data() + (b * D + d0) * N, count, N, ds);
+        lanes_from_rows(dA_part.data() + (b * D + d0) * N, count, N, dAl);
+        load_lanes(dD_part.data() + b * D + d0, count, dDl);
+        load_lanes(bias_part.data() + b * D + d0, count, biasl);
 
         // Recompute the chunk's states exactly as the forward did.
         for (int64_t tl = 0; tl < len; ++tl) {
@@ -503,80 +701,75 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           const T* Bt = in.B + (row * G + g) * N;
           const T* Ct = in.C + (row * G + g) * N;
           const int64_t i0 = row * D + d0;
-          rule.row(in.delta + i0, in.delta_bias ? in.delta_bias + d0 : nullptr, count, dts + tl * kScanBlock,
-                   dgrad + tl * kScanBlock);
-          for (int64_t j = 0; j < count; ++j) {
-            const int64_t d = d0 + j, i = i0 + j, at = tl * kScanBlock + j;
-            const T dt = dts[at];
-            const T u = in.u[i], dtu = dt * u;
-            const T* Ad = in.A + d * N;
-            const T* sp = tl ? S + (at - kScanBlock) * N : s_start + j * N;
-            T* s = S + at * N;
-            T* ad = dec + at * N;
-            for (int64_t n = 0; n < N; ++n) {
-              ad[n] = exp_fast(dt * Ad[n]);
-              s[n] = ad[n] * sp[n] + dtu * Bt[n];
-            }
-            if (in.z) ycs[at] = state_dot(s, Ct, N) + (in.D ? in.D[d] * u : T(0));
-          }
+          T* dt = dts + tl * kSL;
+          T* yc = ycs + tl * kSL;
+          load_lanes(in.delta + i0, count, del);
+          load_lanes(in.u + i0, count, ul);
+          rule.row(del, bias, kSL, dt, dgrad + tl * kSL);
+          T dtu[kSL];
+          for (int64_t j = 0; j < kSL; ++j) dtu[j] = dt[j] * ul[j];
+          const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
+          T* s = S + tl * N * kSL;
+          std::fill(yc, yc + kSL, T(0));
+          if (per_channel)
+            scan_token<T, true>(N, AT, dt, dtu, Bt, Ct, sp, s, dec1 + tl * kSL, yc);
+          else
+            scan_token<T, false>(N, AT, dt, dtu, Bt, Ct, sp, s, X + tl * N * kSL, yc);
+          if (in.z && in.D)
+            for (int64_t j = 0; j < kSL; ++j) yc[j] += Dl[j] * ul[j];
         }
 
         // Walk the chunk backwards.
-        T* pB = dB_part.data() + (b * l.blocks + blk) * Q * N;
-        T* pC = dC_part.data() + (b * l.blocks + blk) * Q * N;
-        std::fill(pB, pB + len * N, T(0));
-        std::fill(pC, pC + len * N, T(0));
         for (int64_t tl = len - 1; tl >= 0; --tl) {
           const int64_t row = b * L + t0 + tl;
           const T* Bt = in.B + (row * G + g) * N;
           const T* Ct = in.C + (row * G + g) * N;
-          T* pBt = pB + tl * N;
-          T* pCt = pC + tl * N;
-          T gates[kScanBlock], gate_slopes[kScanBlock];
-          if (in.z) gate_row(in.z + row * D + d0, count, gates, gate_slopes);
+          const int64_t i0 = row * D + d0;
+          const T* dt = dts + tl * kSL;
+          T* yc = ycs + tl * kSL;
+          T* gr = dgrad + tl * kSL;
+          load_lanes(dy + i0, count, dyl);
+          load_lanes(in.u + i0, count, ul);
+          if (in.z) {
+            load_lanes(in.z + i0, count, zl);
+            gate_row(zl, kSL, gates, gate_slopes);
+            for (int64_t j = 0; j < count; ++j) out.dz[i0 + j] = dyl[j] * yc[j] * gate_slopes[j];
+            for (int64_t j = 0; j < kSL; ++j) dyc[j] = dyl[j] * gates[j];
+          } else {
+            std::memcpy(dyc, dyl, sizeof dyc);
+          }
+          const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
+          T* Xt = X + tl * N * kSL;
+          if (per_channel)
+            scan_adjoint<T, true>(N, AT, dt, dyc, Bt, Ct, sp, dec1 + tl * kSL, ds, dAl, Xt, sum_a, sum_b);
+          else
+            scan_adjoint<T, false>(N, AT, dt, dyc, Bt, Ct, sp, Xt, ds, dAl, Xt, sum_a, sum_b);
+          T du[kSL], ddelta[kSL];
+          for (int64_t j = 0; j < kSL; ++j) {
+            du[j] = dt[j] * sum_b[j] + (in.D ? Dl[j] * dyc[j] : T(0));
+            ddelta[j] = (sum_a[j] + ul[j] * sum_b[j]) * gr[j];
+            if (in.D) dDl[j] += dyc[j] * ul[j];
+            biasl[j] += ddelta[j];
+            gr[j] = dt[j] * ul[j];  // dt·u, the weight of ds_t in dB_t
+            yc[j] = dyc[j];         // the weight of s_t in dC_t
+          }
           for (int64_t j = 0; j < count; ++j) {
-            const int64_t d = d0 + j, i = row * D + d, at = tl * kScanBlock + j;
-            const T dt = dts[at], u = in.u[i], dtu = dt * u;
-            T dyc = dy[i];
-            if (in.z) {
-              out.dz[i] = dy[i] * ycs[at] * gate_slopes[j];
-              dyc = dy[i] * gates[j];
-            }
-            const T* Ad = in.A + d * N;
-            const T* s = S + at * N;
-            const T* sp = tl ? S + (at - kScanBlock) * N : s_start + j * N;
-            const T* ad = dec + at * N;
-            T* ds = carry.data() + (b * D + d) * N;
-            T* dAd = dA_part.data() + (b * D + d) * N;
-            for (int64_t n = 0; n < N; ++n) {
-              ds[n] += dyc * Ct[n];
-              pCt[n] += dyc * s[n];
-            }
-            T lane_a[kScanLanes] = {}, lane_b[kScanLanes] = {};
-            auto step = [&](int64_t n, T& sum_a, T& sum_b) {
-              const T da = ds[n] * sp[n] * ad[n];
-              dAd[n] += da * dt;
-              sum_a += da * Ad[n];
-              sum_b += ds[n] * Bt[n];
-              pBt[n] += ds[n] * dtu;
-              ds[n] *= ad[n];
-            };
-            int64_t n = 0;
-            for (; n + kScanLanes <= N; n += kScanLanes)
-              for (int q = 0; q < kScanLanes; ++q) step(n + q, lane_a[q], lane_b[q]);
-            for (; n < N; ++n) step(n, lane_a[0], lane_b[0]);
-            T sum_a = 0, sum_b = 0;
-            for (int q = 0; q < kScanLanes; ++q) {
-              sum_a += lane_a[q];
-              sum_b += lane_b[q];
-            }
-            out.du[i] = dt * sum_b + (in.D ? in.D[d] * dyc : T(0));
-            const T ddelta = (sum_a + u * sum_b) * dgrad[at];
-            out.ddelta[i] = ddelta;
-            if (in.D) dD_part[b * D + d] += dyc * u;
-            bias_part[b * D + d] += ddelta;
+            out.du[i0 + j] = du[j];
+            out.ddelta[i0 + j] = ddelta[j];
           }
         }
+
+        // dB_t = Σ_j ds_t[·][j]·(dt·u)[j],  dC_t = Σ_j s_t[·][j]·dyc[j], into this block's partial.
+        T* pB = dB_part.data() + (b * l.blocks + blk) * Q * N;
+        T* pC = dC_part.data() + (b * l.blocks + blk) * Q * N;
+        for (int64_t tl = 0; tl < len; ++tl) {
+          weighted_rowsums(X + tl * N * kSL, dgrad + tl * kSL, N, pB + tl * N);
+          weighted_rowsums(S + tl * N * kSL, ycs + tl * kSL, N, pC + tl * N);
+        }
+        lanes_to_rows(ds, count, N, carry.data() + (b * D + d0) * N);
+        lanes_to_rows(dAl, count, N, dA_part.data() + (b * D + d0) * N);
+        std::memcpy(dD_part.data() + b * D + d0, dDl, count * sizeof(T));
+        std::memcpy(bias_part.data() + b * D + d0, biasl, count * sizeof(T));
       }
     });
     // dB, dC of the chunk's tokens: the blocks of each group, in block order.
@@ -607,6 +800,11 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
       for (int64_t d = 0; d < D; ++d) out.ddelta_bias[d] += bias_part[b * D + d];
   }
 }
+
+#if defined(MSSM_SCAN_WIDTH_PUSHED)
+#pragma GCC pop_options
+#undef MSSM_SCAN_WIDTH_PUSHED
+#endif
 
 int64_t scan_backward_scratch_bytes(const ScanArgs& a) {
   const ScanLayout l(a);

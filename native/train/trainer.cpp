@@ -247,8 +247,27 @@ int64_t Trainer<T>::activation_floats_per_token() const {
     // resid, rstd, hn, z, conv_in, u, B, C, dt, y, yn, rstd_g
     layer = 2 * d + 1 + di + (di + 2 * gn) + di + 2 * gn + c.num_heads + 2 * di + c.num_groups;
   }
-  // Per token beside the layers: the final norm's input and output, its rstd, the gradient stream.
-  return c.num_layers * layer + 3 * d + 1;
+  // Per token beside the layers: the final norm's output and its rstd.
+  return c.num_layers * layer + d + 1;
+}
+
+template <typename T>
+int64_t Trainer<T>::working_floats_per_token() const {
+  const Config& c = config_;
+  const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size;
+  const int64_t gn = (c.mamba1() ? 1 : c.num_groups) * N, R = c.time_step_rank;
+  // The residual stream, the mixer output, the gradient stream, the head's and the norm's input gradients.
+  int64_t floats = 5 * d;
+  // dy, du, ddelta, dz, dB, dC of the layer being differentiated
+  floats += 4 * di + 2 * gn;
+  // The product gradients' transposed copies: at most those of in_proj, [rows, in_proj rows + d].
+  floats += c.in_proj_rows() + d;
+  if (c.mamba1()) {
+    floats += std::max<int64_t>(2 * di, R + 2 * N) + std::max<int64_t>(di, R + 2 * N);  // packed, tmp
+  } else {
+    floats += c.in_proj_rows() + c.conv_channels() + di + c.num_heads;  // packed, tmp, repeated dt, ddt
+  }
+  return floats;
 }
 
 template <typename T>
@@ -298,6 +317,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   scan.groups = G;
   scan.chunk = scan_chunk_;
   scan.softplus = true;
+  scan.decay_per_channel = !c.mamba1();
   if (!c.mamba1()) {
     scan.dt_min = c.time_step_min;
     scan.dt_max = c.time_step_max;

@@ -11,8 +11,9 @@
 // input, the projections' inputs, the conv and scan inputs, the scan output: about d + 7·di floats for
 // Mamba-1), and of the scan's states only those at the start of every chunk of `scan_chunk` tokens;
 // the backward recomputes the states inside a chunk from its first one (the paper's recomputation).
-// So memory grows linearly with the tokens of a micro-batch, at activation_floats_per_token() floats
-// a token plus the boundary states, and the per-step states [length, d_inner, N] never exist.
+// So memory grows linearly with the tokens of a micro-batch, at activation_floats_per_token() +
+// working_floats_per_token() floats a token plus the boundary states, and the per-step states
+// [length, d_inner, N] never exist.
 //
 // Glossary: B batch (sequences of a micro-batch), L length (tokens per sequence), rows = B·L;
 // the model sizes d, di, N, K, R, H, P, G of mamba_model.h.
@@ -84,6 +85,8 @@ class Trainer {
   // Floats kept per token between the forward and the backward (all layers), without the scan's
   // boundary states; and the floats of those states for a micro-batch.
   int64_t activation_floats_per_token() const;
+  // Floats per token of the buffers the backward works in (one layer at a time), kept between calls.
+  int64_t working_floats_per_token() const;
   int64_t boundary_floats(int64_t batch, int64_t length) const;
 
  private:
