@@ -18,6 +18,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "../train/ops.h"
 #include "test_util.h"
@@ -804,6 +805,21 @@ void check_cross_entropy(double loss_tolerance, double grad_tolerance) {
 
 }  // namespace
 
+// transpose: exact, at every shape (whole 8 × 8 blocks, edges, one row or one column).
+template <typename T>
+void check_transpose() {
+  Rng rng(31);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {1, 17}, {17, 1}, {8, 8}, {7, 13}, {64, 9}, {129, 70},
+                            {200, 48}, {4, 1024}}) {
+    std::vector<T> src(rows * cols), dst(rows * cols, T(-7)), want(rows * cols);
+    for (auto& v : src) v = (T)rng.normal();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) want[c * rows + r] = src[r * cols + c];
+    transpose(src.data(), rows, cols, dst.data());
+    MSSM_CHECK(dst == want, "transpose [%lld, %lld] differs from the naive one", (long long)rows, (long long)cols);
+  }
+}
+
 int main() {
   std::printf("train ops: gradients against finite differences\n");
   test_gradients_against_finite_differences();
@@ -820,6 +836,9 @@ int main() {
   std::printf("train ops: cross-entropy\n");
   check_cross_entropy<float>(1e-6, 1e-5);
   check_cross_entropy<double>(1e-12, 1e-12);
+  std::printf("train ops: transpose\n");
+  check_transpose<float>();
+  check_transpose<double>();
   std::printf("  worst errors:\n");
   for (const auto& [key, err] : worst()) std::printf("    %-48s %.3g\n", key.c_str(), err);
   return finish("test_train_ops");

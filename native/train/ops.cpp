@@ -24,7 +24,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -39,10 +39,9 @@ constexpr int kLanes = 16;
 constexpr int64_t kSumBlock = 512;
 // Values per parallel task below which a loop stays on one thread.
 constexpr int64_t kMinValuesPerTask = 1 << 14;
-// Channels per scan / conv task and columns per weight-gradient task: fixed, so that the partial sums
-// of a parameter gradient are the same whatever the thread count.
+// Channels per scan task and columns per weight-gradient task: fixed, so that the partial sums of a
+// parameter gradient are the same whatever the thread count.
 constexpr int64_t kScanBlock = 16;
-constexpr int64_t kConvBlock = 16;
 constexpr int64_t kColumnBlock = 64;
 
 int64_t min_tasks(int64_t values_per_task) {
@@ -259,58 +258,80 @@ void conv1d_forward(const T* x, const T* w, const T* bias, T* y, int64_t batch, 
 }
 
 // With g = dy ⊙ act'(pre):  dx[t] = Σ_k w[k] · g[t + K-1-k],  dw[c,k] = Σ_{b,t} g[t] · x[t+k-(K-1)],
-// dbias = Σ g. One task owns a block of kConvBlock channels for every batch and token, and walks the
-// tokens backwards keeping the last K rows of g in a ring, so dx[t] can be formed as soon as g[t] is.
+// dbias = Σ g. One task owns a tile of kConvTile tokens of one sequence and every channel, so each
+// pass reads whole rows (contiguous, vectorised over channels): it forms g for its tokens and the K-1
+// after them (recomputing the pre-activation), then dx, and its tile's partial of dw and dbias. The
+// partials are summed over tiles in order afterwards, so the result does not depend on the threads.
+constexpr int64_t kConvTile = 64;
+
 template <typename T>
 void conv1d_backward(const T* dy, const T* x, const T* w, const T* bias, T* dx, T* dw, T* dbias, int64_t batch,
                      int64_t length, int64_t channels, int64_t kernel, bool silu_act) {
-  constexpr int64_t W = kConvBlock;
-  const int64_t blocks = (channels + W - 1) / W;
-  parallel_for(blocks, min_tasks(W * batch * length * kernel), [&](int64_t begin, int64_t end) {
-    std::vector<T> taps(kernel * W), ring(kernel * W);
-    std::vector<double> dw_acc(kernel * W);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = blk * W, width = std::min(W, channels - c0);
-      std::fill(taps.begin(), taps.end(), T(0));
-      for (int64_t j = 0; j < width; ++j)
-        for (int64_t k = 0; k < kernel; ++k) taps[k * W + j] = w[(c0 + j) * kernel + k];
-      std::fill(dw_acc.begin(), dw_acc.end(), 0.0);
-      double db_acc[W] = {};
-      for (int64_t b = 0; b < batch; ++b) {
-        std::fill(ring.begin(), ring.end(), T(0));
-        for (int64_t t = length - 1; t >= 0; --t) {
-          const int64_t row = b * length + t;
-          T* g = ring.data() + (t % kernel) * W;
-          T pre[W];
-          for (int64_t j = 0; j < width; ++j) pre[j] = bias ? bias[c0 + j] : T(0);
-          for (int64_t k = 0; k < kernel; ++k) {
-            const int64_t back = kernel - 1 - k;
-            if (back > t) continue;
-            const T* xr = x + (row - back) * channels + c0;
-            for (int64_t j = 0; j < width; ++j) pre[j] += taps[k * W + j] * xr[j];
-          }
-          const T* dyr = dy + row * channels + c0;
-          for (int64_t j = 0; j < width; ++j) g[j] = silu_act ? dyr[j] * silu_grad(pre[j]) : dyr[j];
-          for (int64_t j = 0; j < width; ++j) db_acc[j] += (double)g[j];
-          for (int64_t k = 0; k < kernel; ++k) {
-            const int64_t back = kernel - 1 - k;
-            if (back > t) continue;
-            const T* xr = x + (row - back) * channels + c0;
-            for (int64_t j = 0; j < width; ++j) dw_acc[k * W + j] += (double)(g[j] * xr[j]);
-          }
-          T* dxr = dx + row * channels + c0;
-          for (int64_t j = 0; j < width; ++j) dxr[j] = T(0);
-          for (int64_t m = 0; m < kernel && t + m < length; ++m) {
-            const T* gm = ring.data() + ((t + m) % kernel) * W;
-            const T* wk = taps.data() + (kernel - 1 - m) * W;
-            for (int64_t j = 0; j < width; ++j) dxr[j] += wk[j] * gm[j];
-          }
+  const int64_t C = channels, K = kernel;
+  std::vector<T> taps(K * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < K; ++k) taps[k * C + c] = w[c * K + k];
+  const int64_t tiles_per_sequence = (length + kConvTile - 1) / kConvTile, tiles = batch * tiles_per_sequence;
+  // Per tile: dw partial [K][C] then dbias partial [C].
+  std::vector<T> partial(tiles * (K + 1) * C);
+  parallel_for(tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> g((kConvTile + K - 1) * C);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / tiles_per_sequence, t0 = (tile % tiles_per_sequence) * kConvTile;
+      const int64_t t1 = std::min(length, t0 + kConvTile), t_end = std::min(length, t1 + K - 1);
+      // g for tokens [t0, t_end)
+      for (int64_t t = t0; t < t_end; ++t) {
+        const int64_t row = b * length + t;
+        T* gr = g.data() + (t - t0) * C;
+        for (int64_t c = 0; c < C; ++c) gr[c] = bias ? bias[c] : T(0);
+        for (int64_t back = 0; back < K && back <= t; ++back) {
+          const T* xr = x + (row - back) * C;
+          const T* wk = taps.data() + (K - 1 - back) * C;
+          for (int64_t c = 0; c < C; ++c) gr[c] += wk[c] * xr[c];
+        }
+        const T* dyr = dy + row * C;
+        if (silu_act) {
+          for (int64_t c = 0; c < C; ++c) gr[c] = dyr[c] * silu_grad(gr[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) gr[c] = dyr[c];
         }
       }
-      for (int64_t j = 0; j < width; ++j)
-        for (int64_t k = 0; k < kernel; ++k) dw[(c0 + j) * kernel + k] += (T)dw_acc[k * W + j];
-      if (dbias)
-        for (int64_t j = 0; j < width; ++j) dbias[c0 + j] += (T)db_acc[j];
+      T* pw = partial.data() + tile * (K + 1) * C;
+      T* pb = pw + K * C;
+      std::fill(pw, pw + (K + 1) * C, T(0));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = b * length + t;
+        const T* gr = g.data() + (t - t0) * C;
+        // dx[t] = Σ_m w[K-1-m] · g[t+m]
+        T* dxr = dx + row * C;
+        for (int64_t c = 0; c < C; ++c) dxr[c] = taps[(K - 1) * C + c] * gr[c];
+        for (int64_t m = 1; m < K && t + m < length; ++m) {
+          const T* gm = gr + m * C;
+          const T* wk = taps.data() + (K - 1 - m) * C;
+          for (int64_t c = 0; c < C; ++c) dxr[c] += wk[c] * gm[c];
+        }
+        for (int64_t c = 0; c < C; ++c) pb[c] += gr[c];
+        for (int64_t back = 0; back < K && back <= t; ++back) {
+          const T* xr = x + (row - back) * C;
+          T* acc = pw + (K - 1 - back) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += gr[c] * xr[c];
+        }
+      }
+    }
+  });
+  // Tiles in order, in double, split over channels.
+  parallel_for(C, 64, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t k = 0; k < K; ++k) {
+        double sum = 0;
+        for (int64_t tile = 0; tile < tiles; ++tile) sum += (double)partial[(tile * (K + 1) + k) * C + c];
+        dw[c * K + k] += (T)sum;
+      }
+      if (dbias) {
+        double sum = 0;
+        for (int64_t tile = 0; tile < tiles; ++tile) sum += (double)partial[(tile * (K + 1) + K) * C + c];
+        dbias[c] += (T)sum;
+      }
     }
   });
 }
@@ -849,13 +870,66 @@ double cross_entropy(T* logits, const int32_t* targets, int64_t rows, int64_t vo
   return total;
 }
 
+// ---- Transpose --------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int64_t kTransposeRows = 64;
+
+// The 8 × 8 block at src (rows `ld_src` apart) into dst (rows `ld_dst` apart), transposed.
+#if defined(__AVX__)
+inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  // Tasks of kTransposeRows source rows, every column: each writes a kTransposeRows-wide strip of dst.
+  parallel_for((rows + kTransposeRows - 1) / kTransposeRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task * kTransposeRows, r1 = std::min(rows, r0 + kTransposeRows);
+      int64_t r = r0;
+#if defined(__AVX__)
+      if constexpr (std::is_same_v<T, float>) {
+        for (; r + 8 <= r1; r += 8) {
+          int64_t c = 0;
+          for (; c + 8 <= cols; c += 8) transpose8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
+          for (; c < cols; ++c)
+            for (int64_t i = 0; i < 8; ++i) dst[c * rows + r + i] = src[(r + i) * cols + c];
+        }
+      }
+#endif
+      for (; r < r1; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+    }
+  });
+}
+
 // ---- This level's table -------------------------------------------------------------------------------
 
 template <typename T>
 constexpr OpsFor<T> ops_for() {
   return {&rmsnorm_forward<T>, &rmsnorm_backward<T>, &gated_rmsnorm_forward<T>, &gated_rmsnorm_backward<T>,
           &conv1d_forward<T>,  &conv1d_backward<T>,  &scan_forward<T>,          &scan_backward<T>,
-          &cross_entropy<T>};
+          &cross_entropy<T>, &transpose<T>};
 }
 
 extern const TrainOpsTable ops_table;

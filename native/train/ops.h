@@ -122,4 +122,10 @@ int64_t scan_backward_scratch_bytes(const ScanArgs& a);
 template <typename T>
 double cross_entropy(T* logits, const int32_t* targets, int64_t rows, int64_t vocab, T scale, int64_t* count);
 
+// ---- Transpose --------------------------------------------------------------------------------------
+// dst[c, r] = src[r, c] for src [rows, cols] (the weight gradients' products read both operands with
+// the token index innermost). dst must not overlap src.
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst);
+
 }  // namespace mssm::train

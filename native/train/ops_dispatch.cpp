@@ -77,6 +77,10 @@ template <typename T>
 double cross_entropy(T* logits, const int32_t* targets, int64_t rows, int64_t vocab, T scale, int64_t* count) {
   return ops<T>().cross_entropy(logits, targets, rows, vocab, scale, count);
 }
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  ops<T>().transpose(src, rows, cols, dst);
+}
 int64_t scan_backward_scratch_bytes(const ScanArgs& a) { return table().scan_backward_scratch_bytes(a); }
 
 #define MSSM_TRAIN_OPS(T)                                                                                          \
@@ -90,7 +94,8 @@ int64_t scan_backward_scratch_bytes(const ScanArgs& a) { return table().scan_bac
                                    int64_t, bool);                                                                  \
   template void scan_forward<T>(const ScanArgs&, const ScanTensors<T>&, T*, T*);                                  \
   template void scan_backward<T>(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&); \
-  template double cross_entropy<T>(T*, const int32_t*, int64_t, int64_t, T, int64_t*);
+  template double cross_entropy<T>(T*, const int32_t*, int64_t, int64_t, T, int64_t*);                            \
+  template void transpose<T>(const T*, int64_t, int64_t, T*);
 
 MSSM_TRAIN_OPS(float)
 MSSM_TRAIN_OPS(double)

@@ -19,6 +19,7 @@ struct OpsFor {
   void (*scan_forward)(const ScanArgs&, const ScanTensors<T>&, T*, T*);
   void (*scan_backward)(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&);
   double (*cross_entropy)(T*, const int32_t*, int64_t, int64_t, T, int64_t*);
+  void (*transpose)(const T*, int64_t, int64_t, T*);
 };
 
 struct TrainOpsTable {

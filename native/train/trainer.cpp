@@ -30,21 +30,6 @@ using model::Config;
 
 // ---- Products ---------------------------------------------------------------------------------
 
-template <typename T>
-void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
-  constexpr int64_t kBlock = 32;
-  parallel_for((cols + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t cb = begin * kBlock; cb < std::min(cols, end * kBlock); cb += kBlock) {
-      const int64_t ce = std::min(cols, cb + kBlock);
-      for (int64_t rb = 0; rb < rows; rb += kBlock) {
-        const int64_t re = std::min(rows, rb + kBlock);
-        for (int64_t c = cb; c < ce; ++c)
-          for (int64_t r = rb; r < re; ++r) dst[c * rows + r] = src[r * cols + c];
-      }
-    }
-  });
-}
-
 // y[M,N] = x[M,K]·W[N,K]ᵀ (+ bias)
 void linear(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
             std::vector<float>&) {
