@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -523,6 +524,8 @@ inline T mul_add(T a, T b, T c) {
 template <typename T, bool kPerChannel>
 inline void scan_token(int64_t N, const T* AT, const T* dt, const T* dtu, const T* Bt, const T* Ct, const T* sp,
                        T* s, T* dec, T* yc) {
+  T acc[kSL];  // yc in a register: summed through memory, each n waited on a store-to-load forward
+  std::memcpy(acc, yc, sizeof acc);
   if constexpr (kPerChannel) {
     T a[kSL];
     for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * AT[j]);
@@ -531,11 +534,12 @@ inline void scan_token(int64_t N, const T* AT, const T* dt, const T* dtu, const 
       const T bn = Bt[n], cn = Ct[n];
       const T* spn = sp + n * kSL;
       T* sn = s + n * kSL;
-#pragma GCC ivdep
+      T v[kSL];
       for (int64_t j = 0; j < kSL; ++j) {
-        sn[j] = mul_add(a[j], spn[j], dtu[j] * bn);
-        yc[j] = mul_add(sn[j], cn, yc[j]);
+        v[j] = mul_add(a[j], spn[j], dtu[j] * bn);
+        acc[j] = mul_add(v[j], cn, acc[j]);
       }
+      std::memcpy(sn, v, sizeof v);
     }
   } else {
     for (int64_t n = 0; n < N; ++n) {
@@ -543,51 +547,99 @@ inline void scan_token(int64_t N, const T* AT, const T* dt, const T* dtu, const 
       const T* An = AT + n * kSL;
       const T* spn = sp + n * kSL;
       T* sn = s + n * kSL;
-      T a[kSL];
+      T a[kSL], v[kSL];
       for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * An[j]);
       if (dec) std::memcpy(dec + n * kSL, a, sizeof a);
-#pragma GCC ivdep
       for (int64_t j = 0; j < kSL; ++j) {
-        sn[j] = mul_add(a[j], spn[j], dtu[j] * bn);
-        yc[j] = mul_add(sn[j], cn, yc[j]);
+        v[j] = mul_add(a[j], spn[j], dtu[j] * bn);
+        acc[j] = mul_add(v[j], cn, acc[j]);
       }
+      std::memcpy(sn, v, sizeof v);
     }
   }
+  std::memcpy(yc, acc, sizeof acc);
+}
+
+// kSL lanes as one GCC vector (one zmm for float on AVX-512; split by the compiler elsewhere), so that
+// the walk's accumulators stay in registers (as arrays GCC kept them on the stack, each n waiting on
+// a store-to-load forward).
+template <typename T>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef float type __attribute__((vector_size(kSL * sizeof(float))));
+};
+template <>
+struct LanesOf<double> {
+  typedef double type __attribute__((vector_size(kSL * sizeof(double))));
+};
+template <typename T>
+using Lanes = typename LanesOf<T>::type;
+// (by reference: a vector argument or return value warns of an ABI change below AVX-512)
+template <typename T>
+inline void lanes_load(Lanes<T>& v, const T* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+template <typename T>
+inline void lanes_store(T* p, const Lanes<T>& v) {
+  std::memcpy(p, &v, sizeof v);
 }
 
 // One token of the backward walk for a block, over lanes (see scan_backward): updates the state
 // adjoint ds and dA in place, leaves ds_t (before the decay) in dst for dB, and returns Σ_n da·A and
 // Σ_n ds_t·B per lane in sum_a, sum_b. ad holds the token's decays ([N][kSL], or [kSL] per channel);
-// in the general path it may be dst (each decay is read before its lane is overwritten).
+// in the general path it may be dst (each decay is read before its lane is overwritten). Per channel
+// the decay a and A[0] are common to every n, so Σ_n da·A = a·A[0]·Σ_n ds_t·s_{t-1} and
+// dA[n] += (ds_t·s_{t-1})[n]·(a·dt): one multiplication fewer per n.
 template <typename T, bool kPerChannel>
 inline void scan_adjoint(int64_t N, const T* AT, const T* dt, const T* dyc, const T* Bt, const T* Ct, const T* sp,
                          const T* ad, T* ds, T* dA, T* dst, T* sum_a, T* sum_b) {
-  for (int64_t j = 0; j < kSL; ++j) sum_a[j] = sum_b[j] = T(0);
+  using V = Lanes<T>;
+  V sa = {}, sb = {}, y, dtv, a0 = {};
+  lanes_load(y, dyc);
+  lanes_load(dtv, dt);
+  if constexpr (kPerChannel) lanes_load(a0, ad);
+  const V w = kPerChannel ? a0 * dtv : dtv;
   for (int64_t n = 0; n < N; ++n) {
     const T bn = Bt[n], cn = Ct[n];
-    const T* An = AT + n * kSL;
-    const T* spn = sp + n * kSL;
-    const T* adn = kPerChannel ? ad : ad + n * kSL;
-    T* dsn = ds + n * kSL;
-    T* dAn = dA + n * kSL;
-    T* dstn = dst + n * kSL;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < kSL; ++j) {
-      const T d = dsn[j] + dyc[j] * cn;
-      const T decay = adn[j];
-      const T da = d * spn[j] * decay;
-      dAn[j] += da * dt[j];
-      sum_a[j] += da * An[j];
-      sum_b[j] += d * bn;
-      dstn[j] = d;
-      dsn[j] = d * decay;
+    V dsn, spn, dAn, decay;
+    lanes_load(dsn, ds + n * kSL);
+    lanes_load(spn, sp + n * kSL);
+    lanes_load(dAn, dA + n * kSL);
+    if constexpr (kPerChannel)
+      decay = a0;
+    else
+      lanes_load(decay, ad + n * kSL);
+    const V d = y * cn + dsn;
+    if constexpr (kPerChannel) {
+      const V p = d * spn;
+      dAn += p * w;
+      sa += p;
+    } else {
+      V An;
+      lanes_load(An, AT + n * kSL);
+      const V da = d * spn * decay;
+      dAn += da * w;
+      sa += da * An;
     }
+    sb += d * bn;
+    const V next = d * decay;
+    lanes_store(dst + n * kSL, d);
+    lanes_store(ds + n * kSL, next);
+    lanes_store(dA + n * kSL, dAn);
   }
+  if constexpr (kPerChannel) {
+    V A0;
+    lanes_load(A0, AT);
+    sa *= a0 * A0;
+  }
+  lanes_store(sum_a, sa);
+  lanes_store(sum_b, sb);
 }
 
-// Per-thread values of the backward: states and decays / state adjoints [chunk][N][kSL]; dt, d dt/dΔ
-// (then dt·u), yc (then dyc) and the per-channel decay [chunk][kSL]; the block's A, start state, state
-// adjoint and dA partial [N][kSL].
+// Per-thread values of the backward: states and decays / state adjoints [chunk][N][kSL]; dt, d dt/dΔ,
+// dyc and the per-channel decay [chunk][kSL]; the block's A, start state, state adjoint and dA
+// partial [N][kSL].
 int64_t scan_thread_values(const ScanArgs& a, const ScanLayout& l) {
   return l.chunk_rows * kSL * (2 * a.state + 4) + 4 * kSL * a.state;
 }
@@ -658,8 +710,8 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
 //   dA += da·dt;  ddt = Σ_n da·A + u·Σ_n ds_t·B_t;  du = dt·Σ_n ds_t·B_t + D·dyc;  dB_t += ds_t·dt·u
 //   ds_{t-1} = a_t ⊙ ds_t
 // All of it runs over the block's 16 channels as lanes, so the sums over n are lane-wise; the sums
-// over channels (dB_t, dC_t) are one fixed-order 16-lane sum per (token, n), taken after the walk from
-// the stored ds_t and s_t. The block's dB / dC contributions go to a per-block partial of the chunk,
+// over channels (dB_t, dC_t) are one fixed-order 16-lane sum per (token, n), taken while s_t (in the
+// recomputation) and ds_t (in the walk) are still in L1. The block's dB / dC contributions go to a per-block partial of the chunk,
 // which is then summed over the blocks of each group in block order; dA, dD and ddelta_bias are
 // accumulated per token into per-batch partials (carried across chunks, so the chunk does not change
 // their order), then summed over batches in order.
@@ -671,10 +723,13 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
   const bool per_channel = a.decay_per_channel;
   const int threads = num_threads();
   const int64_t per_thread = scan_thread_values(a, l);
-  std::vector<T> scratch(per_thread * threads);
-  std::vector<T> carry(a.batch * D * N, T(0)), dA_part(a.batch * D * N, T(0));
-  std::vector<T> dD_part(a.batch * D, T(0)), bias_part(a.batch * D, T(0));
-  std::vector<T> dB_part(a.batch * l.blocks * Q * N), dC_part(a.batch * l.blocks * Q * N);
+  // Left uninitialised (zeroing them was a serial memset on the calling thread): every value is
+  // written before it is read; the carried ones start at zero in the last chunk, the first walked.
+  auto buffer = [](int64_t n) { return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]); };
+  const auto scratch = buffer(per_thread * threads);
+  const auto carry = buffer(a.batch * D * N), dA_part = buffer(a.batch * D * N);
+  const auto dD_part = buffer(a.batch * D), bias_part = buffer(a.batch * D);
+  const auto dB_part = buffer(a.batch * l.blocks * Q * N), dC_part = buffer(a.batch * l.blocks * Q * N);
 
   for (int64_t c = l.chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * a.chunk, len = std::min(a.chunk, L - t0);
@@ -683,7 +738,7 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
       std::vector<T> own;  // only if the pool grew since `threads` was read
       T* work;
       if (slot < threads) {
-        work = scratch.data() + slot * per_thread;
+        work = scratch.get() + slot * per_thread;
       } else {
         own.resize(per_thread);
         work = own.data();
@@ -691,8 +746,8 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
       T* S = work;                     // s_t                                   [Q][N][kSL]
       T* X = S + Q * N * kSL;          // a_t (general path), then ds_t         [Q][N][kSL]
       T* dts = X + Q * N * kSL;        // dt                                    [Q][kSL]
-      T* dgrad = dts + Q * kSL;        // d dt / dΔ, then dt·u                  [Q][kSL]
-      T* ycs = dgrad + Q * kSL;        // yc (for dz), then dyc                 [Q][kSL]
+      T* dgrad = dts + Q * kSL;        // d dt / dΔ                             [Q][kSL]
+      T* ycs = dgrad + Q * kSL;        // dyc                                   [Q][kSL]
       T* dec1 = ycs + Q * kSL;         // a_t (per channel)                     [Q][kSL]
       T* AT = dec1 + Q * kSL;          // A                                     [N][kSL]
       T* S0 = AT + N * kSL;            // the chunk's start state               [N][kSL]
@@ -711,86 +766,91 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           std::fill(bias, bias + kSL, T(0));
         if (in.D) load_lanes(in.D + d0, count, Dl);
         lanes_from_rows(boundary + ((b * l.chunks + c) * D + d0) * N, count, N, S0);
-        lanes_from_rows(carry.data() + (b * D + d0) * N, count, N, ds);
-        lanes_from_rows(dA_part.data() + (b * D + d0) * N, count, N, dAl);
-        load_lanes(dD_part.data() + b * D + d0, count, dDl);
-        load_lanes(bias_part.data() + b * D + d0, count, biasl);
+        if (c == l.chunks - 1) {
+          std::fill(ds, ds + 2 * N * kSL, T(0));  // ds and dAl
+          std::fill(dDl, dDl + kSL, T(0));
+          std::fill(biasl, biasl + kSL, T(0));
+        } else {
+          lanes_from_rows(carry.get() + (b * D + d0) * N, count, N, ds);
+          lanes_from_rows(dA_part.get() + (b * D + d0) * N, count, N, dAl);
+          load_lanes(dD_part.get() + b * D + d0, count, dDl);
+          load_lanes(bias_part.get() + b * D + d0, count, biasl);
+        }
 
-        // Recompute the chunk's states exactly as the forward did.
+        T* pB = dB_part.get() + (b * l.blocks + blk) * Q * N;
+        T* pC = dC_part.get() + (b * l.blocks + blk) * Q * N;
+
+        // Recompute the chunk's states exactly as the forward did; with each token's state still in
+        // L1, dz and dC_t = Σ_j s_t[·][j]·dyc[j] (dyc = dy·silu(z) needs nothing from the walk).
         for (int64_t tl = 0; tl < len; ++tl) {
           const int64_t row = b * L + t0 + tl;
           const T* Bt = in.B + (row * G + g) * N;
           const T* Ct = in.C + (row * G + g) * N;
           const int64_t i0 = row * D + d0;
           T* dt = dts + tl * kSL;
-          T* yc = ycs + tl * kSL;
+          T* dycs = ycs + tl * kSL;
           load_lanes(in.delta + i0, count, del);
           load_lanes(in.u + i0, count, ul);
           rule.row(del, bias, kSL, dt, dgrad + tl * kSL);
-          T dtu[kSL];
-          for (int64_t j = 0; j < kSL; ++j) dtu[j] = dt[j] * ul[j];
+          T dtu[kSL], yc[kSL];
+          for (int64_t j = 0; j < kSL; ++j) {
+            dtu[j] = dt[j] * ul[j];
+            yc[j] = T(0);
+          }
           const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
           T* s = S + tl * N * kSL;
-          std::fill(yc, yc + kSL, T(0));
           if (per_channel)
             scan_token<T, true>(N, AT, dt, dtu, Bt, Ct, sp, s, dec1 + tl * kSL, yc);
           else
             scan_token<T, false>(N, AT, dt, dtu, Bt, Ct, sp, s, X + tl * N * kSL, yc);
-          if (in.z && in.D)
-            for (int64_t j = 0; j < kSL; ++j) yc[j] += Dl[j] * ul[j];
-        }
-
-        // Walk the chunk backwards.
-        for (int64_t tl = len - 1; tl >= 0; --tl) {
-          const int64_t row = b * L + t0 + tl;
-          const T* Bt = in.B + (row * G + g) * N;
-          const T* Ct = in.C + (row * G + g) * N;
-          const int64_t i0 = row * D + d0;
-          const T* dt = dts + tl * kSL;
-          T* yc = ycs + tl * kSL;
-          T* gr = dgrad + tl * kSL;
           load_lanes(dy + i0, count, dyl);
-          load_lanes(in.u + i0, count, ul);
           if (in.z) {
+            if (in.D)
+              for (int64_t j = 0; j < kSL; ++j) yc[j] += Dl[j] * ul[j];
             load_lanes(in.z + i0, count, zl);
             gate_row(zl, kSL, gates, gate_slopes);
             for (int64_t j = 0; j < count; ++j) out.dz[i0 + j] = dyl[j] * yc[j] * gate_slopes[j];
-            for (int64_t j = 0; j < kSL; ++j) dyc[j] = dyl[j] * gates[j];
+            for (int64_t j = 0; j < kSL; ++j) dycs[j] = dyl[j] * gates[j];
           } else {
-            std::memcpy(dyc, dyl, sizeof dyc);
+            std::memcpy(dycs, dyl, kSL * sizeof(T));
           }
+          weighted_rowsums(s, dycs, N, pC + tl * N);
+        }
+
+        // Walk the chunk backwards; dB_t = Σ_j ds_t[·][j]·(dt·u)[j] while ds_t is in L1.
+        for (int64_t tl = len - 1; tl >= 0; --tl) {
+          const int64_t i0 = (b * L + t0 + tl) * D + d0;
+          const T* Bt = in.B + ((b * L + t0 + tl) * G + g) * N;
+          const T* Ct = in.C + ((b * L + t0 + tl) * G + g) * N;
+          const T* dt = dts + tl * kSL;
+          const T* dyc = ycs + tl * kSL;
+          const T* gr = dgrad + tl * kSL;
+          load_lanes(in.u + i0, count, ul);
           const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
           T* Xt = X + tl * N * kSL;
           if (per_channel)
             scan_adjoint<T, true>(N, AT, dt, dyc, Bt, Ct, sp, dec1 + tl * kSL, ds, dAl, Xt, sum_a, sum_b);
           else
             scan_adjoint<T, false>(N, AT, dt, dyc, Bt, Ct, sp, Xt, ds, dAl, Xt, sum_a, sum_b);
-          T du[kSL], ddelta[kSL];
+          T du[kSL], ddelta[kSL], dtu[kSL];
           for (int64_t j = 0; j < kSL; ++j) {
             du[j] = dt[j] * sum_b[j] + (in.D ? Dl[j] * dyc[j] : T(0));
             ddelta[j] = (sum_a[j] + ul[j] * sum_b[j]) * gr[j];
             if (in.D) dDl[j] += dyc[j] * ul[j];
             biasl[j] += ddelta[j];
-            gr[j] = dt[j] * ul[j];  // dt·u, the weight of ds_t in dB_t
-            yc[j] = dyc[j];         // the weight of s_t in dC_t
+            dtu[j] = dt[j] * ul[j];
           }
+          weighted_rowsums(Xt, dtu, N, pB + tl * N);
           for (int64_t j = 0; j < count; ++j) {
             out.du[i0 + j] = du[j];
             out.ddelta[i0 + j] = ddelta[j];
           }
         }
 
-        // dB_t = Σ_j ds_t[·][j]·(dt·u)[j],  dC_t = Σ_j s_t[·][j]·dyc[j], into this block's partial.
-        T* pB = dB_part.data() + (b * l.blocks + blk) * Q * N;
-        T* pC = dC_part.data() + (b * l.blocks + blk) * Q * N;
-        for (int64_t tl = 0; tl < len; ++tl) {
-          weighted_rowsums(X + tl * N * kSL, dgrad + tl * kSL, N, pB + tl * N);
-          weighted_rowsums(S + tl * N * kSL, ycs + tl * kSL, N, pC + tl * N);
-        }
-        lanes_to_rows(ds, count, N, carry.data() + (b * D + d0) * N);
-        lanes_to_rows(dAl, count, N, dA_part.data() + (b * D + d0) * N);
-        std::memcpy(dD_part.data() + b * D + d0, dDl, count * sizeof(T));
-        std::memcpy(bias_part.data() + b * D + d0, biasl, count * sizeof(T));
+        lanes_to_rows(ds, count, N, carry.get() + (b * D + d0) * N);
+        lanes_to_rows(dAl, count, N, dA_part.get() + (b * D + d0) * N);
+        std::memcpy(dD_part.get() + b * D + d0, dDl, count * sizeof(T));
+        std::memcpy(bias_part.get() + b * D + d0, biasl, count * sizeof(T));
       }
     });
     // dB, dC of the chunk's tokens: the blocks of each group, in block order.

@@ -358,14 +358,20 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   resid.resize((size_t)(rows * d));
   h.resize((size_t)(rows * d));
   const T* emb = P_("embeddings");
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(resid.data() + r * d, emb + (int64_t)ids[r] * d, d * sizeof(T));
+  // resid: the stream entering the layer being run (layer 0: the embeddings, gathered straight into
+  // its saved input); each layer's input is formed in place in its saved copy.
+  saved[0].resid.resize((size_t)(rows * d));
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(saved[0].resid.data() + r * d, emb + (int64_t)ids[r] * d, d * sizeof(T));
   std::vector<T>&A = w.A, &tmp = w.tmp;
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     LayerSaved<T>& s = saved[(size_t)i];
-    if (i > 0)
-      for (int64_t j = 0; j < rows * d; ++j) resid[j] += h[j];
-    s.resid = resid;
+    if (i > 0) {
+      const T* previous = saved[(size_t)i - 1].resid.data();
+      s.resid.resize((size_t)(rows * d));
+      for (int64_t j = 0; j < rows * d; ++j) s.resid[j] = previous[j] + h[j];
+    }
     s.rstd.resize((size_t)rows);
     s.hn.resize((size_t)(rows * d));
     rmsnorm_forward(s.resid.data(), P_(p + "norm"), s.hn.data(), s.rstd.data(), rows, d, eps);
@@ -419,7 +425,10 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   }
   // residual = h + residual; logits = head · rmsnorm_f(residual), in blocks of rows so that at most
   // kHeadRows × vocab logits exist at once.
-  for (int64_t j = 0; j < rows * d; ++j) resid[j] += h[j];
+  {
+    const T* last = saved.back().resid.data();
+    for (int64_t j = 0; j < rows * d; ++j) resid[j] = last[j] + h[j];
+  }
   std::vector<T>&rstd_f = w.rstd_f, &hf = w.hf;
   rstd_f.resize((size_t)rows);
   hf.resize((size_t)(rows * d));
