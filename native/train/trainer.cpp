@@ -115,11 +115,23 @@ void linear_weight_grad(const double* dy, const double* x, double* dW, double* d
 // Columns [first, first + count) of `rows` rows of width `width`, to or from a packed [rows, count].
 template <typename T>
 void take_columns(const T* src, int64_t rows, int64_t width, int64_t first, int64_t count, T* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * count, src + r * width + first, count * sizeof(T));
+  parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) std::memcpy(dst + r * count, src + r * width + first, count * sizeof(T));
+  });
 }
 template <typename T>
 void put_columns(const T* src, int64_t rows, int64_t width, int64_t first, int64_t count, T* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * width + first, src + r * count, count * sizeof(T));
+  parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) std::memcpy(dst + r * width + first, src + r * count, count * sizeof(T));
+  });
+}
+
+// out = a + b, elementwise over n values.
+template <typename T>
+void add(const T* a, const T* b, T* out, int64_t n) {
+  parallel_for(n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = a[i] + b[i];
+  });
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -319,8 +331,10 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   };
   auto expand_heads = [&](const std::string& p, const T* dt, Expanded<T>& e) {
     e.delta.resize((size_t)(rows * di));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < H; ++h) std::fill_n(e.delta.data() + r * di + h * P, P, dt[r * H + h]);
+    parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t h = 0; h < H; ++h) std::fill_n(e.delta.data() + r * di + h * P, P, dt[r * H + h]);
+    });
     e.bias.resize((size_t)di);
     e.D.resize((size_t)di);
     const T* dt_bias = P_(p + "dt_bias");
@@ -361,8 +375,10 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   // resid: the stream entering the layer being run (layer 0: the embeddings, gathered straight into
   // its saved input); each layer's input is formed in place in its saved copy.
   saved[0].resid.resize((size_t)(rows * d));
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(saved[0].resid.data() + r * d, emb + (int64_t)ids[r] * d, d * sizeof(T));
+  parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      std::memcpy(saved[0].resid.data() + r * d, emb + (int64_t)ids[r] * d, d * sizeof(T));
+  });
   std::vector<T>&A = w.A, &tmp = w.tmp;
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
@@ -370,7 +386,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     if (i > 0) {
       const T* previous = saved[(size_t)i - 1].resid.data();
       s.resid.resize((size_t)(rows * d));
-      for (int64_t j = 0; j < rows * d; ++j) s.resid[j] = previous[j] + h[j];
+      add(previous, h.data(), s.resid.data(), rows * d);
     }
     s.rstd.resize((size_t)rows);
     s.hn.resize((size_t)(rows * d));
@@ -427,7 +443,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   // kHeadRows × vocab logits exist at once.
   {
     const T* last = saved.back().resid.data();
-    for (int64_t j = 0; j < rows * d; ++j) resid[j] = last[j] + h[j];
+    add(last, h.data(), resid.data(), rows * d);
   }
   std::vector<T>&rstd_f = w.rstd_f, &hf = w.hf;
   rstd_f.resize((size_t)rows);
@@ -538,12 +554,14 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       }
       std::vector<T>& ddt = w.ddt;
       ddt.resize((size_t)(rows * H));
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t hh = 0; hh < H; ++hh) {
-          T sum = 0;
-          for (int64_t q = 0; q < P; ++q) sum += ddelta[r * di + hh * P + q];
-          ddt[r * H + hh] = sum;
-        }
+      parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          for (int64_t hh = 0; hh < H; ++hh) {
+            T sum = 0;
+            for (int64_t q = 0; q < P; ++q) sum += ddelta[r * di + hh * P + q];
+            ddt[r * H + hh] = sum;
+          }
+      });
       // xBC = silu(conv(xBC_in) + b), split into x, B, C
       packed.resize((size_t)(rows * ch));
       put_columns(du.data(), rows, ch, 0, di, packed.data());
