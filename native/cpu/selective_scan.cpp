@@ -171,48 +171,6 @@ inline void store_lanes(float* p, vec v, int64_t lanes) {
   std::memcpy(p, padded, lanes * sizeof(float));
 }
 
-// dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols: A and the states between the
-// argument layouts ([channel][state]) and the lanes of a block ([state][lane]).
-void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
-#if defined(__AVX512F__)
-  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const int64_t nr = std::min<int64_t>(16, rows - r0);
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const int64_t nc = std::min<int64_t>(16, cols - c0);
-      const mask col_mask = tail_mask(nc), row_mask = tail_mask(nr);
-      vec v[16];
-      for (int i = 0; i < 16; ++i) v[i] = i < nr ? vload_tail(src + (r0 + i) * ld_src + c0, col_mask) : vzero();
-      // 16×16 transpose: interleave pairs of rows, then pairs of pairs, then 128-bit lanes twice.
-      vec t[16];
-      for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-      }
-      for (int i = 0; i < 4; ++i) {
-        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-        v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-      }
-      for (int i = 0; i < 2; ++i)
-        for (int k = 0; k < 4; ++k) {
-          t[8 * i + k] = _mm512_shuffle_f32x4(v[8 * i + k], v[8 * i + 4 + k], 0x88);
-          t[8 * i + 4 + k] = _mm512_shuffle_f32x4(v[8 * i + k], v[8 * i + 4 + k], 0xdd);
-        }
-      for (int k = 0; k < 8; ++k) {
-        v[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
-        v[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd);
-      }
-      for (int i = 0; i < nc; ++i) vstore_tail(dst + (c0 + i) * ld_dst + r0, v[i], row_mask);
-    }
-  }
-#else
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-#endif
-}
 
 // Tokens staged per run; state indices kept in registers per pass over a run.
 constexpr int64_t kRun = 64;
