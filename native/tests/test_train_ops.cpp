@@ -18,6 +18,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "../train/ops.h"
@@ -820,6 +821,79 @@ void check_transpose() {
   }
 }
 
+// weight_grad against a naive double loop: dw (non-zero on entry) += dyᵀ·x and dbias += Σ_m dy, with and
+// without dbias, at awkward shapes (one row, rows not a multiple of the row block, N not a multiple of
+// the 4-row tile, K not a multiple of the vector or the 64-wide strip). The error of each element is
+// measured relative to Σ_m |dy·x| + |dw on entry| (the sum's own scale, which no cancellation shrinks).
+template <typename T>
+void check_weight_grad(double tol) {
+  Rng rng(41);
+  const char* type = std::is_same_v<T, float> ? "float" : "double";
+  double worst_err = 0;
+  for (int64_t M : {1, 7, 300, 4097})
+    for (int64_t N : {1, 3, 5, 48, 130})
+      for (int64_t K : {1, 16, 17, 63, 64, 65, 200}) {
+        std::vector<T> dy(M * N), x(M * K), dw0(N * K), db0(N);
+        for (auto& v : dy) v = (T)rng.normal();
+        for (auto& v : x) v = (T)rng.normal();
+        for (auto& v : dw0) v = (T)rng.normal();
+        for (auto& v : db0) v = (T)rng.normal();
+        Vec want(N * K), scale(N * K), want_b(N), scale_b(N);
+        for (int64_t n = 0; n < N; ++n) {
+          double sb = 0, ab = 0;
+          for (int64_t m = 0; m < M; ++m) sb += (double)dy[m * N + n], ab += std::fabs((double)dy[m * N + n]);
+          want_b[n] = (double)db0[n] + sb, scale_b[n] = std::fabs((double)db0[n]) + ab;
+          for (int64_t k = 0; k < K; ++k) {
+            double s = 0, a = 0;
+            for (int64_t m = 0; m < M; ++m) {
+              const double t = (double)dy[m * N + n] * (double)x[m * K + k];
+              s += t, a += std::fabs(t);
+            }
+            want[n * K + k] = (double)dw0[n * K + k] + s;
+            scale[n * K + k] = std::fabs((double)dw0[n * K + k]) + a;
+          }
+        }
+        for (bool with_bias : {false, true}) {
+          std::vector<T> dw = dw0, db = db0;
+          weight_grad<T>(dy.data(), x.data(), dw.data(), with_bias ? db.data() : nullptr, M, N, K);
+          double err = 0;
+          for (int64_t i = 0; i < N * K; ++i) err = std::max(err, std::fabs((double)dw[i] - want[i]) / scale[i]);
+          for (int64_t n = 0; n < N; ++n) {
+            const double e = with_bias ? std::fabs((double)db[n] - want_b[n]) / scale_b[n] : (db[n] == db0[n] ? 0 : 1);
+            err = std::max(err, e);
+          }
+          if (std::isnan(err)) err = INFINITY;
+          worst_err = std::max(worst_err, err);
+          MSSM_CHECK(err <= tol, "weight_grad %s [M %lld, N %lld, K %lld]%s: error %.3g of Σ|terms| > %.3g", type,
+                     (long long)M, (long long)N, (long long)K, with_bias ? " with dbias" : "", err, tol);
+        }
+      }
+  record(std::string("weight_grad ") + type + " vs naive (of sum |terms|)", worst_err);
+}
+
+// weight_grad: bit-identical at 1, 2 and 3 threads (the task grid changes with the thread count).
+void check_weight_grad_threads() {
+  Rng rng(43);
+  const int saved = num_threads();
+  for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{4097, 130, 200}, {300, 48, 65}, {1000, 1024, 72},
+                         {513, 512, 16}, {2000, 256, 512}}) {
+    FVec dy = rng.normals(M * N), x = rng.normals(M * K), dw0 = rng.normals(N * K), db0 = rng.normals(N);
+    FVec ref_dw, ref_db;
+    for (int threads : {1, 2, 3}) {
+      set_num_threads(threads);
+      FVec dw = dw0, db = db0;
+      weight_grad<float>(dy.data(), x.data(), dw.data(), db.data(), M, N, K);
+      if (threads == 1) {
+        ref_dw = dw, ref_db = db;
+        continue;
+      }
+      MSSM_CHECK(dw == ref_dw && db == ref_db, "weight_grad [M %lld, N %lld, K %lld] at %d threads differs from 1 thread",
+                 (long long)M, (long long)N, (long long)K, threads);
+    }
+  }
+  set_num_threads(saved);
+}
+
 int main() {
   std::printf("train ops: gradients against finite differences\n");
   test_gradients_against_finite_differences();
@@ -839,6 +913,10 @@ int main() {
   std::printf("train ops: transpose\n");
   check_transpose<float>();
   check_transpose<double>();
+  std::printf("train ops: weight_grad (%s)\n", cpu::kernels().level);
+  check_weight_grad<float>(1e-5);
+  check_weight_grad<double>(1e-13);
+  check_weight_grad_threads();
   std::printf("  worst errors:\n");
   for (const auto& [key, err] : worst()) std::printf("    %-48s %.3g\n", key.c_str(), err);
   return finish("test_train_ops");

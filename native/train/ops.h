@@ -128,4 +128,13 @@ double cross_entropy(T* logits, const int32_t* targets, int64_t rows, int64_t vo
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst);
 
+// ---- Weight gradient ----------------------------------------------------------------------------------
+// The weight gradient of a linear layer y = x·Wᵀ, without transposing either operand:
+//   dw[n,k] += Σ_m dy[m,n] · x[m,k],   dbias[n] += Σ_m dy[m,n]   (when dbias is not null)
+// dy [M,N], x [M,K]; dw (+=) [N,K]; dbias (+=) [N] or null. The sum over m is taken in float over
+// fixed blocks of rows, each block's sum added to dw in order (dbias: in double over all rows), so the
+// result is the same at any thread count. dw must not overlap dy or x.
+template <typename T>
+void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N, int64_t K);
+
 }  // namespace mssm::train

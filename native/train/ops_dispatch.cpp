@@ -81,6 +81,10 @@ template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
   ops<T>().transpose(src, rows, cols, dst);
 }
+template <typename T>
+void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N, int64_t K) {
+  ops<T>().weight_grad(dy, x, dw, dbias, M, N, K);
+}
 int64_t scan_backward_scratch_bytes(const ScanArgs& a) { return table().scan_backward_scratch_bytes(a); }
 
 #define MSSM_TRAIN_OPS(T)                                                                                          \
@@ -95,7 +99,8 @@ int64_t scan_backward_scratch_bytes(const ScanArgs& a) { return table().scan_bac
   template void scan_forward<T>(const ScanArgs&, const ScanTensors<T>&, T*, T*);                                  \
   template void scan_backward<T>(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&); \
   template double cross_entropy<T>(T*, const int32_t*, int64_t, int64_t, T, int64_t*);                            \
-  template void transpose<T>(const T*, int64_t, int64_t, T*);
+  template void transpose<T>(const T*, int64_t, int64_t, T*);                                                   \
+  template void weight_grad<T>(const T*, const T*, T*, T*, int64_t, int64_t, int64_t);
 
 MSSM_TRAIN_OPS(float)
 MSSM_TRAIN_OPS(double)

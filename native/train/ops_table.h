@@ -20,6 +20,7 @@ struct OpsFor {
   void (*scan_backward)(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&);
   double (*cross_entropy)(T*, const int32_t*, int64_t, int64_t, T, int64_t*);
   void (*transpose)(const T*, int64_t, int64_t, T*);
+  void (*weight_grad)(const T*, const T*, T*, T*, int64_t, int64_t, int64_t);
 };
 
 struct TrainOpsTable {

@@ -3,9 +3,9 @@
 // The forward follows mamba_model.cpp's order exactly (in_proj, causal conv + SiLU, the selective scan
 // or its Mamba-2 form, the gated norm, out_proj, residuals, final norm, head) with the training ops of
 // ops.h, keeping what the backward needs; the backward walks the layers last to first. Matmuls in
-// float go through the CPU kernels (y = x·Wᵀ), the two backward products through transposed copies:
-//   dX = dY·W = dY·(Wᵀ)ᵀ          (Wᵀ copied once per product)
-//   dW += dYᵀ·X = (dYᵀ)·(Xᵀ)ᵀ      (dYᵀ and Xᵀ copied)
+// float go through the CPU kernels (y = x·Wᵀ), and the two backward products:
+//   dX = dY·W = dY·(Wᵀ)ᵀ   through the same kernels, with Wᵀ copied once per product
+//   dW += dYᵀ·X            the training op weight_grad (a sum of outer products over the tokens)
 // In double (the gradient checks) they are plain loops.
 //
 // Mamba-2's scan is run as the Mamba-1 scan over di = H·P channels with the head's dt, A, D and dt
@@ -75,26 +75,11 @@ void linear_input_grad(const double* dy, const double* W, double* dx, int64_t M,
   });
 }
 
-// dW[N,K] += dy[M,N]ᵀ·x[M,K];  dbias[N] += Σ_m dy[m] when dbias is given.
+// dW[N,K] += dy[M,N]ᵀ·x[M,K];  dbias[N] += Σ_m dy[m] when dbias is given (ops.h weight_grad: outer
+// products over the rows, no transposed copies).
 void linear_weight_grad(const float* dy, const float* x, float* dW, float* dbias, int64_t M, int64_t N, int64_t K,
-                        std::vector<float>& scratch) {
-  scratch.resize((size_t)(N * M + K * M + N * K));
-  float* dyt = scratch.data();
-  float* xt = dyt + N * M;
-  float* prod = xt + K * M;
-  transpose(dy, M, N, dyt);
-  transpose(x, M, K, xt);
-  cpu::kernels().matmul(dyt, xt, DType::f32, nullptr, prod, N, K, M);
-  parallel_for(N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * K; i < end * K; ++i) dW[i] += prod[i];
-    if (dbias) {
-      for (int64_t n = begin; n < end; ++n) {
-        double s = 0;
-        for (int64_t m = 0; m < M; ++m) s += dyt[n * M + m];
-        dbias[n] += (float)s;
-      }
-    }
-  });
+                        std::vector<float>&) {
+  weight_grad(dy, x, dW, dbias, M, N, K);
 }
 void linear_weight_grad(const double* dy, const double* x, double* dW, double* dbias, int64_t M, int64_t N,
                         int64_t K, std::vector<double>&) {
@@ -257,8 +242,8 @@ int64_t Trainer<T>::working_floats_per_token() const {
   int64_t floats = 5 * d;
   // dy, du, ddelta, dz, dB, dC of the layer being differentiated
   floats += 4 * di + 2 * gn;
-  // The product gradients' transposed copies: at most those of in_proj, [rows, in_proj rows + d].
-  floats += c.in_proj_rows() + d;
+  // dX accumulated through a temporary: at most [rows, di] (x_proj's input gradient).
+  floats += di;
   if (c.mamba1()) {
     floats += std::max<int64_t>(2 * di, R + 2 * N) + std::max<int64_t>(di, R + 2 * N);  // packed, tmp
   } else {
