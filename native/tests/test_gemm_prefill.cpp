@@ -62,42 +62,6 @@ constexpr double kAccumulationTolerance = 1e-5;
 constexpr double kBf16InputRmsTolerance = 4e-3;
 constexpr double kBf16InputMaxTolerance = 2e-2;
 
-// Weights stored in a dtype, and the f32 values a reader of that dtype must see.
-struct StoredWeights {
-  std::vector<uint8_t> bytes;
-  std::vector<float> values;
-};
-
-StoredWeights store(const std::vector<float>& w, DType dtype) {
-  StoredWeights s;
-  const int64_t n = (int64_t)w.size();
-  s.bytes.resize(dtype_bytes(dtype, n));
-  s.values.resize(n);
-  if (dtype == DType::f32) {
-    std::memcpy(s.bytes.data(), w.data(), n * 4);
-    s.values = w;
-  } else if (dtype == DType::f16 || dtype == DType::bf16) {
-    uint16_t* h = (uint16_t*)s.bytes.data();
-    for (int64_t i = 0; i < n; ++i) {
-      h[i] = dtype == DType::f16 ? f32_to_f16(w[i]) : f32_to_bf16(w[i]);
-      s.values[i] = dtype == DType::f16 ? f16_to_f32(h[i]) : bf16_to_f32(h[i]);
-    }
-  } else {  // q8_0: d = amax / 127 as fp16, q = round(x / d)
-    BlockQ8_0* blocks = (BlockQ8_0*)s.bytes.data();
-    for (int64_t b = 0; b < n / kQ8BlockSize; ++b) {
-      float amax = 0;
-      for (int i = 0; i < kQ8BlockSize; ++i) amax = std::max(amax, std::fabs(w[b * kQ8BlockSize + i]));
-      const float d = amax / 127.0f, inverse = d != 0.0f ? 1.0f / d : 0.0f;
-      blocks[b].d = f32_to_f16(d);
-      for (int i = 0; i < kQ8BlockSize; ++i) {
-        blocks[b].qs[i] = (int8_t)roundf(w[b * kQ8BlockSize + i] * inverse);
-        s.values[b * kQ8BlockSize + i] = (float)blocks[b].qs[i] * f16_to_f32(blocks[b].d);
-      }
-    }
-  }
-  return s;
-}
-
 // y[m,n] = Σ_k x[m,k] · W[n,k] + bias[n], in double.
 std::vector<double> reference(const std::vector<float>& x, const std::vector<float>& w, const float* bias, int64_t M,
                               int64_t N, int64_t K) {

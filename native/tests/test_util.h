@@ -1,7 +1,9 @@
 // A small test harness for the kernel tests: checks that count failures, seeded random inputs, error
 // measures, and a loop over every CPU level this machine supports.
 #pragma once
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "../core/cpu_features.h"
+#include "../core/dtype.h"
 #include "../core/threadpool.h"
 #include "../cpu/kernels.h"
 
@@ -134,6 +137,54 @@ inline void for_each_level(const std::function<void(const cpu::KernelTable&, con
 inline int finish(const char* name) {
   std::printf("%s: %d checks, %d failed\n", name, checks(), failures());
   return failures() ? 1 : 0;
+}
+
+// ---- Weights in every dtype (test_gemm, test_gemm_prefill) ----------------------------------------
+
+// GGUF's q8_0 written from its definition: d = amax / 127 (stored as fp16), q = roundf(x · (1/d)),
+// with 1/d taken of the f32 d; an all-zero block gets d = 0 and q = 0.
+inline std::vector<BlockQ8_0> quantize_reference(const float* v, int64_t n) {
+  std::vector<BlockQ8_0> blocks(n / kQ8BlockSize);
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    float amax = 0;
+    for (int i = 0; i < kQ8BlockSize; ++i) amax = std::max(amax, std::fabs(v[b * kQ8BlockSize + i]));
+    float d = amax / 127.0f;
+    float inverse = d != 0.0f ? 1.0f / d : 0.0f;
+    blocks[b].d = f32_to_f16(d);
+    for (int i = 0; i < kQ8BlockSize; ++i) blocks[b].qs[i] = (int8_t)roundf(v[b * kQ8BlockSize + i] * inverse);
+  }
+  return blocks;
+}
+
+// Weights stored in a dtype, and the f32 values a reader of that dtype must see.
+struct StoredWeights {
+  std::vector<uint8_t> bytes;
+  std::vector<float> values;
+};
+
+inline StoredWeights store(const std::vector<float>& w, DType dtype) {
+  StoredWeights s;
+  const int64_t n = (int64_t)w.size();
+  s.bytes.resize(dtype_bytes(dtype, n));
+  s.values.resize(n);
+  if (dtype == DType::f32) {
+    std::memcpy(s.bytes.data(), w.data(), n * 4);
+    s.values = w;
+  } else if (dtype == DType::f16 || dtype == DType::bf16) {
+    uint16_t* h = (uint16_t*)s.bytes.data();
+    for (int64_t i = 0; i < n; ++i) {
+      h[i] = dtype == DType::f16 ? f32_to_f16(w[i]) : f32_to_bf16(w[i]);
+      s.values[i] = dtype == DType::f16 ? f16_to_f32(h[i]) : bf16_to_f32(h[i]);
+    }
+  } else {
+    std::vector<BlockQ8_0> blocks = quantize_reference(w.data(), n);
+    std::memcpy(s.bytes.data(), blocks.data(), s.bytes.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const BlockQ8_0& b = blocks[i / kQ8BlockSize];
+      s.values[i] = (float)b.qs[i % kQ8BlockSize] * f16_to_f32(b.d);
+    }
+  }
+  return s;
 }
 
 }  // namespace mssm::test
