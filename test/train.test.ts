@@ -261,6 +261,22 @@ describe("train()", () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
+  test("init fine-tunes from a checkpoint: training continues from its weights, with its configuration", async () => {
+    const dir = tempDir();
+    const data = writeCorpus(dir);
+    const base = await train({ ...options(data, path.join(dir, "base")), steps: 40 });
+    const tuned = await train({ data, out: path.join(dir, "tuned"), init: base.model, steps: 5, batchSize: 2, length: 32,
+      lr: 1e-3, warmupSteps: 0, progress: null });
+    // A fresh model starts near ln 256 = 5.55; one that starts from the trained weights starts near their loss.
+    expect(base.points[0].trainLoss).toBeGreaterThan(5);
+    expect(tuned.points[0].trainLoss).toBeLessThan(base.trainLoss + 0.5);
+    const model = await loadModel(tuned.model);
+    expect(model.config.hiddenSize).toBe(32);
+    expect(model.config.numLayers).toBe(2);
+    model.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
   test("the train command names a missing or wrong option", () => {
     const cli = path.join(__dirname, "..", "dist", "cli.js");
     const noData = spawnSync(process.execPath, [cli, "train", "--out", "x"], { encoding: "utf8" });

@@ -298,6 +298,7 @@ export async function train(options: TrainOptions): Promise<TrainResult> {
   }
 
   let settings: RunSettings;
+  let startWeights: Map<string, Tensor> | null = null;
   let saved: SavedRun | null = null;
   let checkpointDir: string | null = null;
   if (options.resume) {
@@ -306,20 +307,27 @@ export async function train(options: TrainOptions): Promise<TrainResult> {
     saved = readRun(checkpointDir);
     settings = { ...saved.settings, steps: options.steps ?? saved.settings.steps };
     checkSchedule({ lr: settings.lr, warmupSteps: settings.warmupSteps, totalSteps: settings.steps, minLr: settings.minLr });
-  } else {
-    let config: MambaConfig;
-    if (options.init) {
-      config = loadCheckpoint(options.init).config;
-      if (config.vocabSize < 256) throw new Error(`train: ${options.init} has a vocabulary of ${config.vocabSize}; byte-level training needs at least 256`);
-    } else {
-      config = trainConfig(options.model);
+  } else if (options.init) {
+    // The checkpoint to fine-tune gives the configuration and the starting weights (disposed below).
+    const ckpt = loadCheckpoint(options.init);
+    startWeights = ckpt.weights;
+    try {
+      if (ckpt.config.vocabSize < 256) {
+        throw new Error(`train: ${options.init} has a vocabulary of ${ckpt.config.vocabSize}; byte-level training needs at least 256`);
+      }
+      settings = settingsFrom(options, ckpt.config);
+    } catch (e) {
+      disposeWeights(startWeights);
+      throw e;
     }
-    settings = settingsFrom(options, config);
+  } else {
+    settings = settingsFrom(options, trainConfig(options.model));
   }
 
-  const dataset = ByteDataset.fromFile(settings.data, { validationFraction: settings.validationFraction });
-  const trainer = new Trainer(settings.config);
+  let created: Trainer | null = null;
   try {
+    const dataset = ByteDataset.fromFile(settings.data, { validationFraction: settings.validationFraction });
+    const trainer = (created = new Trainer(settings.config));
     let sampler: BatchSampler;
     const points: LossPoint[] = saved ? saved.points : [];
     let tokens = saved ? saved.tokens : 0;
@@ -334,18 +342,10 @@ export async function train(options: TrainOptions): Promise<TrainResult> {
       }
       sampler = BatchSampler.resume(dataset.train, settings.batchSize, settings.length, saved.sampler);
     } else {
-      if (options.init) {
-        const ckpt = loadCheckpoint(options.init);
-        try {
-          trainer.loadWeights(ckpt.weights);
-        } finally {
-          for (const t of ckpt.weights.values()) if (!t.disposed) t.dispose();
-        }
-      } else {
-        const weights = initWeights(settings.config, { seed: settings.seed });
-        trainer.loadWeights(weights);
-        for (const t of weights.values()) t.dispose();
-      }
+      if (!startWeights) startWeights = initWeights(settings.config, { seed: settings.seed });
+      trainer.loadWeights(startWeights);
+      disposeWeights(startWeights);
+      startWeights = null;
       sampler = new BatchSampler(dataset.train, settings.batchSize, settings.length, settings.seed);
     }
 
@@ -425,6 +425,11 @@ export async function train(options: TrainOptions): Promise<TrainResult> {
       stopped,
     };
   } finally {
-    trainer.dispose();
+    if (startWeights) disposeWeights(startWeights);
+    created?.dispose();
   }
+}
+
+function disposeWeights(weights: Map<string, Tensor>): void {
+  for (const t of weights.values()) if (!t.disposed) t.dispose();
 }

@@ -243,17 +243,7 @@ Napi::Value TrainerStep(const Napi::CallbackInfo& info) {
     p.eps = in_range("eps", 1e-8, 0, 1);
     p.weight_decay = in_range("weightDecay", 0.1, 0, 1e3);
     const double max_norm = in_range("maxGradNorm", 1.0, 0, 1e30);
-    auto& t = *h->trainer;
-    const double norm = t.grad_norm();
-    if (!std::isfinite(norm)) {
-      t.zero_grads();
-      a.fail("the gradient is not finite (norm " + std::to_string(norm) +
-             "); the step was skipped — a lower learning rate may help");
-    }
-    if (max_norm > 0 && norm > max_norm) t.scale_grads(max_norm / (norm + 1e-6));
-    p.step = ++h->step;
-    train::adamw_update(t.params(), t.grads(), h->m.data(), h->v.data(), t.slots(), p);
-    t.zero_grads();
+    const double norm = train::optimizer_step(*h->trainer, h->m.data(), h->v.data(), p, max_norm, &h->step);
     Napi::Object o = Napi::Object::New(env);
     o.Set("gradNorm", Napi::Number::New(env, norm));
     o.Set("step", Napi::Number::New(env, (double)h->step));

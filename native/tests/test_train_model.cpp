@@ -300,6 +300,48 @@ void check_adamw() {
              in_proj && in_proj->decay, a_log && a_log->decay);
 }
 
+// optimizer_step clips to the global norm before AdamW, counts the step and zeroes the gradients; a
+// non-finite gradient takes no step.
+void check_optimizer_step() {
+  Config c = mamba1_config();
+  Trainer<float> a(c, 4), b(c, 4);
+  fill_params(a, 5);
+  std::copy(a.params(), a.params() + a.parameter_count(), b.params());
+  Rng rng(6);
+  for (int64_t i = 0; i < a.parameter_count(); ++i) a.grads()[i] = b.grads()[i] = 0.3f * rng.normal();
+  const int64_t n = a.parameter_count();
+  std::vector<float> ma(n, 0.0f), va(n, 0.0f), mb(n, 0.0f), vb(n, 0.0f);
+  mssm::train::AdamWParams hyper;
+  hyper.lr = 1e-2;
+  const double norm = a.grad_norm(), max_norm = norm / 4;
+  int64_t step = 0;
+  const double returned = mssm::train::optimizer_step(a, ma.data(), va.data(), hyper, max_norm, &step);
+  MSSM_CHECK(returned == norm && step == 1, "optimizer_step returned norm %g (want %g) at step %lld", returned, norm,
+             (long long)step);
+  // The same step by hand: gradients scaled to the clipped norm, then AdamW at step 1.
+  b.scale_grads(max_norm / (norm + 1e-6));
+  hyper.step = 1;
+  mssm::train::adamw_update(b.params(), b.grads(), mb.data(), vb.data(), b.slots(), hyper);
+  bool same = true, zeroed = true;
+  for (int64_t i = 0; i < n; ++i) {
+    same = same && a.params()[i] == b.params()[i] && ma[i] == mb[i] && va[i] == vb[i];
+    zeroed = zeroed && a.grads()[i] == 0.0f;
+  }
+  MSSM_CHECK(same, "optimizer_step differs from clipping then adamw_update");
+  MSSM_CHECK(zeroed, "optimizer_step leaves the gradients zeroed");
+
+  std::vector<float> before(a.params(), a.params() + n);
+  a.grads()[3] = NAN;
+  bool threw = false;
+  try {
+    mssm::train::optimizer_step(a, ma.data(), va.data(), hyper, max_norm, &step);
+  } catch (const std::runtime_error& e) {
+    threw = std::string(e.what()).find("not finite") != std::string::npos;
+  }
+  MSSM_CHECK(threw && step == 1 && std::equal(before.begin(), before.end(), a.params()) && a.grads()[3] == 0.0f,
+             "a non-finite gradient is refused without a step (threw %d, step %lld)", threw, (long long)step);
+}
+
 void check_errors() {
   Trainer<float> t(mamba1_config(), 4);
   std::vector<int32_t> ids = {1, 2, 7}, targets = {1, 2, 3};
@@ -352,6 +394,7 @@ int main() {
   check_accumulation_and_threads(mamba1_config(), "mamba1");
   check_accumulation_and_threads(mamba2_config(), "mamba2");
   check_adamw();
+  check_optimizer_step();
   check_errors();
   std::printf("%d checks, %d failures\n", mssm::test::checks(), mssm::test::failures());
   return mssm::test::failures() ? 1 : 0;

@@ -6,7 +6,7 @@
 // float go through the CPU kernels (y = x·Wᵀ), and the two backward products:
 //   dX = dY·W = dY·(Wᵀ)ᵀ   through the same kernels, with Wᵀ copied once per product
 //   dW += dYᵀ·X            the training op weight_grad (a sum of outer products over the tokens)
-// In double (the gradient checks) they are plain loops.
+// In double (the gradient checks) y = x·Wᵀ and dX are plain loops here, dW weight_grad<double>.
 //
 // Mamba-2's scan is run as the Mamba-1 scan over di = H·P channels with the head's dt, A, D and dt
 // bias repeated over its P channels and B, C shared by the channels of a group; the gradients of the
@@ -31,12 +31,10 @@ using model::Config;
 // ---- Products ---------------------------------------------------------------------------------
 
 // y[M,N] = x[M,K]·W[N,K]ᵀ (+ bias)
-void linear(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-            std::vector<float>&) {
+void linear(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   cpu::kernels().matmul(x, W, DType::f32, bias, y, M, N, K);
 }
-void linear(const double* x, const double* W, const double* bias, double* y, int64_t M, int64_t N, int64_t K,
-            std::vector<double>&) {
+void linear(const double* x, const double* W, const double* bias, double* y, int64_t M, int64_t N, int64_t K) {
   parallel_for(M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t n = 0; n < N; ++n) {
@@ -71,28 +69,6 @@ void linear_input_grad(const double* dy, const double* W, double* dx, int64_t M,
         const double g = dy[m * N + n];
         for (int64_t k = 0; k < K; ++k) row[k] += g * W[n * K + k];
       }
-    }
-  });
-}
-
-// dW[N,K] += dy[M,N]ᵀ·x[M,K];  dbias[N] += Σ_m dy[m] when dbias is given (ops.h weight_grad: outer
-// products over the rows, no transposed copies).
-void linear_weight_grad(const float* dy, const float* x, float* dW, float* dbias, int64_t M, int64_t N, int64_t K,
-                        std::vector<float>&) {
-  weight_grad(dy, x, dW, dbias, M, N, K);
-}
-void linear_weight_grad(const double* dy, const double* x, double* dW, double* dbias, int64_t M, int64_t N,
-                        int64_t K, std::vector<double>&) {
-  parallel_for(N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      double* row = dW + n * K;
-      double sb = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        const double g = dy[m * N + n];
-        sb += g;
-        for (int64_t k = 0; k < K; ++k) row[k] += g * x[m * K + k];
-      }
-      if (dbias) dbias[n] += sb;
     }
   });
 }
@@ -253,11 +229,6 @@ int64_t Trainer<T>::working_floats_per_token() const {
 }
 
 template <typename T>
-int64_t Trainer<T>::boundary_floats(int64_t batch, int64_t length) const {
-  return config_.num_layers * batch * ceil_div(length, scan_chunk_) * config_.intermediate_size * config_.state_size;
-}
-
-template <typename T>
 BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t length,
                                        bool backward, T loss_scale) {
   const Config& c = config_;
@@ -380,7 +351,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     const T* b_in = P_(p + "in_proj_bias");
     auto in_rows = [&](int64_t first, int64_t count, std::vector<T>& out) {
       out.resize((size_t)(rows * count));
-      linear(s.hn.data(), W_in + first * d, b_in ? b_in + first : nullptr, out.data(), rows, count, d, scratch);
+      linear(s.hn.data(), W_in + first * d, b_in ? b_in + first : nullptr, out.data(), rows, count, d);
     };
     layer_A(p, A);
     s.y.resize((size_t)(rows * di));
@@ -391,7 +362,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       s.u.resize((size_t)(rows * di));
       conv1d_forward(s.conv_in.data(), P_(p + "conv"), P_(p + "conv_bias"), s.u.data(), batch, length, di, K, true);
       tmp.resize((size_t)(rows * (R + 2 * N)));
-      linear(s.u.data(), P_(p + "x_proj"), (const T*)nullptr, tmp.data(), rows, R + 2 * N, di, scratch);
+      linear(s.u.data(), P_(p + "x_proj"), (const T*)nullptr, tmp.data(), rows, R + 2 * N, di);
       s.dt_low.resize((size_t)(rows * R));
       s.Bm.resize((size_t)(rows * N));
       s.Cm.resize((size_t)(rows * N));
@@ -399,9 +370,9 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       take_columns(tmp.data(), rows, R + 2 * N, R, N, s.Bm.data());
       take_columns(tmp.data(), rows, R + 2 * N, R + N, N, s.Cm.data());
       s.delta.resize((size_t)(rows * di));
-      linear(s.dt_low.data(), P_(p + "dt_proj"), (const T*)nullptr, s.delta.data(), rows, di, R, scratch);
+      linear(s.dt_low.data(), P_(p + "dt_proj"), (const T*)nullptr, s.delta.data(), rows, di, R);
       scan_forward(scan, scan_inputs(p, s, A, nullptr), s.y.data(), s.boundary.data());
-      linear(s.y.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di, scratch);
+      linear(s.y.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di);
     } else {
       in_rows(0, di, s.z);
       in_rows(di, ch, s.conv_in);
@@ -421,7 +392,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       s.rstd_g.resize((size_t)(rows * G));
       gated_rmsnorm_forward(s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.yn.data(), s.rstd_g.data(), rows, di, di / G,
                             eps, c.norm_before_gate);
-      linear(s.yn.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di, scratch);
+      linear(s.yn.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di);
     }
   }
   // residual = h + residual; logits = head · rmsnorm_f(residual), in blocks of rows so that at most
@@ -443,11 +414,11 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   BatchLoss loss;
   for (int64_t r0 = 0; r0 < rows; r0 += kHeadRows) {
     const int64_t n = std::min(kHeadRows, rows - r0);
-    linear(hf.data() + r0 * d, head, (const T*)nullptr, logits.data(), n, V, d, scratch);
+    linear(hf.data() + r0 * d, head, (const T*)nullptr, logits.data(), n, V, d);
     loss.sum += cross_entropy(logits.data(), targets + r0, n, V, loss_scale, &loss.count);
     if (backward) {
       linear_input_grad(logits.data(), head, dhf.data() + r0 * d, n, V, d, false, scratch);
-      linear_weight_grad(logits.data(), hf.data() + r0 * d, dhead, (T*)nullptr, n, V, d, scratch);
+      weight_grad(logits.data(), hf.data() + r0 * d, dhead, (T*)nullptr, n, V, d);
     }
   }
   if (!backward) return loss;
@@ -468,9 +439,13 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     const T* W_out = P_(p + "out_proj");
     // out = (Mamba-1 y | Mamba-2 yn) · W_outᵀ + b
     const std::vector<T>& out_in = c.mamba1() ? s.y : s.yn;
-    linear_weight_grad(g.data(), out_in.data(), G_(p + "out_proj"), G_(p + "out_proj_bias"), rows, d, di, scratch);
+    weight_grad(g.data(), out_in.data(), G_(p + "out_proj"), G_(p + "out_proj_bias"), rows, d, di);
+    // Mamba-1: the scan output's gradient; Mamba-2: the gated norm's output's (in tmp), turned into
+    // the scan output's below.
     dy.resize((size_t)(rows * di));
-    linear_input_grad(g.data(), W_out, dy.data(), rows, d, di, false, scratch);
+    std::vector<T>& dout_in = c.mamba1() ? dy : tmp;
+    dout_in.resize((size_t)(rows * di));
+    linear_input_grad(g.data(), W_out, dout_in.data(), rows, d, di, false, scratch);
     du.resize((size_t)(rows * di));
     ddelta.resize((size_t)(rows * di));
     dB.resize((size_t)(rows * gn));
@@ -491,7 +466,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       scan_backward(scan, scan_inputs(p, s, A, nullptr), s.boundary.data(), dy.data(), sg);
       for (int64_t j = 0; j < di * N; ++j) dA_log[j] += dA[j] * A[j];
       // delta = dt_low · W_dtᵀ
-      linear_weight_grad(ddelta.data(), s.dt_low.data(), G_(p + "dt_proj"), (T*)nullptr, rows, di, R, scratch);
+      weight_grad(ddelta.data(), s.dt_low.data(), G_(p + "dt_proj"), (T*)nullptr, rows, di, R);
       tmp.resize((size_t)(rows * R));
       linear_input_grad(ddelta.data(), P_(p + "dt_proj"), tmp.data(), rows, di, R, false, scratch);
       // [dt_low, B, C] = u · W_xᵀ
@@ -499,7 +474,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       put_columns(tmp.data(), rows, R + 2 * N, 0, R, packed.data());
       put_columns(dB.data(), rows, R + 2 * N, R, N, packed.data());
       put_columns(dC.data(), rows, R + 2 * N, R + N, N, packed.data());
-      linear_weight_grad(packed.data(), s.u.data(), G_(p + "x_proj"), (T*)nullptr, rows, R + 2 * N, di, scratch);
+      weight_grad(packed.data(), s.u.data(), G_(p + "x_proj"), (T*)nullptr, rows, R + 2 * N, di);
       linear_input_grad(packed.data(), P_(p + "x_proj"), du.data(), rows, R + 2 * N, di, true, scratch);
       // u = silu(conv(x) + b)
       tmp.resize((size_t)(rows * di));
@@ -511,8 +486,6 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       put_columns(dz.data(), rows, 2 * di, di, di, packed.data());
     } else {
       // yn = gated_norm(y, z) · w
-      // (dy holds the gradient of yn so far; the gated norm turns it into the scan output's.)
-      tmp.assign(dy.begin(), dy.end());
       gated_rmsnorm_backward(tmp.data(), s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.rstd_g.data(), dy.data(),
                              dz.data(), G_(p + "ssm_norm"), rows, di, di / G, c.norm_before_gate);
       Expanded<T>& e = w.e;
@@ -563,7 +536,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       put_columns(ddt.data(), rows, width, di + ch, H, packed.data());
     }
     const int64_t width = c.in_proj_rows();
-    linear_weight_grad(packed.data(), s.hn.data(), G_(p + "in_proj"), G_(p + "in_proj_bias"), rows, width, d, scratch);
+    weight_grad(packed.data(), s.hn.data(), G_(p + "in_proj"), G_(p + "in_proj_bias"), rows, width, d);
     linear_input_grad(packed.data(), W_in, dhn.data(), rows, width, d, false, scratch);
     // hn = rmsnorm(resid)·w; the residual passes g through unchanged and adds the norm's gradient.
     rmsnorm_backward(dhn.data(), s.resid.data(), P_(p + "norm"), s.rstd.data(), g.data(), G_(p + "norm"), rows, d);
@@ -597,6 +570,20 @@ void adamw_update(float* params, const float* grads, float* m, float* v, const s
       }
     });
   }
+}
+
+double optimizer_step(Trainer<float>& t, float* m, float* v, AdamWParams hyper, double max_norm, int64_t* step) {
+  const double norm = t.grad_norm();
+  if (!std::isfinite(norm)) {
+    t.zero_grads();
+    throw std::runtime_error("the gradient is not finite (norm " + std::to_string(norm) +
+                             "); the step was skipped — a lower learning rate may help");
+  }
+  if (max_norm > 0 && norm > max_norm) t.scale_grads(max_norm / (norm + 1e-6));
+  hyper.step = ++*step;
+  adamw_update(t.params(), t.grads(), m, v, t.slots(), hyper);
+  t.zero_grads();
+  return norm;
 }
 
 }  // namespace mssm::train

@@ -83,11 +83,10 @@ class Trainer {
   void scale_grads(double factor);
 
   // Floats kept per token between the forward and the backward (all layers), without the scan's
-  // boundary states; and the floats of those states for a micro-batch.
+  // boundary states (layers · di · N per scan_chunk tokens).
   int64_t activation_floats_per_token() const;
   // Floats per token of the buffers the backward works in (one layer at a time), kept between calls.
   int64_t working_floats_per_token() const;
-  int64_t boundary_floats(int64_t batch, int64_t length) const;
 
  private:
   model::Config config_;
@@ -108,5 +107,12 @@ struct AdamWParams {
 };
 void adamw_update(float* params, const float* grads, float* m, float* v, const std::vector<ParamSlot>& slots,
                   const AdamWParams& hyper);
+
+// One optimizer step of a float trainer: clips the gradients to a global norm of max_norm (0: no
+// clipping), counts the step (*step += 1, which AdamW's bias corrections use), updates the parameters
+// and zeroes the gradients. Returns the norm before clipping. A non-finite norm takes no step: the
+// gradients are zeroed and std::runtime_error says so.
+double optimizer_step(Trainer<float>& trainer, float* m, float* v, AdamWParams hyper, double max_norm,
+                      int64_t* step);
 
 }  // namespace mssm::train
