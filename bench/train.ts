@@ -1,8 +1,8 @@
 // Training speed and memory of a small byte-level model (default: Mamba-1, 4 layers, d_model 256,
 // expand 2, state 16, vocabulary 256; sequences of 1024 tokens, batch 4):
 //   1. tokens/s of full optimizer steps (forward + backward + AdamW), the model FLOP/s this means as a
-//      fraction of the machine's fp32 FMA peak, and where the time goes (forward only, forward +
-//      backward, optimizer step);
+//      fraction of the machine's fp32 FMA peak and of its bf16 dot-product peak, and where the time goes
+//      (forward only, forward + backward, optimizer step);
 //   2. the same step in PyTorch (bench/train_torch.py: a plain nn.Module with the reference's
 //      sequential scan loop) in fp32 and bf16 autocast, when /usr/bin/python3 has torch;
 //   3. memory against sequence length (batch 1, 1k … 64k tokens), each length in a fresh process, with
@@ -89,18 +89,21 @@ function batchOf(batch: number, length: number): { ids: Int32Array; targets: Int
 }
 
 /**
- * Peak fp32 FLOP/s as bench/kernels.ts measures it: the addon's independent FMA chains on every pool
- * thread, the median of at least five calls lasting ~0.5 s in all (after two warm-up calls).
+ * Peak FLOP/s as bench/kernels.ts measures it: the addon's independent FMA chains (fp32) or bf16 pair
+ * dot products into fp32 (VDPBF16PS; 0 where the CPU level has none) on every pool thread, the median
+ * of at least five calls lasting ~0.5 s in all (after two warm-up calls).
  */
-function measureFmaPeak(): { median: number; best: number } {
+function measurePeak(kind: "fp32" | "bf16"): { median: number; best: number } {
   const iterations = quick ? 2e6 : 1e7;
-  native().fmaPeak({ iterations });
-  native().fmaPeak({ iterations });
+  const run = () => (kind === "fp32" ? native().fmaPeak({ iterations }) : native().bf16Peak({ iterations }));
+  run();
+  run();
   const rates: number[] = [];
   const start = performance.now();
   while (rates.length < 5 || performance.now() - start < 500) {
     const t0 = performance.now();
-    const flops = native().fmaPeak({ iterations });
+    const flops = run();
+    if (flops === 0) return { median: 0, best: 0 };
     rates.push(flops / ((performance.now() - t0) / 1000));
   }
   return { median: median(rates), best: Math.max(...rates) };
@@ -259,8 +262,10 @@ async function main() {
   }
   const fit = memory.length >= 2 ? fitLine(memory.map((m) => m.length), memory.map((m) => m.stepBytes)) : null;
 
-  const peakBefore = measureFmaPeak();
+  const peakBefore = measurePeak("fp32");
   const fmaPeak = peakBefore.median;
+  const bf16Peak = measurePeak("bf16").median;
+  const ofBf16 = (flops: number) => (bf16Peak > 0 ? `${((100 * flops) / bf16Peak).toFixed(1)}%` : "n/a");
 
   const trainer = newTrainer();
   const { ids, targets } = batchOf(BATCH, LENGTH);
@@ -289,7 +294,7 @@ async function main() {
   trainer.dispose();
   process.stderr.write(`mamba-ssm: ${full.length} timed steps\n`);
   // Measured again after the steps: on a shared machine the ceiling itself moves (vCPUs sharing a core or not).
-  const peakAfter = measureFmaPeak();
+  const peakAfter = measurePeak("fp32");
 
   const stepSeconds = median(full);
   const tokensPerSecond = tokens / stepSeconds;
@@ -302,7 +307,7 @@ async function main() {
 
   // ---- report ----
   const sizes = `${arch}, ${LAYERS} layers, d_model ${D_MODEL}, d_inner ${di}, N ${N}${arch === "mamba2" ? `, ${config.numHeads} heads of ${config.headDim}` : ""}; ${(parameters / 1e6).toFixed(2)}M parameters`;
-  console.log(`mamba-ssm training benchmark — ${threads} threads, fp32 FMA peak ${(fmaPeak / 1e9).toFixed(1)} GFLOP/s (median; best ${(peakBefore.best / 1e9).toFixed(1)}, ${(peakAfter.median / 1e9).toFixed(1)} after the steps)${quick ? " (quick)" : ""}`);
+  console.log(`mamba-ssm training benchmark — ${threads} threads, fp32 FMA peak ${(fmaPeak / 1e9).toFixed(1)} GFLOP/s (median; best ${(peakBefore.best / 1e9).toFixed(1)}, ${(peakAfter.median / 1e9).toFixed(1)} after the steps), bf16 dot-product peak ${bf16Peak > 0 ? `${(bf16Peak / 1e9).toFixed(1)} GFLOP/s` : "n/a (no bf16 dot products at this CPU level)"}${quick ? " (quick)" : ""}`);
   console.log(`model: ${sizes}; batch ${BATCH} × ${LENGTH} tokens, scan chunk ${SCAN_CHUNK}; median of ${STEPS} steps after ${WARMUP} warm-up`);
   console.log(`FLOPs/token: 6 × ${parameters} parameters + scan 24·d_inner·N·layers = ${scanFlopsPerToken} → ${(flopsPerToken / 1e6).toFixed(2)} MFLOP`);
   console.log(`loss: ${firstLoss.toFixed(4)} at the first step, ${lastLoss.toFixed(4)} at the last\n`);
@@ -322,7 +327,7 @@ async function main() {
   console.log();
 
   const rows: string[][] = [
-    ["mamba-ssm", "fp32", `${BATCH}×${LENGTH}`, ms(stepSeconds), tokensPerSecond.toFixed(0), (modelFlops / 1e9).toFixed(1), `${(100 * ofPeak).toFixed(1)}%`, "1.00"],
+    ["mamba-ssm", "fp32", `${BATCH}×${LENGTH}`, ms(stepSeconds), tokensPerSecond.toFixed(0), (modelFlops / 1e9).toFixed(1), `${(100 * ofPeak).toFixed(1)}%`, ofBf16(modelFlops), "1.00"],
   ];
   const torchRatios: Record<string, number> = {};
   if (torch.report) {
@@ -338,11 +343,12 @@ async function main() {
         r.tokensPerSecond.toFixed(0),
         (torchFlops / 1e9).toFixed(1),
         `${((100 * torchFlops) / fmaPeak).toFixed(1)}%`,
+        ofBf16(torchFlops),
         `${(1 / ratio).toFixed(3)}`,
       ]);
     }
   }
-  console.log(formatTable(["trainer", "dtype", "batch×length", "ms/step", "tokens/s", "GFLOP/s", "of fp32 peak", "vs mamba-ssm"], rows));
+  console.log(formatTable(["trainer", "dtype", "batch×length", "ms/step", "tokens/s", "GFLOP/s", "of fp32 peak", "of bf16 peak", "vs mamba-ssm"], rows));
   if (torch.report) {
     const ratios = Object.entries(torchRatios).map(([k, v]) => `${v}× PyTorch ${k}`).join(", ");
     console.log(`mamba-ssm trains ${ratios} (tokens/s; PyTorch: sequential scan loop, ${torch.report.threads} threads, median of ${TORCH_STEPS} step(s)).`);
@@ -383,6 +389,7 @@ async function main() {
       fmaPeakGflops: +(fmaPeak / 1e9).toFixed(2),
       fmaPeakBestGflops: +(peakBefore.best / 1e9).toFixed(2),
       fmaPeakAfterGflops: +(peakAfter.median / 1e9).toFixed(2),
+      bf16PeakGflops: +(bf16Peak / 1e9).toFixed(2),
       model: { arch, dModel: D_MODEL, layers: LAYERS, dInner: di, stateSize: N, numHeads: config.numHeads, headDim: config.headDim, vocab: config.vocabSize, parameters },
       batch: BATCH,
       length: LENGTH,
@@ -399,6 +406,7 @@ async function main() {
       tokensPerSecond: +tokensPerSecond.toFixed(1),
       modelGflops: +(modelFlops / 1e9).toFixed(2),
       fractionOfPeak: +ofPeak.toFixed(4),
+      fractionOfBf16Peak: bf16Peak > 0 ? +(modelFlops / bf16Peak).toFixed(4) : null,
       loss: { first: +firstLoss.toFixed(4), last: +lastLoss.toFixed(4) },
       torch: torch.report ? { ...torch.report, ratios: torchRatios } : { skipped: torch.skipped },
       memory: {

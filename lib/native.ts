@@ -41,6 +41,7 @@ export interface NativeAddon {
   argmax(args: Args): void;
   sample(args: Args): { token: number; rngState: bigint };
   fmaPeak(args: Args): number;
+  bf16Peak(args: Args): number;
   readSum(args: Args): number;
 }
 

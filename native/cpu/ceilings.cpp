@@ -58,6 +58,32 @@ double fma_peak(int64_t iterations) {
   return total;
 }
 
+// As fma_peak with bf16 pair dot products (a lane adds a0·b0 + a1·b1: 4 FLOPs); 0 without them.
+double bf16_peak(int64_t iterations) {
+#if defined(__AVX512BF16__)
+  std::vector<double> per(num_threads(), 0.0);
+  parallel_for(num_threads(), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      __m512 acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(0.001f * (float)(i + 1));
+      const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f7f), b = (__m512bh)_mm512_set1_epi16(0x3380);
+      for (int64_t it = 0; it < iterations; ++it) {
+        for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+      }
+      __m512 s = acc[0];
+      for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
+      per[t] = (double)_mm512_reduce_add_ps(s) * 0 + 4.0 * 16 * 12 * (double)iterations;
+    }
+  });
+  double total = 0;
+  for (double p : per) total += p;
+  return total;
+#else
+  (void)iterations;
+  return 0.0;
+#endif
+}
+
 // Sums n floats split over the pool; the result is returned so the reads cannot be optimised away.
 double read_sum(const float* data, int64_t n) {
   std::vector<double> per(num_threads(), 0.0);

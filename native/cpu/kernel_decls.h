@@ -24,5 +24,6 @@ void moe_experts(const MoeExpertsArgs& args);
 void argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out);
 int32_t sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t* rng_state, float* scratch);
 double fma_peak(int64_t iterations);
+double bf16_peak(int64_t iterations);
 double read_sum(const float* data, int64_t n);
 }  // namespace mssm::cpu::MSSM_LEVEL

@@ -155,8 +155,10 @@ struct KernelTable {
                     float* scratch);
 
   // The machine's ceilings, for benchmarks: FLOPs done by `iterations` rounds of independent FMA chains
-  // on every thread of the pool, and the sum of n floats read across the pool.
+  // on every thread of the pool, and the sum of n floats read across the pool. bf16_peak: the same with
+  // bf16 pair dot products into fp32 (VDPBF16PS, 4 FLOPs a lane), 0 at a level that has none.
   double (*fma_peak)(int64_t iterations);
+  double (*bf16_peak)(int64_t iterations);
   double (*read_sum)(const float* data, int64_t n);
 };
 

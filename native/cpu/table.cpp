@@ -24,8 +24,9 @@ const KernelTable table = {
     &argmax,
     &sample,
     &fma_peak,
+    &bf16_peak,
     &read_sum,
 };
 }  // namespace mssm::cpu::MSSM_LEVEL
 // Every member must be filled: a table one entry short fails here.
-static_assert(sizeof(mssm::cpu::KernelTable) == 18 * sizeof(void*), "KernelTable and table.cpp disagree");
+static_assert(sizeof(mssm::cpu::KernelTable) == 19 * sizeof(void*), "KernelTable and table.cpp disagree");

@@ -12,6 +12,13 @@ Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value Bf16Peak(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    Args a(info, "bf16Peak");
+    return Napi::Number::New(info.Env(), cpu::kernels().bf16_peak(a.integer("iterations", 1, (int64_t)1 << 40)));
+  });
+}
+
 Napi::Value ReadSum(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Args a(info, "readSum");
@@ -24,6 +31,7 @@ Napi::Value ReadSum(const Napi::CallbackInfo& info) {
 
 void register_bench(Napi::Env env, Napi::Object exports) {
   exports.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));
+  exports.Set("bf16Peak", Napi::Function::New(env, Bf16Peak, "bf16Peak"));
   exports.Set("readSum", Napi::Function::New(env, ReadSum, "readSum"));
 }
 

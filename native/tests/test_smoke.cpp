@@ -65,6 +65,19 @@ int main() {
   MSSM_CHECK(cpu::kernels_for(CpuLevel::baseline) != nullptr, "baseline table");
   MSSM_CHECK(std::string(cpu::kernels_for(best_cpu_level())->level) == cpu_level_name(best_cpu_level()),
              "table of the best level is named after it");
+  // The ceilings count the FLOPs they did: 12 chains × iterations × lanes × FLOPs a lane, per thread;
+  // bf16 pair dot products only at the level that has them (0 elsewhere).
+  for (int lv = 0; lv < kCpuLevelCount; ++lv) {
+    const cpu::KernelTable* table = cpu::kernels_for((CpuLevel)lv);
+    if (!table) continue;
+    const double iterations = 1000, threads = num_threads();
+    const double lanes = lv >= (int)CpuLevel::avx512 ? 16 : lv == (int)CpuLevel::avx2 ? 8 : 4;
+    MSSM_CHECK(table->fma_peak(1000) == 12 * iterations * lanes * 2 * threads, "%s: fma_peak counts %g FLOPs",
+               table->level, table->fma_peak(1000));
+    const double bf16 = lv == (int)CpuLevel::avx512bf16 ? 12 * iterations * 16 * 4 * threads : 0;
+    MSSM_CHECK(table->bf16_peak(1000) == bf16, "%s: bf16_peak counts %g FLOPs, expected %g", table->level,
+               table->bf16_peak(1000), bf16);
+  }
   std::printf("best CPU level: %s, threads: %d\n", cpu_level_name(best_cpu_level()), default_num_threads());
   return finish("test_smoke");
 }

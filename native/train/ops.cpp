@@ -31,6 +31,7 @@
 
 #include "../core/exp_poly.h"
 #include "../core/threadpool.h"
+#include "../cpu/simd.h"
 
 namespace mssm::train::MSSM_LEVEL {
 namespace {
@@ -437,6 +438,19 @@ inline void gate_row(const T* z, int64_t count, T* gate, T* slope) {
 constexpr int64_t kSL = kScanBlock;
 static_assert(kSL == 16, "the scan's lane code and its row sums assume blocks of 16 channels");
 
+// A task walks its tokens with a stride of a whole row of channels (D values, kilobytes), so a 4 KB
+// page holds only a token or two of each input: too few for the hardware's stride prefetcher, and
+// every row was a demand miss. The scan asks for the rows kAhead tokens ahead itself.
+constexpr int64_t kAhead = 6;
+template <typename T>
+inline void prefetch_lanes(const T* p) {
+  for (int64_t k = 0; k < (int64_t)(kSL * sizeof(T)); k += 64) __builtin_prefetch((const char*)p + k, 0, 3);
+}
+template <typename T>
+inline void prefetch_lanes_for_write(T* p) {
+  for (int64_t k = 0; k < (int64_t)(kSL * sizeof(T)); k += 64) __builtin_prefetch((char*)p + k, 1, 3);
+}
+
 // Row r of `count` values from src, zero-padded to kSL lanes.
 template <typename T>
 inline void load_lanes(const T* src, int64_t count, T* dst) {
@@ -487,24 +501,6 @@ inline void weighted_rowsums16(const float* X, __m512 w, float* out) {
   _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, sums));
 }
 #endif
-template <typename T>
-inline void weighted_rowsums(const T* X, const T* w, int64_t rows, T* out) {
-  int64_t r = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 wv = _mm512_loadu_ps(w);
-    for (; r + 16 <= rows; r += 16) weighted_rowsums16(X + r * kSL, wv, out + r);
-  }
-#endif
-  for (; r < rows; ++r) {
-    T p[kSL];
-    for (int64_t j = 0; j < kSL; ++j) p[j] = X[r * kSL + j] * w[j];
-    for (int64_t h = kSL / 2; h >= 1; h /= 2)
-      for (int64_t j = 0; j < h; ++j) p[j] += p[j + h];
-    out[r] = p[0];
-  }
-}
-
 // a·b + c as one fused multiply-add where the CPU level has them. The state update is written with it so
 // that the backward's recomputation rounds exactly as the forward did (left to the compiler, which of
 // a·s and dtu·B gets fused can differ between the two loops, and the chunk would change the results).
@@ -517,18 +513,66 @@ inline T mul_add(T a, T b, T c) {
 #endif
 }
 
+// The decays' exponent scale. On AVX-512 a float decay is 2^(dt·A·log2 e) by simd::Exp2 (the inference
+// scan's table-driven 2^x, about half the work of exp_poly; relative error about 1.2e-7·|dt·A| from
+// rounding A·log2 e and the product, as native/cpu/selective_scan.cpp states), so the lanes the
+// recurrence reads (AE) hold A·kDecayScale; elsewhere, and for double, AE is A and the decay exp_fast.
+template <typename T>
+constexpr T decay_scale() {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) return 1.44269504088896341f;
+#endif
+  return T(1);
+}
+
 // One token of the recurrence for a block, over lanes: s = a ⊙ sp + dtu·B[n] per n, with the decay
 // a = exp(dt ⊙ A[n]) (per_channel: exp(dt ⊙ A[0]) for every n, computed once); yc += s·C[n]; the
 // decays are stored to dec ([N][kSL], or [kSL] per channel) when dec is given. s may be sp (the
-// forward updates in place). (yc is always summed: the loop without it was left unvectorised.)
+// forward updates in place). AE: A·decay_scale<T>() in lanes ([N][kSL]). (yc is always summed: the
+// loop without it was left unvectorised.) The forward and the backward's recomputation both run
+// this function, so they round alike.
 template <typename T, bool kPerChannel>
-inline void scan_token(int64_t N, const T* AT, const T* dt, const T* dtu, const T* Bt, const T* Ct, const T* sp,
+inline void scan_token(int64_t N, const T* AE, const T* dt, const T* dtu, const T* Bt, const T* Ct, const T* sp,
                        T* s, T* dec, T* yc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    // y sums over n in two interleaved chains (even and odd n), so that the loop is not one long
+    // chain of dependent multiply-adds. v ≥ -1e30 keeps Exp2's argument finite (dt = ∞ gives 0).
+    const cpu::MSSM_LEVEL::simd::Exp2 exp2;
+    const __m512 lo = _mm512_set1_ps(-1e30f);
+    const __m512 dtv = _mm512_loadu_ps(dt), dtuv = _mm512_loadu_ps(dtu);
+    __m512 even = _mm512_loadu_ps(yc), odd = _mm512_setzero_ps();
+    __m512 a = _mm512_setzero_ps();
+    if constexpr (kPerChannel) {
+      a = exp2(_mm512_max_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(AE)), lo));
+      if (dec) _mm512_storeu_ps(dec, a);
+    }
+    // State n's update; returns s_t[n] for y.
+    auto update = [&](int64_t n) {
+      if constexpr (!kPerChannel) {
+        a = exp2(_mm512_max_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(AE + n * kSL)), lo));
+        if (dec) _mm512_storeu_ps(dec + n * kSL, a);
+      }
+      const __m512 v =
+          _mm512_fmadd_ps(a, _mm512_loadu_ps(sp + n * kSL), _mm512_mul_ps(dtuv, _mm512_set1_ps(Bt[n])));
+      _mm512_storeu_ps(s + n * kSL, v);
+      return v;
+    };
+    int64_t n = 0;
+    for (; n + 2 <= N; n += 2) {
+      even = _mm512_fmadd_ps(update(n), _mm512_set1_ps(Ct[n]), even);
+      odd = _mm512_fmadd_ps(update(n + 1), _mm512_set1_ps(Ct[n + 1]), odd);
+    }
+    if (n < N) even = _mm512_fmadd_ps(update(n), _mm512_set1_ps(Ct[n]), even);
+    _mm512_storeu_ps(yc, _mm512_add_ps(even, odd));
+    return;
+  }
+#endif
   T acc[kSL];  // yc in a register: summed through memory, each n waited on a store-to-load forward
   std::memcpy(acc, yc, sizeof acc);
   if constexpr (kPerChannel) {
     T a[kSL];
-    for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * AT[j]);
+    for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * AE[j]);
     if (dec) std::memcpy(dec, a, sizeof a);
     for (int64_t n = 0; n < N; ++n) {
       const T bn = Bt[n], cn = Ct[n];
@@ -544,7 +588,7 @@ inline void scan_token(int64_t N, const T* AT, const T* dt, const T* dtu, const 
   } else {
     for (int64_t n = 0; n < N; ++n) {
       const T bn = Bt[n], cn = Ct[n];
-      const T* An = AT + n * kSL;
+      const T* An = AE + n * kSL;
       const T* spn = sp + n * kSL;
       T* sn = s + n * kSL;
       T a[kSL], v[kSL];
@@ -584,6 +628,42 @@ template <typename T>
 inline void lanes_store(T* p, const Lanes<T>& v) {
   std::memcpy(p, &v, sizeof v);
 }
+// `count` values from src into lanes, zero past them; and the first `count` lanes out to dst.
+template <typename T>
+inline void lanes_load(Lanes<T>& v, const T* src, int64_t count) {
+  if (count == kSL) {
+    std::memcpy(&v, src, sizeof v);
+    return;
+  }
+  v = Lanes<T>{};
+  for (int64_t j = 0; j < count; ++j) v[j] = src[j];
+}
+template <typename T>
+inline void lanes_store(T* dst, const Lanes<T>& v, int64_t count) {
+  if (count == kSL) {
+    std::memcpy(dst, &v, sizeof v);
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) dst[j] = v[j];
+}
+
+template <typename T>
+inline void weighted_rowsums(const T* X, const Lanes<T>& w, int64_t rows, T* out) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 wv = (__m512)w;
+    for (; r + 16 <= rows; r += 16) weighted_rowsums16(X + r * kSL, wv, out + r);
+  }
+#endif
+  for (; r < rows; ++r) {
+    T p[kSL];
+    for (int64_t j = 0; j < kSL; ++j) p[j] = X[r * kSL + j] * w[j];
+    for (int64_t h = kSL / 2; h >= 1; h /= 2)
+      for (int64_t j = 0; j < h; ++j) p[j] += p[j + h];
+    out[r] = p[0];
+  }
+}
 
 // One token of the backward walk for a block, over lanes (see scan_backward): updates the state
 // adjoint ds and dA in place, leaves ds_t (before the decay) in dst for dB, and returns Σ_n da·A and
@@ -593,7 +673,7 @@ inline void lanes_store(T* p, const Lanes<T>& v) {
 // dA[n] += (ds_t·s_{t-1})[n]·(a·dt): one multiplication fewer per n.
 template <typename T, bool kPerChannel>
 inline void scan_adjoint(int64_t N, const T* AT, const T* dt, const T* dyc, const T* Bt, const T* Ct, const T* sp,
-                         const T* ad, T* ds, T* dA, T* dst, T* sum_a, T* sum_b) {
+                         const T* ad, T* ds, T* dA, T* dst, Lanes<T>& sum_a, Lanes<T>& sum_b) {
   using V = Lanes<T>;
   V sa = {}, sb = {}, y, dtv, a0 = {};
   lanes_load(y, dyc);
@@ -633,15 +713,15 @@ inline void scan_adjoint(int64_t N, const T* AT, const T* dt, const T* dyc, cons
     lanes_load(A0, AT);
     sa *= a0 * A0;
   }
-  lanes_store(sum_a, sa);
-  lanes_store(sum_b, sb);
+  sum_a = sa;
+  sum_b = sb;
 }
 
 // Per-thread values of the backward: states and decays / state adjoints [chunk][N][kSL]; dt, d dt/dΔ,
-// dyc and the per-channel decay [chunk][kSL]; the block's A, start state, state adjoint and dA
-// partial [N][kSL].
+// dyc and the per-channel decay [chunk][kSL]; the block's A, A·decay_scale, start state, state
+// adjoint and dA partial [N][kSL].
 int64_t scan_thread_values(const ScanArgs& a, const ScanLayout& l) {
-  return l.chunk_rows * kSL * (2 * a.state + 4) + 4 * kSL * a.state;
+  return l.chunk_rows * kSL * (2 * a.state + 4) + 5 * kSL * a.state;
 }
 int64_t scan_shared_values(const ScanArgs& a, const ScanLayout& l) {
   return 2 * a.batch * a.channels * a.state + 2 * a.batch * a.channels + 2 * a.batch * l.blocks * l.chunk_rows * a.state;
@@ -658,7 +738,7 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
   parallel_for(a.batch * l.blocks, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(2 * N * kSL);
     T* S = buf.data();        // [N][kSL]
-    T* AT = S + N * kSL;      // [N][kSL]
+    T* AT = S + N * kSL;      // [N][kSL], A·decay_scale
     T bias[kSL], Dl[kSL], del[kSL], ul[kSL], zl[kSL], dts[kSL], slopes[kSL], dtu[kSL], yc[kSL], gates[kSL],
         gate_slopes[kSL];
     for (int64_t task = begin; task < end; ++task) {
@@ -666,6 +746,7 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
       int64_t g, d0, count;
       l.block(task % l.blocks, &g, &d0, &count);
       lanes_from_rows(in.A + d0 * N, count, N, AT);
+      for (int64_t i = 0; i < N * kSL; ++i) AT[i] *= decay_scale<T>();
       if (in.delta_bias)
         load_lanes(in.delta_bias + d0, count, bias);
       else
@@ -678,6 +759,13 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
         const T* Bt = in.B + (row * G + g) * N;
         const T* Ct = in.C + (row * G + g) * N;
         const int64_t i0 = row * D + d0;
+        if (t + kAhead < L) {
+          const int64_t ia = i0 + kAhead * D;
+          prefetch_lanes(in.delta + ia);
+          prefetch_lanes(in.u + ia);
+          if (in.z) prefetch_lanes(in.z + ia);
+          prefetch_lanes_for_write(y + ia);
+        }
         load_lanes(in.delta + i0, count, del);
         load_lanes(in.u + i0, count, ul);
         rule.row(del, bias, kSL, dts, slopes);
@@ -750,16 +838,18 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
       T* ycs = dgrad + Q * kSL;        // dyc                                   [Q][kSL]
       T* dec1 = ycs + Q * kSL;         // a_t (per channel)                     [Q][kSL]
       T* AT = dec1 + Q * kSL;          // A                                     [N][kSL]
-      T* S0 = AT + N * kSL;            // the chunk's start state               [N][kSL]
+      T* AE = AT + N * kSL;            // A·decay_scale (the recomputation's)   [N][kSL]
+      T* S0 = AE + N * kSL;            // the chunk's start state               [N][kSL]
       T* ds = S0 + N * kSL;            // the state adjoint                     [N][kSL]
       T* dAl = ds + N * kSL;           // dA partial                            [N][kSL]
-      T bias[kSL], Dl[kSL], del[kSL], ul[kSL], zl[kSL], dyl[kSL], gates[kSL], gate_slopes[kSL],
-          sum_a[kSL], sum_b[kSL], dDl[kSL], biasl[kSL];
+      T bias[kSL], Dl[kSL], del[kSL], ul[kSL], zl[kSL], dyl[kSL], gates[kSL], gate_slopes[kSL], dDl[kSL], biasl[kSL];
+      using V = Lanes<T>;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / l.blocks, blk = task % l.blocks;
         int64_t g, d0, count;
         l.block(blk, &g, &d0, &count);
         lanes_from_rows(in.A + d0 * N, count, N, AT);
+        for (int64_t i = 0; i < N * kSL; ++i) AE[i] = AT[i] * decay_scale<T>();
         if (in.delta_bias)
           load_lanes(in.delta_bias + d0, count, bias);
         else
@@ -789,6 +879,16 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           const int64_t i0 = row * D + d0;
           T* dt = dts + tl * kSL;
           T* dycs = ycs + tl * kSL;
+          if (tl + kAhead < len) {
+            const int64_t ia = i0 + kAhead * D;
+            prefetch_lanes(in.delta + ia);
+            prefetch_lanes(in.u + ia);
+            prefetch_lanes(dy + ia);
+            if (in.z) {
+              prefetch_lanes(in.z + ia);
+              prefetch_lanes_for_write(out.dz + ia);
+            }
+          }
           load_lanes(in.delta + i0, count, del);
           load_lanes(in.u + i0, count, ul);
           rule.row(del, bias, kSL, dt, dgrad + tl * kSL);
@@ -800,9 +900,9 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
           T* s = S + tl * N * kSL;
           if (per_channel)
-            scan_token<T, true>(N, AT, dt, dtu, Bt, Ct, sp, s, dec1 + tl * kSL, yc);
+            scan_token<T, true>(N, AE, dt, dtu, Bt, Ct, sp, s, dec1 + tl * kSL, yc);
           else
-            scan_token<T, false>(N, AT, dt, dtu, Bt, Ct, sp, s, X + tl * N * kSL, yc);
+            scan_token<T, false>(N, AE, dt, dtu, Bt, Ct, sp, s, X + tl * N * kSL, yc);
           load_lanes(dy + i0, count, dyl);
           if (in.z) {
             if (in.D)
@@ -814,38 +914,51 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           } else {
             std::memcpy(dycs, dyl, kSL * sizeof(T));
           }
-          weighted_rowsums(s, dycs, N, pC + tl * N);
+          V dycv;
+          lanes_load(dycv, dycs);
+          weighted_rowsums(s, dycv, N, pC + tl * N);
         }
 
-        // Walk the chunk backwards; dB_t = Σ_j ds_t[·][j]·(dt·u)[j] while ds_t is in L1.
+        // Walk the chunk backwards; dB_t = Σ_j ds_t[·][j]·(dt·u)[j] while ds_t is in L1. The per-token
+        // lane values stay in vector registers (as arrays they went through the stack, and the dD /
+        // delta_bias sums carried a store-to-load forward from token to token).
+        V dDv, biasv, Dv = {};
+        lanes_load(dDv, dDl);
+        lanes_load(biasv, biasl);
+        if (in.D) lanes_load(Dv, Dl);
         for (int64_t tl = len - 1; tl >= 0; --tl) {
           const int64_t i0 = (b * L + t0 + tl) * D + d0;
           const T* Bt = in.B + ((b * L + t0 + tl) * G + g) * N;
           const T* Ct = in.C + ((b * L + t0 + tl) * G + g) * N;
-          const T* dt = dts + tl * kSL;
-          const T* dyc = ycs + tl * kSL;
-          const T* gr = dgrad + tl * kSL;
-          load_lanes(in.u + i0, count, ul);
+          if (tl >= kAhead) {
+            const int64_t ia = i0 - kAhead * D;
+            prefetch_lanes(in.u + ia);
+            prefetch_lanes_for_write(out.du + ia);
+            prefetch_lanes_for_write(out.ddelta + ia);
+          }
+          V dtv, dycv, grv, uv, sa, sb;
+          lanes_load(dtv, dts + tl * kSL);
+          lanes_load(dycv, ycs + tl * kSL);
+          lanes_load(grv, dgrad + tl * kSL);
+          lanes_load(uv, in.u + i0, count);
           const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
           T* Xt = X + tl * N * kSL;
+          const T* dt = dts + tl * kSL;
+          const T* dyc = ycs + tl * kSL;
           if (per_channel)
-            scan_adjoint<T, true>(N, AT, dt, dyc, Bt, Ct, sp, dec1 + tl * kSL, ds, dAl, Xt, sum_a, sum_b);
+            scan_adjoint<T, true>(N, AT, dt, dyc, Bt, Ct, sp, dec1 + tl * kSL, ds, dAl, Xt, sa, sb);
           else
-            scan_adjoint<T, false>(N, AT, dt, dyc, Bt, Ct, sp, Xt, ds, dAl, Xt, sum_a, sum_b);
-          T du[kSL], ddelta[kSL], dtu[kSL];
-          for (int64_t j = 0; j < kSL; ++j) {
-            du[j] = dt[j] * sum_b[j] + (in.D ? Dl[j] * dyc[j] : T(0));
-            ddelta[j] = (sum_a[j] + ul[j] * sum_b[j]) * gr[j];
-            if (in.D) dDl[j] += dyc[j] * ul[j];
-            biasl[j] += ddelta[j];
-            dtu[j] = dt[j] * ul[j];
-          }
-          weighted_rowsums(Xt, dtu, N, pB + tl * N);
-          for (int64_t j = 0; j < count; ++j) {
-            out.du[i0 + j] = du[j];
-            out.ddelta[i0 + j] = ddelta[j];
-          }
+            scan_adjoint<T, false>(N, AT, dt, dyc, Bt, Ct, sp, Xt, ds, dAl, Xt, sa, sb);
+          const V duv = dtv * sb + Dv * dycv;  // Dv is zero without D
+          const V ddv = (sa + uv * sb) * grv;
+          dDv += dycv * uv;
+          biasv += ddv;
+          weighted_rowsums(Xt, dtv * uv, N, pB + tl * N);
+          lanes_store(out.du + i0, duv, count);
+          lanes_store(out.ddelta + i0, ddv, count);
         }
+        lanes_store(dDl, dDv);
+        lanes_store(biasl, biasv);
 
         lanes_to_rows(ds, count, N, carry.get() + (b * D + d0) * N);
         lanes_to_rows(dAl, count, N, dA_part.get() + (b * D + d0) * N);
@@ -1201,8 +1314,13 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
         for (int64_t s = 0; s < strips; ++s) {
           const int64_t width = std::min(W, kw - s * W), stride = (width + L - 1) / L * L;
           T* out = xp + s * W * MB;
+          const T* in = x + m0 * K + k0 + s * W;
+          if (width == W) {  // a copy of constant size, inlined (a library call per row was ~1/10 of the work)
+            for (int64_t m = 0; m < mb; ++m) std::memcpy(out + m * W, in + m * K, W * sizeof(T));
+            continue;
+          }
           for (int64_t m = 0; m < mb; ++m) {
-            std::memcpy(out + m * stride, x + (m0 + m) * K + k0 + s * W, width * sizeof(T));
+            std::memcpy(out + m * stride, in + m * K, width * sizeof(T));
             for (int64_t j = width; j < stride; ++j) out[m * stride + j] = T(0);
           }
         }

@@ -104,13 +104,13 @@ struct ScanGrads {
 template <typename T>
 void scan_backward(const ScanArgs& a, const ScanTensors<T>& t, const T* boundary, const T* dy, const ScanGrads<T>& g);
 // Bytes one scan_backward call with T = float allocates, all together, on num_threads() threads (T =
-// double: twice as many), with Q = min(chunk, length): per thread Q · 16 · (2·N + 4) + 4 · 16 · N values
+// double: twice as many), with Q = min(chunk, length): per thread Q · 16 · (2·N + 4) + 5 · 16 · N values
 // (the recomputed states and decays of one block of 16 channels, its dt, d dt/dΔ, yc and per-channel
-// decay, and the block's A, start state, state adjoint and dA in lanes of 16 channels); shared,
-// 2 · batch · D · N (the carried state adjoint and per-batch dA partials) + 2 · batch · D (per-batch
-// dD and delta_bias partials) + 2 · batch · G·⌈D/(16·G)⌉ · Q · N (dB / dC partials of one chunk).
-// For a fixed chunk nothing in it grows with length. The boundary states of the forward are the
-// caller's: batch · ⌈length/chunk⌉ · D · N values.
+// decay, and the block's A, A scaled for the decay's exp, start state, state adjoint and dA in lanes
+// of 16 channels); shared, 2 · batch · D · N (the carried state adjoint and per-batch dA partials)
+// + 2 · batch · D (per-batch dD and delta_bias partials) + 2 · batch · G·⌈D/(16·G)⌉ · Q · N (dB / dC
+// partials of one chunk). For a fixed chunk nothing in it grows with length. The boundary states of
+// the forward are the caller's: batch · ⌈length/chunk⌉ · D · N values.
 int64_t scan_backward_scratch_bytes(const ScanArgs& a);
 
 // ---- Softmax cross-entropy ------------------------------------------------------------------------

@@ -407,7 +407,9 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   rmsnorm_forward(resid.data(), P_("norm_f"), hf.data(), rstd_f.data(), rows, d, eps);
   const T* head = c.tie_embeddings ? P_("embeddings") : P_("lm_head");
   T* dhead = c.tie_embeddings ? G_("embeddings") : G_("lm_head");
-  constexpr int64_t kHeadRows = 256;
+  // Blocks of at least 256 rows and up to 2^20 logits (4 MB): one block for a byte-level model's batch
+  // of 4096 tokens, where blocks of 256 rows made 16 rounds of small parallel products.
+  const int64_t kHeadRows = std::max<int64_t>(256, ((int64_t)1 << 20) / V);
   std::vector<T>&logits = w.logits, &dhf = w.dhf;
   logits.resize((size_t)(std::min(rows, kHeadRows) * V));
   if (backward) dhf.resize((size_t)(rows * d));
