@@ -11,7 +11,8 @@
       "native/cpu/sampling.cpp",
       "native/cpu/ceilings.cpp",
       "native/cpu/table.cpp",
-      "native/train/ops.cpp"
+      "native/train/ops.cpp",
+      "native/train/ssd_chunked.cpp"
     ],
     "common_cflags": ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-fexceptions"]
   },

@@ -15,14 +15,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
 
 #include "../train/ops.h"
-#include "test_util.h"
+#include "train_test_util.h"
 
 using namespace mssm;
 using namespace mssm::test;
@@ -30,76 +29,8 @@ using namespace mssm::train;
 
 namespace {
 
-constexpr double kGradTolerance = 1e-6;
-constexpr double kStep = 1e-6;
 constexpr double kForwardTolerance = 1e-5;
 constexpr double kFloatGradTolerance = 1e-4;
-
-using Vec = std::vector<double>;
-using FVec = std::vector<float>;
-
-// The worst error seen per op and kind of check, printed at the end.
-std::map<std::string, double>& worst() {
-  static std::map<std::string, double> m;
-  return m;
-}
-void record(const std::string& key, double err) {
-  double& w = worst()[key];
-  w = std::max(w, std::isnan(err) ? INFINITY : err);
-}
-
-Vec normals(Rng& rng, size_t n, double scale = 1.0) {
-  Vec v(n);
-  for (auto& x : v) x = rng.normal() * scale;
-  return v;
-}
-Vec uniforms(Rng& rng, size_t n, double lo, double hi) {
-  Vec v(n);
-  for (auto& x : v) x = lo + (hi - lo) * rng.uniform();
-  return v;
-}
-FVec to_float(const Vec& v) { return FVec(v.begin(), v.end()); }
-Vec to_double(const FVec& v) { return Vec(v.begin(), v.end()); }
-double dot(const Vec& a, const Vec& b) {
-  double s = 0;
-  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
-  return s;
-}
-Vec minus(const Vec& a, const Vec& b) {
-  Vec r(a.size());
-  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
-  return r;
-}
-
-// ‖got − want‖₂ / max(‖got‖₂, ‖want‖₂); 0 when both are 0; NaN anywhere counts as infinite.
-template <typename A, typename B>
-double norm_error(const A* got, const B* want, size_t n) {
-  double diff = 0, ng = 0, nw = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const double g = (double)got[i], w = (double)want[i];
-    if (std::isnan(g) || std::isnan(w)) return INFINITY;
-    diff += (g - w) * (g - w);
-    ng += g * g;
-    nw += w * w;
-  }
-  const double scale = std::sqrt(std::max(ng, nw));
-  return scale == 0 ? 0 : std::sqrt(diff) / scale;
-}
-
-// Central differences of loss() with respect to every element of x (restored afterwards).
-Vec finite_differences(Vec& x, const std::function<double()>& loss) {
-  Vec fd(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    const double keep = x[i];
-    x[i] = keep + kStep;
-    const double up = loss();
-    x[i] = keep - kStep;
-    const double down = loss();
-    x[i] = keep;
-    fd[i] = (up - down) / (2 * kStep);
-  }
-  return fd;
-}
 
 void expect_gradient(const std::string& op, const std::string& what, const Vec& analytic, Vec& x,
                      const std::function<double()>& loss) {
@@ -125,11 +56,6 @@ void expect_forward(const std::string& op, const float* got, const float* want, 
 
 // A (+=) output starts from these values, so the check also proves the op accumulates.
 Vec prefill(Rng& rng, size_t n) { return normals(rng, n); }
-// A (=) output starts as NaN, so an element the op forgets to write fails the check.
-template <typename T>
-std::vector<T> poisoned(size_t n) {
-  return std::vector<T>(n, std::numeric_limits<T>::quiet_NaN());
-}
 
 // ---- RMSNorm ----
 
@@ -398,9 +324,9 @@ void check_per_channel_matches_general(Rng& rng, ScanArgs a, bool has_D, bool ha
     MSSM_CHECK(err <= 1e-12, "%s: double results differ from the general path by %.3g", what.c_str(), err);
   }
   {
-    const FVec u = to_float(general.u), delta = to_float(general.delta), A = to_float(general.A),
-               B = to_float(general.B), C = to_float(general.C), D = to_float(general.D), z = to_float(general.z),
-               bias = to_float(general.bias), Rf = to_float(R);
+    const FVec u = cast<float>(general.u), delta = cast<float>(general.delta), A = cast<float>(general.A),
+               B = cast<float>(general.B), C = cast<float>(general.C), D = cast<float>(general.D),
+               z = cast<float>(general.z), bias = cast<float>(general.bias), Rf = cast<float>(R);
     const ScanTensors<float> tf = ScanCase::tensors(u, delta, A, B, C, D, z, bias, has_D, has_z, has_bias);
     std::vector<FVec> results[2];
     for (int k = 0; k < 2; ++k) {
@@ -564,8 +490,8 @@ void test_float_forwards_match_inference_kernels() {
   for (bool has_z : {true, false}) {
     Rng r(14);
     ScanCase c(r, scan_args(2, 100, 48, 16, 2, 64, true), true, has_z, true);
-    const FVec u = to_float(c.u), delta = to_float(c.delta), A = to_float(c.A), B = to_float(c.B), C = to_float(c.C),
-               D = to_float(c.D), z = to_float(c.z), bias = to_float(c.bias);
+    const FVec u = cast<float>(c.u), delta = cast<float>(c.delta), A = cast<float>(c.A), B = cast<float>(c.B),
+               C = cast<float>(c.C), D = cast<float>(c.D), z = cast<float>(c.z), bias = cast<float>(c.bias);
     FVec got(u.size()), want(u.size()), boundary(c.boundary_size());
     scan_forward<float>(c.args, ScanCase::tensors(u, delta, A, B, C, D, z, bias, true, has_z, true), got.data(),
                         boundary.data());
@@ -588,7 +514,7 @@ void test_float_backwards_match_double() {
     FVec out(rows * dim), rstd(rows), dx(rows * dim, 0.0f), dw(dim, 0.0f);
     rmsnorm_forward<float>(x.data(), w.data(), out.data(), rstd.data(), rows, dim, 1e-5f);
     rmsnorm_backward<float>(R.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, dim);
-    const Vec xd = to_double(x), wd = to_double(w), Rd = to_double(R);
+    const Vec xd = cast<double>(x), wd = cast<double>(w), Rd = cast<double>(R);
     Vec outd(rows * dim), rstdd(rows), dxd(rows * dim, 0.0), dwd(dim, 0.0);
     rmsnorm_forward<double>(xd.data(), wd.data(), outd.data(), rstdd.data(), rows, dim, 1e-5);
     rmsnorm_backward<double>(Rd.data(), xd.data(), wd.data(), rstdd.data(), dxd.data(), dwd.data(), rows, dim);
@@ -603,7 +529,7 @@ void test_float_backwards_match_double() {
     gated_rmsnorm_forward<float>(y.data(), z.data(), w.data(), out.data(), rstd.data(), rows, dim, group, 1e-5f, before);
     gated_rmsnorm_backward<float>(R.data(), y.data(), z.data(), w.data(), rstd.data(), dy.data(), dz.data(), dw.data(),
                                   rows, dim, group, before);
-    const Vec yd = to_double(y), zd = to_double(z), wd = to_double(w), Rd = to_double(R);
+    const Vec yd = cast<double>(y), zd = cast<double>(z), wd = cast<double>(w), Rd = cast<double>(R);
     Vec outd(rows * dim), rstdd(nr), dyd(rows * dim), dzd(rows * dim), dwd(dim, 0.0);
     gated_rmsnorm_forward<double>(yd.data(), zd.data(), wd.data(), outd.data(), rstdd.data(), rows, dim, group, 1e-5,
                                   before);
@@ -620,7 +546,7 @@ void test_float_backwards_match_double() {
     FVec dx(n), dw(channels * kernel, 0.0f), db(channels, 0.0f);
     conv1d_backward<float>(R.data(), x.data(), w.data(), bias.data(), dx.data(), dw.data(), db.data(), batch, length,
                            channels, kernel, true);
-    const Vec xd = to_double(x), wd = to_double(w), bd = to_double(bias), Rd = to_double(R);
+    const Vec xd = cast<double>(x), wd = cast<double>(w), bd = cast<double>(bias), Rd = cast<double>(R);
     Vec dxd(n), dwd(channels * kernel, 0.0), dbd(channels, 0.0);
     conv1d_backward<double>(Rd.data(), xd.data(), wd.data(), bd.data(), dxd.data(), dwd.data(), dbd.data(), batch,
                             length, channels, kernel, true);
@@ -631,11 +557,11 @@ void test_float_backwards_match_double() {
   {
     ScanCase c(rng, scan_args(2, 200, 48, 16, 2, 64, true, 0.01, 1.2), true, true, true);
     const ScanArgs& a = c.args;
-    const FVec u = to_float(c.u), delta = to_float(c.delta), A = to_float(c.A), B = to_float(c.B), C = to_float(c.C),
-               D = to_float(c.D), z = to_float(c.z), bias = to_float(c.bias);
+    const FVec u = cast<float>(c.u), delta = cast<float>(c.delta), A = cast<float>(c.A), B = cast<float>(c.B),
+               C = cast<float>(c.C), D = cast<float>(c.D), z = cast<float>(c.z), bias = cast<float>(c.bias);
     // Compare against the double scan of the same (float-rounded) inputs.
-    c.u = to_double(u), c.delta = to_double(delta), c.A = to_double(A), c.B = to_double(B), c.C = to_double(C),
-    c.D = to_double(D), c.z = to_double(z), c.bias = to_double(bias);
+    c.u = cast<double>(u), c.delta = cast<double>(delta), c.A = cast<double>(A), c.B = cast<double>(B),
+    c.C = cast<double>(C), c.D = cast<double>(D), c.z = cast<double>(z), c.bias = cast<double>(bias);
     const FVec R = rng.normals(u.size());
     const ScanTensors<float> tf = ScanCase::tensors(u, delta, A, B, C, D, z, bias, true, true, true);
     FVec y(u.size()), boundary(c.boundary_size());
@@ -656,7 +582,7 @@ void test_float_backwards_match_double() {
     ScanOutputs gd;
     gd.du = Vec(u.size()), gd.ddelta = Vec(u.size()), gd.dA = Vec(A.size(), 0.0), gd.dB = Vec(B.size()),
     gd.dC = Vec(C.size()), gd.dD = Vec(D.size(), 0.0), gd.dz = Vec(z.size()), gd.dbias = Vec(bias.size(), 0.0);
-    scan_backward<double>(a, c.tensors(), boundaryd.data(), to_double(R).data(), gd.grads());
+    scan_backward<double>(a, c.tensors(), boundaryd.data(), cast<double>(R).data(), gd.grads());
     expect_float_grad("scan", "du", du, gd.du);
     expect_float_grad("scan", "ddelta", ddelta, gd.ddelta);
     expect_float_grad("scan", "dA", dA, gd.dA);
@@ -697,8 +623,9 @@ void test_results_do_not_depend_on_thread_count() {
   // scan forward and backward
   {
     ScanCase c(rng, scan_args(2, 130, 80, 16, 2, 32, true, 0.01, 1.5), true, true, true);
-    const FVec u = to_float(c.u), delta = to_float(c.delta), A = to_float(c.A), B = to_float(c.B), C = to_float(c.C),
-               D = to_float(c.D), z = to_float(c.z), bias = to_float(c.bias), R = rng.normals(u.size());
+    const FVec u = cast<float>(c.u), delta = cast<float>(c.delta), A = cast<float>(c.A), B = cast<float>(c.B),
+               C = cast<float>(c.C), D = cast<float>(c.D), z = cast<float>(c.z), bias = cast<float>(c.bias),
+               R = rng.normals(u.size());
     const ScanTensors<float> tf = ScanCase::tensors(u, delta, A, B, C, D, z, bias, true, true, true);
     std::vector<FVec> ref;
     for (int threads : {1, 2, 3}) {

@@ -32,6 +32,7 @@
 #include "../core/exp_poly.h"
 #include "../core/threadpool.h"
 #include "../cpu/simd.h"
+#include "dt_rule.h"
 
 namespace mssm::train::MSSM_LEVEL {
 namespace {
@@ -363,52 +364,6 @@ struct ScanLayout {
     const int64_t first = (blk % blocks_per_group) * kScanBlock;
     *d0 = *g * per_group + first;
     *count = std::min(kScanBlock, per_group - first);
-  }
-};
-
-// softplus(v) for v ≤ 20 and its derivative σ(v), branch-free so that a row of them vectorises:
-// with e = exp(−|v|) ∈ (0, 1], softplus = max(v, 0) + log1p(e) and log1p(e) = 2·atanh(s) = 2s·(1 + x·q(x)),
-// s = e / (2 + e), x = s², q the minimax quartic of native/cpu/selective_scan.cpp (relative error
-// below 3e-10, far under float rounding). T = double uses the library functions.
-inline void softplus_and_sigmoid(float v, float* value, float* slope) {
-  const float e = exp_fast(-std::fabs(v));
-  const float s = e / (2.0f + e), x = s * s;
-  float q = 0.1220460832f * x + 0.1070559844f;
-  q = q * x + 0.1430843920f;
-  q = q * x + 0.1999947727f;
-  q = q * x + 0.3333333731f;
-  *value = std::max(v, 0.0f) + 2.0f * s * (1.0f + x * q);
-  const float r = 1.0f / (1.0f + e);
-  *slope = v >= 0.0f ? r : e * r;
-}
-inline void softplus_and_sigmoid(double v, double* value, double* slope) {
-  *value = std::log1p(std::exp(v));
-  *slope = 1.0 / (1.0 + std::exp(-v));
-}
-
-// dt from Δ + delta_bias for `count` neighbouring channels of one token (bias: zeros when there is no
-// delta_bias), and d dt / dΔ (0 where clamped; 1 on softplus's v > 20 branch, where softplus(v) = v).
-// Branch-free inside the loop, so that a block's row of 16 vectorises.
-template <typename T>
-struct DtRule {
-  bool softplus;
-  T lo, hi;
-  void row(const T* delta, const T* bias, int64_t count, T* dt, T* grad) const {
-    if (softplus) {
-      for (int64_t j = 0; j < count; ++j) {
-        const T v = delta[j] + bias[j];
-        T sp, sg;
-        softplus_and_sigmoid(v, &sp, &sg);
-        clamp(v > T(20) ? v : sp, v > T(20) ? T(1) : sg, dt + j, grad + j);
-      }
-    } else {
-      for (int64_t j = 0; j < count; ++j) clamp(delta[j] + bias[j], T(1), dt + j, grad + j);
-    }
-  }
-  void clamp(T value, T slope, T* dt, T* grad) const {
-    const bool clamped = (value < lo) | (value > hi);
-    *dt = value < lo ? lo : (value > hi ? hi : value);
-    *grad = clamped ? T(0) : slope;
   }
 };
 
@@ -1324,11 +1279,29 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
             for (int64_t j = width; j < stride; ++j) out[m * stride + j] = T(0);
           }
         }
+        // The next row block's dY and X lines are asked for a few per tile while this block computes:
+        // its rows lie N and K values apart, a page or more, where the hardware prefetcher does not
+        // follow, and packing them cold left the multiply-adds idle.
+        const int64_t next = m0 + MB, next_rows = std::max<int64_t>(0, std::min(MB, M - next));
+        const int64_t dy_lines = (nw * (int64_t)sizeof(T) + 63) / 64, x_lines = (kw * (int64_t)sizeof(T) + 63) / 64;
+        const int64_t lines = next_rows * (dy_lines + x_lines);
+        const int64_t per_tile = (lines + strips * tiles - 1) / std::max<int64_t>(1, strips * tiles);
+        int64_t line = 0;
+        auto prefetch_some = [&] {
+          for (int64_t e = std::min(lines, line + per_tile); line < e; ++line) {
+            const int64_t row = line / (dy_lines + x_lines), at = line % (dy_lines + x_lines);
+            const char* p = at < dy_lines ? (const char*)(dy + (next + row) * N + n0) + at * 64
+                                          : (const char*)(x + (next + row) * K + k0) + (at - dy_lines) * 64;
+            __builtin_prefetch(p, 0, 2);
+          }
+        };
         for (int64_t s = 0; s < strips; ++s) {
           const int64_t width = std::min(W, kw - s * W);
-          for (int64_t t = 0; t < tiles; ++t)
+          for (int64_t t = 0; t < tiles; ++t) {
             wg_tile<T>((int)((width + L - 1) / L), dyp + t * mb * R, xp + s * W * MB, mb,
                        dw + (n0 + t * R) * K + k0 + s * W, K, (int)std::min(R, nw - t * R), (int)width);
+            prefetch_some();
+          }
         }
       }
       if (with_bias)
@@ -1343,10 +1316,12 @@ template <typename T>
 constexpr OpsFor<T> ops_for() {
   return {&rmsnorm_forward<T>, &rmsnorm_backward<T>, &gated_rmsnorm_forward<T>, &gated_rmsnorm_backward<T>,
           &conv1d_forward<T>,  &conv1d_backward<T>,  &scan_forward<T>,          &scan_backward<T>,
-          &cross_entropy<T>, &transpose<T>,      &weight_grad<T>};
+          &cross_entropy<T>, &transpose<T>,      &weight_grad<T>,           &ssd_forward<T>,
+          &ssd_backward<T>};
 }
 
 extern const TrainOpsTable ops_table;
-const TrainOpsTable ops_table = {ops_for<float>(), ops_for<double>(), &scan_backward_scratch_bytes};
+const TrainOpsTable ops_table = {ops_for<float>(), ops_for<double>(), &scan_backward_scratch_bytes,
+                                 &ssd_backward_scratch_bytes};
 
 }  // namespace mssm::train::MSSM_LEVEL

@@ -1,4 +1,4 @@
-// The public training ops of ops.h: each calls the table of the CPU level in use (see ops_table.h).
+// The public training ops of ops.h and ssd_chunked.h: each calls the table of the CPU level in use (see ops_table.h).
 #include <type_traits>
 
 #include "../core/cpu_features.h"
@@ -86,6 +86,16 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
   ops<T>().weight_grad(dy, x, dw, dbias, M, N, K);
 }
 int64_t scan_backward_scratch_bytes(const ScanArgs& a) { return table().scan_backward_scratch_bytes(a); }
+template <typename T>
+void ssd_forward(const SsdTrainArgs& a, const SsdTrainTensors<T>& t, T* y, T* boundary) {
+  ops<T>().ssd_forward(a, t, y, boundary);
+}
+template <typename T>
+void ssd_backward(const SsdTrainArgs& a, const SsdTrainTensors<T>& t, const T* boundary, const T* dy,
+                  const SsdTrainGrads<T>& g) {
+  ops<T>().ssd_backward(a, t, boundary, dy, g);
+}
+int64_t ssd_backward_scratch_bytes(const SsdTrainArgs& a) { return table().ssd_backward_scratch_bytes(a); }
 
 #define MSSM_TRAIN_OPS(T)                                                                                          \
   template void rmsnorm_forward<T>(const T*, const T*, T*, T*, int64_t, int64_t, T);                              \
@@ -100,7 +110,10 @@ int64_t scan_backward_scratch_bytes(const ScanArgs& a) { return table().scan_bac
   template void scan_backward<T>(const ScanArgs&, const ScanTensors<T>&, const T*, const T*, const ScanGrads<T>&); \
   template double cross_entropy<T>(T*, const int32_t*, int64_t, int64_t, T, int64_t*);                            \
   template void transpose<T>(const T*, int64_t, int64_t, T*);                                                   \
-  template void weight_grad<T>(const T*, const T*, T*, T*, int64_t, int64_t, int64_t);
+  template void weight_grad<T>(const T*, const T*, T*, T*, int64_t, int64_t, int64_t);                        \
+  template void ssd_forward<T>(const SsdTrainArgs&, const SsdTrainTensors<T>&, T*, T*);                         \
+  template void ssd_backward<T>(const SsdTrainArgs&, const SsdTrainTensors<T>&, const T*, const T*,             \
+                                const SsdTrainGrads<T>&);
 
 MSSM_TRAIN_OPS(float)
 MSSM_TRAIN_OPS(double)

@@ -8,9 +8,8 @@
 //   dW += dYᵀ·X            the training op weight_grad (a sum of outer products over the tokens)
 // In double (the gradient checks) y = x·Wᵀ and dX are plain loops here, dW weight_grad<double>.
 //
-// Mamba-2's scan is run as the Mamba-1 scan over di = H·P channels with the head's dt, A, D and dt
-// bias repeated over its P channels and B, C shared by the channels of a group; the gradients of the
-// repeated values are summed back per head.
+// Mamba-2's scan is the chunked SSD of ssd_chunked.h (small matrix products per chunk of scan_chunk
+// tokens, the states recomputed from the chunk boundaries in the backward).
 #include "trainer.h"
 
 #include <algorithm>
@@ -21,6 +20,7 @@
 #include "../core/threadpool.h"
 #include "../cpu/kernels.h"
 #include "ops.h"
+#include "ssd_chunked.h"
 
 namespace mssm::train {
 
@@ -115,12 +115,6 @@ struct LayerSaved {
   std::vector<T> boundary;  // the scan's chunk-start states
 };
 
-// The per-head values of a Mamba-2 layer repeated over each head's P channels.
-template <typename T>
-struct Expanded {
-  std::vector<T> delta, bias, A, D;
-};
-
 }  // namespace
 
 // Buffers of forward_backward kept between calls, so a training loop neither allocates nor faults in
@@ -128,9 +122,8 @@ struct Expanded {
 template <typename T>
 struct TrainerWorkspace {
   std::vector<LayerSaved<T>> saved;
-  std::vector<T> scratch, A, tmp, resid, h, rstd_f, hf, logits, dhf, g, dy, du, ddelta, dB, dC, dz, dA, dD, dbias,
-      packed, dhn, ddt;
-  Expanded<T> e;
+  std::vector<T> scratch, A, tmp, resid, h, rstd_f, hf, logits, dhf, g, dy, du, ddelta, dB, dC, dz, dA, packed, dhn,
+      ddt;
 };
 
 // ---- Parameters -------------------------------------------------------------------------------
@@ -175,21 +168,38 @@ const ParamSlot* Trainer<T>::slot(const std::string& name) const {
   return nullptr;
 }
 
+// The elementwise passes over all gradients run on the pool (serial, they were a few percent of a step).
 template <typename T>
 void Trainer<T>::zero_grads() {
-  std::fill(grads_.begin(), grads_.end(), T(0));
+  T* g = grads_.data();
+  parallel_for((int64_t)grads_.size(), 1 << 15, [&](int64_t begin, int64_t end) { std::fill(g + begin, g + end, T(0)); });
 }
 
 template <typename T>
 double Trainer<T>::grad_norm() const {
+  // Partial sums over fixed blocks, added in block order: the same result at any thread count.
+  constexpr int64_t kBlock = 1 << 15;
+  const int64_t n = (int64_t)grads_.size(), blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial((size_t)blocks);
+  const T* g = grads_.data();
+  parallel_for(blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double s = 0;
+      for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) s += (double)g[i] * (double)g[i];
+      partial[(size_t)b] = s;
+    }
+  });
   double s = 0;
-  for (T g : grads_) s += (double)g * (double)g;
+  for (double p : partial) s += p;
   return std::sqrt(s);
 }
 
 template <typename T>
 void Trainer<T>::scale_grads(double factor) {
-  for (T& g : grads_) g = (T)(g * factor);
+  T* g = grads_.data();
+  parallel_for((int64_t)grads_.size(), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) g[i] = (T)(g[i] * factor);
+  });
 }
 
 template <typename T>
@@ -216,14 +226,15 @@ int64_t Trainer<T>::working_floats_per_token() const {
   const int64_t gn = (c.mamba1() ? 1 : c.num_groups) * N, R = c.time_step_rank;
   // The residual stream, the mixer output, the gradient stream, the head's and the norm's input gradients.
   int64_t floats = 5 * d;
-  // dy, du, ddelta, dz, dB, dC of the layer being differentiated
-  floats += 4 * di + 2 * gn;
+  // dy, du, dz, dB, dC of the layer being differentiated
+  floats += 3 * di + 2 * gn;
   // dX accumulated through a temporary: at most [rows, di] (x_proj's input gradient).
   floats += di;
   if (c.mamba1()) {
-    floats += std::max<int64_t>(2 * di, R + 2 * N) + std::max<int64_t>(di, R + 2 * N);  // packed, tmp
+    // ddelta, packed, tmp
+    floats += di + std::max<int64_t>(2 * di, R + 2 * N) + std::max<int64_t>(di, R + 2 * N);
   } else {
-    floats += c.in_proj_rows() + c.conv_channels() + di + c.num_heads;  // packed, tmp, repeated dt, ddt
+    floats += c.in_proj_rows() + c.conv_channels() + c.num_heads;  // packed, tmp, ddt
   }
   return floats;
 }
@@ -270,54 +281,47 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   scan.groups = G;
   scan.chunk = scan_chunk_;
   scan.softplus = true;
-  scan.decay_per_channel = !c.mamba1();
-  if (!c.mamba1()) {
-    scan.dt_min = c.time_step_min;
-    scan.dt_max = c.time_step_max;
-  }
+  SsdTrainArgs ssd;
+  ssd.batch = batch;
+  ssd.length = length;
+  ssd.heads = H;
+  ssd.head_dim = P;
+  ssd.state = N;
+  ssd.groups = G;
+  ssd.chunk = scan_chunk_;
+  ssd.softplus = true;
+  ssd.dt_min = c.time_step_min;
+  ssd.dt_max = c.time_step_max;
 
-  // A = -exp(A_log), per channel (Mamba-2: the head's, repeated over P channels and N states).
+  // A = -exp(A_log): Mamba-1 [di, N], Mamba-2 [H].
   auto layer_A = [&](const std::string& p, std::vector<T>& A) {
     const T* A_log = P_(p + "A_log");
-    A.resize((size_t)(di * N));
-    for (int64_t i = 0; i < di * N; ++i) {
-      const int64_t src = c.mamba1() ? i : (i / N) / P;
-      A[i] = -std::exp(A_log[src]);
-    }
+    const int64_t n = c.mamba1() ? di * N : H;
+    A.resize((size_t)n);
+    for (int64_t i = 0; i < n; ++i) A[i] = -std::exp(A_log[i]);
   };
-  auto expand_heads = [&](const std::string& p, const T* dt, Expanded<T>& e) {
-    e.delta.resize((size_t)(rows * di));
-    parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t h = 0; h < H; ++h) std::fill_n(e.delta.data() + r * di + h * P, P, dt[r * H + h]);
-    });
-    e.bias.resize((size_t)di);
-    e.D.resize((size_t)di);
-    const T* dt_bias = P_(p + "dt_bias");
-    const T* D = P_(p + "D");
-    for (int64_t h = 0; h < H; ++h) {
-      std::fill_n(e.bias.data() + h * P, P, dt_bias[h]);
-      std::fill_n(e.D.data() + h * P, P, D[h]);
-    }
-  };
-
-  // The scan's inputs of a layer: Mamba-1 reads its own; Mamba-2 the head values repeated in `e`.
-  auto scan_inputs = [&](const std::string& p, const LayerSaved<T>& s, const std::vector<T>& A, const Expanded<T>* e) {
+  // The scan's inputs of a layer (Mamba-1 the selective scan's, Mamba-2 the chunked SSD's).
+  auto scan_inputs = [&](const std::string& p, const LayerSaved<T>& s, const std::vector<T>& A) {
     ScanTensors<T> t;
     t.u = s.u.data();
     t.A = A.data();
     t.B = s.Bm.data();
     t.C = s.Cm.data();
-    if (e) {
-      t.delta = e->delta.data();
-      t.D = e->D.data();
-      t.delta_bias = e->bias.data();
-    } else {
-      t.delta = s.delta.data();
-      t.D = P_(p + "D");
-      t.z = s.z.data();
-      t.delta_bias = P_(p + "dt_bias");
-    }
+    t.delta = s.delta.data();
+    t.D = P_(p + "D");
+    t.z = s.z.data();
+    t.delta_bias = P_(p + "dt_bias");
+    return t;
+  };
+  auto ssd_inputs = [&](const std::string& p, const LayerSaved<T>& s, const std::vector<T>& A) {
+    SsdTrainTensors<T> t;
+    t.x = s.u.data();
+    t.dt = s.delta.data();
+    t.A = A.data();
+    t.B = s.Bm.data();
+    t.C = s.Cm.data();
+    t.D = P_(p + "D");
+    t.dt_bias = P_(p + "dt_bias");
     return t;
   };
 
@@ -371,7 +375,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       take_columns(tmp.data(), rows, R + 2 * N, R + N, N, s.Cm.data());
       s.delta.resize((size_t)(rows * di));
       linear(s.dt_low.data(), P_(p + "dt_proj"), (const T*)nullptr, s.delta.data(), rows, di, R);
-      scan_forward(scan, scan_inputs(p, s, A, nullptr), s.y.data(), s.boundary.data());
+      scan_forward(scan, scan_inputs(p, s, A), s.y.data(), s.boundary.data());
       linear(s.y.data(), P_(p + "out_proj"), P_(p + "out_proj_bias"), h.data(), rows, d, di);
     } else {
       in_rows(0, di, s.z);
@@ -385,9 +389,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       take_columns(tmp.data(), rows, ch, 0, di, s.u.data());
       take_columns(tmp.data(), rows, ch, di, gn, s.Bm.data());
       take_columns(tmp.data(), rows, ch, di + gn, gn, s.Cm.data());
-      Expanded<T>& e = w.e;
-      expand_heads(p, s.delta.data(), e);
-      scan_forward(scan, scan_inputs(p, s, A, &e), s.y.data(), s.boundary.data());
+      ssd_forward(ssd, ssd_inputs(p, s, A), s.y.data(), s.boundary.data());
       s.yn.resize((size_t)(rows * di));
       s.rstd_g.resize((size_t)(rows * G));
       gated_rmsnorm_forward(s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.yn.data(), s.rstd_g.data(), rows, di, di / G,
@@ -428,10 +430,11 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   // ---- Backward ----
   // g: the gradient of the residual stream after the current layer (starting with the final one).
   std::vector<T>& g = w.g;
-  g.assign((size_t)(rows * d), T(0));
+  g.resize((size_t)(rows * d));
+  parallel_for(rows, 64, [&](int64_t begin, int64_t end) { std::fill(g.data() + begin * d, g.data() + end * d, T(0)); });
   rmsnorm_backward(dhf.data(), resid.data(), P_("norm_f"), rstd_f.data(), g.data(), G_("norm_f"), rows, d);
   std::vector<T>&dy = w.dy, &du = w.du, &ddelta = w.ddelta, &dB = w.dB, &dC = w.dC, &dz = w.dz, &dA = w.dA,
-                &dD = w.dD, &dbias = w.dbias, &packed = w.packed, &dhn = w.dhn;
+                &packed = w.packed, &dhn = w.dhn;
   dhn.resize((size_t)(rows * d));
   for (int64_t i = c.num_layers - 1; i >= 0; --i) {
     const std::string p = "layers." + std::to_string(i) + ".";
@@ -449,23 +452,23 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     dout_in.resize((size_t)(rows * di));
     linear_input_grad(g.data(), W_out, dout_in.data(), rows, d, di, false, scratch);
     du.resize((size_t)(rows * di));
-    ddelta.resize((size_t)(rows * di));
     dB.resize((size_t)(rows * gn));
     dC.resize((size_t)(rows * gn));
     dz.resize((size_t)(rows * di));
-    dA.assign((size_t)(di * N), T(0));
-    ScanGrads<T> sg;
-    sg.du = du.data();
-    sg.ddelta = ddelta.data();
-    sg.dA = dA.data();
-    sg.dB = dB.data();
-    sg.dC = dC.data();
+    dA.assign(A.size(), T(0));
     T* dA_log = G_(p + "A_log");
     if (c.mamba1()) {
+      ddelta.resize((size_t)(rows * di));
+      ScanGrads<T> sg;
+      sg.du = du.data();
+      sg.ddelta = ddelta.data();
+      sg.dA = dA.data();
+      sg.dB = dB.data();
+      sg.dC = dC.data();
       sg.dD = G_(p + "D");
       sg.dz = dz.data();
       sg.ddelta_bias = G_(p + "dt_bias");
-      scan_backward(scan, scan_inputs(p, s, A, nullptr), s.boundary.data(), dy.data(), sg);
+      scan_backward(scan, scan_inputs(p, s, A), s.boundary.data(), dy.data(), sg);
       for (int64_t j = 0; j < di * N; ++j) dA_log[j] += dA[j] * A[j];
       // delta = dt_low · W_dtᵀ
       weight_grad(ddelta.data(), s.dt_low.data(), G_(p + "dt_proj"), (T*)nullptr, rows, di, R);
@@ -490,38 +493,18 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       // yn = gated_norm(y, z) · w
       gated_rmsnorm_backward(tmp.data(), s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.rstd_g.data(), dy.data(),
                              dz.data(), G_(p + "ssm_norm"), rows, di, di / G, c.norm_before_gate);
-      Expanded<T>& e = w.e;
-      expand_heads(p, s.delta.data(), e);
-      dD.assign((size_t)di, T(0));
-      dbias.assign((size_t)di, T(0));
-      sg.dD = dD.data();
-      sg.ddelta_bias = dbias.data();
-      scan_backward(scan, scan_inputs(p, s, A, &e), s.boundary.data(), dy.data(), sg);
-      // Sums over each head's channels.
-      T* dDh = G_(p + "D");
-      T* dbh = G_(p + "dt_bias");
-      const T* A_log = P_(p + "A_log");
-      for (int64_t hh = 0; hh < H; ++hh) {
-        T sa = 0, sd = 0, sb = 0;
-        for (int64_t j = hh * P * N; j < (hh + 1) * P * N; ++j) sa += dA[j];
-        for (int64_t j = hh * P; j < (hh + 1) * P; ++j) {
-          sd += dD[j];
-          sb += dbias[j];
-        }
-        dA_log[hh] += sa * -std::exp(A_log[hh]);
-        dDh[hh] += sd;
-        dbh[hh] += sb;
-      }
       std::vector<T>& ddt = w.ddt;
       ddt.resize((size_t)(rows * H));
-      parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          for (int64_t hh = 0; hh < H; ++hh) {
-            T sum = 0;
-            for (int64_t q = 0; q < P; ++q) sum += ddelta[r * di + hh * P + q];
-            ddt[r * H + hh] = sum;
-          }
-      });
+      SsdTrainGrads<T> sg;
+      sg.dx = du.data();
+      sg.ddt = ddt.data();
+      sg.dA = dA.data();
+      sg.dB = dB.data();
+      sg.dC = dC.data();
+      sg.dD = G_(p + "D");
+      sg.ddt_bias = G_(p + "dt_bias");
+      ssd_backward(ssd, ssd_inputs(p, s, A), s.boundary.data(), dy.data(), sg);
+      for (int64_t hh = 0; hh < H; ++hh) dA_log[hh] += dA[hh] * A[hh];
       // xBC = silu(conv(xBC_in) + b), split into x, B, C
       packed.resize((size_t)(rows * ch));
       put_columns(du.data(), rows, ch, 0, di, packed.data());
@@ -543,12 +526,15 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     // hn = rmsnorm(resid)·w; the residual passes g through unchanged and adds the norm's gradient.
     rmsnorm_backward(dhn.data(), s.resid.data(), P_(p + "norm"), s.rstd.data(), g.data(), G_(p + "norm"), rows, d);
   }
+  // The embedding rows' gradients, tokens in order; threads own column ranges (deterministic).
   T* demb = G_("embeddings");
-  for (int64_t r = 0; r < rows; ++r) {
-    T* dst = demb + (int64_t)ids[r] * d;
-    const T* src = g.data() + r * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
-  }
+  parallel_for(d, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = demb + (int64_t)ids[r] * d;
+      const T* src = g.data() + r * d;
+      for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
+    }
+  });
   return loss;
 }
 

@@ -10,7 +10,8 @@
 // Memory. The forward keeps, per layer and token, the activations the backward reads (the layer's
 // input, the projections' inputs, the conv and scan inputs, the scan output: about d + 7·di floats for
 // Mamba-1), and of the scan's states only those at the start of every chunk of `scan_chunk` tokens;
-// the backward recomputes the states inside a chunk from its first one (the paper's recomputation).
+// the backward recomputes the states inside a chunk from its first one (the paper's recomputation;
+// Mamba-2 runs its scan in the chunked SSD form of ssd_chunked.h, those chunks being its SSD chunks).
 // So memory grows linearly with the tokens of a micro-batch, at activation_floats_per_token() +
 // working_floats_per_token() floats a token plus the boundary states, and the per-step states
 // [length, d_inner, N] never exist.
@@ -53,7 +54,7 @@ template <typename T>
 class Trainer {
  public:
   // Parameters start at zero; the caller fills params() (e.g. from lib/models/init.ts). scan_chunk:
-  // tokens between the scan states kept for the backward.
+  // tokens between the scan states kept for the backward (Mamba-2: also the SSD chunk length).
   explicit Trainer(const model::Config& config, int64_t scan_chunk = 64);
   ~Trainer();
   Trainer(const Trainer&) = delete;
