@@ -1120,17 +1120,19 @@ inline void wg_tile_plain(const T* dyp, const T* xp, int64_t mb, T* dw, int64_t 
 }
 
 #if defined(__AVX512F__)
-// As wg_tile_plain with xp [mb][V·16] (zero-padded beyond width). The accumulators are only ever
-// indexed by constants (the edge add goes through memory), so they stay in registers.
+// As wg_tile_plain with dY's R values of row m at dyp + m·ldg and X's V·16 at xp + m·ldx (zero-padded
+// beyond width): packed ([mb][R], [mb][V·16]) or the full tiles read in place (ldg = N, ldx = K). The
+// accumulators are only ever indexed by constants (the edge add goes through memory), so they stay in
+// registers.
 template <int R, int V>
-inline void wg_tile_avx512(const float* dyp, const float* xp, int64_t mb, float* dw, int64_t ldw, int rows,
-                           int width) {
+inline void wg_tile_avx512(const float* dyp, int64_t ldg, const float* xp, int64_t ldx, int64_t mb, float* dw,
+                           int64_t ldw, int rows, int width) {
   __m512 acc[R * V];
   for (int i = 0; i < R * V; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t m = 0; m < mb; ++m) {
     __m512 xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = _mm512_load_ps(xp + m * (V * 16) + v * 16);
-    const float* g = dyp + m * R;
+    for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(xp + m * ldx + v * 16);
+    const float* g = dyp + m * ldg;
     for (int r = 0; r < R; ++r) {
       const __m512 b = _mm512_set1_ps(g[r]);
       for (int v = 0; v < V; ++v) acc[r * V + v] = _mm512_fmadd_ps(b, xv[v], acc[r * V + v]);
@@ -1177,15 +1179,17 @@ inline void wg_tile_avx2(const float* dyp, const float* xp, int64_t mb, float* d
 }
 #endif
 
-// One tile of `vectors` vectors (the strip's packed row stride is vectors · L).
+// One tile of `vectors` vectors: dY rows ldg apart, X rows ldx apart (packed: R and vectors · L; only
+// the AVX-512 float kernel reads unpacked tiles, see kInPlace).
 template <typename T>
-inline void wg_tile(int vectors, const T* dyp, const T* xp, int64_t mb, T* dw, int64_t ldw, int rows, int width) {
+inline void wg_tile(int vectors, const T* dyp, int64_t ldg, const T* xp, int64_t ldx, int64_t mb, T* dw, int64_t ldw,
+                    int rows, int width) {
   constexpr int R = WgShape<T>::R;
   if constexpr (std::is_same_v<T, float> && WgShape<T>::L > 1) {
 #if defined(__AVX512F__)
     static_assert(WgShape<T>::VMAX == 2, "one case per vector count");
-    if (vectors == 1) return wg_tile_avx512<R, 1>(dyp, xp, mb, dw, ldw, rows, width);
-    return wg_tile_avx512<R, 2>(dyp, xp, mb, dw, ldw, rows, width);
+    if (vectors == 1) return wg_tile_avx512<R, 1>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
+    return wg_tile_avx512<R, 2>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
 #elif defined(__AVX2__) && defined(__FMA__)
     static_assert(WgShape<T>::VMAX == 3, "one case per vector count");
     if (vectors == 1) return wg_tile_avx2<R, 1>(dyp, xp, mb, dw, ldw, rows, width);
@@ -1193,6 +1197,7 @@ inline void wg_tile(int vectors, const T* dyp, const T* xp, int64_t mb, T* dw, i
     return wg_tile_avx2<R, 3>(dyp, xp, mb, dw, ldw, rows, width);
 #endif
   }
+  (void)ldg, (void)ldx;  // packed: R and vectors · L, what the kernels below assume
   wg_tile_plain<T, R>(dyp, xp, mb, dw, ldw, rows, width);
 }
 
@@ -1215,6 +1220,13 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
   using Shape = WgShape<T>;
   constexpr int L = Shape::L;
   constexpr int64_t W = (int64_t)L * Shape::VMAX, MB = Shape::MB, R = Shape::R;
+  // AVX-512 float: full tiles of dY and full strips of X are read where they lie (rows N and K apart),
+  // and only the edges are packed; copying every tile first was about a third of this op's time.
+#if defined(__AVX512F__)
+  constexpr bool kInPlace = std::is_same_v<T, float> && L == 16;
+#else
+  constexpr bool kInPlace = false;
+#endif
   // Tasks: blocks of nb rows of dW × blocks of ks strips of k. A task packs its X columns once per row
   // block and reuses them for nb / R tiles, and its dY columns for ks strips, so blocks start large
   // (packing a few percent of the work) and shrink only until there are two tasks per thread.
@@ -1252,7 +1264,7 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
         // conflict in L1).
         for (int64_t c0 = 0; c0 < mb; c0 += 16) {
           const int64_t c1 = std::min(mb, c0 + 16);
-          for (int64_t t = 0; t < full; ++t)
+          for (int64_t t = 0; t < (kInPlace ? 0 : full); ++t)
             for (int64_t m = c0; m < c1; ++m)
               std::memcpy(dyp + (t * mb + m) * R, dy + (m0 + m) * N + n0 + t * R, R * sizeof(T));
           if (full < tiles)
@@ -1271,7 +1283,8 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
           T* out = xp + s * W * MB;
           const T* in = x + m0 * K + k0 + s * W;
           if (width == W) {  // a copy of constant size, inlined (a library call per row was ~1/10 of the work)
-            for (int64_t m = 0; m < mb; ++m) std::memcpy(out + m * W, in + m * K, W * sizeof(T));
+            if (!kInPlace)
+              for (int64_t m = 0; m < mb; ++m) std::memcpy(out + m * W, in + m * K, W * sizeof(T));
             continue;
           }
           for (int64_t m = 0; m < mb; ++m) {
@@ -1297,8 +1310,13 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
         };
         for (int64_t s = 0; s < strips; ++s) {
           const int64_t width = std::min(W, kw - s * W);
+          const bool x_in_place = kInPlace && width == W;
+          const T* xs = x_in_place ? x + m0 * K + k0 + s * W : xp + s * W * MB;
+          const int64_t ldx = x_in_place ? K : (width + L - 1) / L * L;
           for (int64_t t = 0; t < tiles; ++t) {
-            wg_tile<T>((int)((width + L - 1) / L), dyp + t * mb * R, xp + s * W * MB, mb,
+            const bool g_in_place = kInPlace && t < full;
+            const T* g = g_in_place ? dy + m0 * N + n0 + t * R : dyp + t * mb * R;
+            wg_tile<T>((int)((width + L - 1) / L), g, g_in_place ? N : R, xs, ldx, mb,
                        dw + (n0 + t * R) * K + k0 + s * W, K, (int)std::min(R, nw - t * R), (int)width);
             prefetch_some();
           }
