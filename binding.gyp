@@ -40,6 +40,7 @@
         "native/cpu/dispatch.cpp",
         "native/model/mamba_model.cpp",
         "native/train/ops_dispatch.cpp",
+        "native/train/linear.cpp",
         "native/train/moe.cpp",
         "native/train/trainer.cpp",
         "native/napi/addon.cpp",

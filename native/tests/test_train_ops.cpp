@@ -794,6 +794,15 @@ void check_weight_grad(double tol) {
           MSSM_CHECK(err <= tol, "weight_grad %s [M %lld, N %lld, K %lld]%s: error %.3g of Σ|terms| > %.3g", type,
                      (long long)M, (long long)N, (long long)K, with_bias ? " with dbias" : "", err, tol);
         }
+        // dw null: the bias alone, with x never read; and the same sums as the tiled path's.
+        std::vector<T> db = db0, db_tiled = db0, dw = dw0;
+        weight_grad<T>(dy.data(), nullptr, nullptr, db.data(), M, N, K);
+        weight_grad<T>(dy.data(), x.data(), dw.data(), db_tiled.data(), M, N, K);
+        double err = 0;
+        for (int64_t n = 0; n < N; ++n) err = std::max(err, std::fabs((double)db[n] - want_b[n]) / scale_b[n]);
+        MSSM_CHECK(err <= tol && db == db_tiled,
+                   "weight_grad %s [M %lld, N %lld] dbias alone: error %.3g, %s the tiled path's", type, (long long)M,
+                   (long long)N, err, db == db_tiled ? "equal to" : "differs from");
       }
   record(std::string("weight_grad ") + type + " vs naive (of sum |terms|)", worst_err);
 }

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "../core/threadpool.h"
+#include "ops.h"
 
 namespace mssm::train {
 namespace {
@@ -19,7 +20,7 @@ namespace {
 using cpu::Activation;
 using cpu::MoeScoring;
 
-// ---- dense helpers (row-major; the innermost loop always walks contiguous memory) ----------------
+// ---- helpers (the products are ops.h's linear, linear_input_grad and weight_grad) -------------------
 
 // Rows per parallel chunk so a chunk holds about `work` multiply-adds.
 inline int64_t chunk_rows(int64_t per_row, int64_t work = 32768) {
@@ -36,67 +37,6 @@ inline T dot(const T* a, const T* b, int64_t n) {
     for (int j = 0; j < 8; ++j) lane[j] += a[i + j] * b[i + j];
   for (; i < n; ++i) lane[i & 7] += a[i] * b[i];
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
-// y[m, n] = Σ_k a[m, k]·w[n, k] (+ bias[n]):  a [M, K], w [N, K], y [M, N]. Rows split across threads.
-template <typename T>
-void matmul_nt(const T* a, const T* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
-  parallel_for(M, chunk_rows(N * K), [&](int64_t begin, int64_t end) {
-    // Four rows at a time share each weight row while it is in L1.
-    for (int64_t m0 = begin; m0 < end; m0 += 4) {
-      const int64_t m1 = std::min(end, m0 + 4);
-      for (int64_t n = 0; n < N; ++n) {
-        const T* wn = w + n * K;
-        const T b = bias ? bias[n] : T(0);
-        for (int64_t m = m0; m < m1; ++m) y[m * N + n] = dot(a + m * K, wn, K) + b;
-      }
-    }
-  });
-}
-
-// y[m, k] = Σ_n a[m, n]·w[n, k]:  a [M, N], w [N, K], y [M, K] (=). Rows split across threads.
-template <typename T>
-void matmul_nn(const T* a, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
-  parallel_for(M, chunk_rows(N * K), [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = begin; m0 < end; m0 += 4) {
-      const int64_t m1 = std::min(end, m0 + 4);
-      for (int64_t m = m0; m < m1; ++m) std::fill(y + m * K, y + (m + 1) * K, T(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const T* wn = w + n * K;
-        for (int64_t m = m0; m < m1; ++m) {
-          const T s = a[m * N + n];
-          T* ym = y + m * K;
-          for (int64_t k = 0; k < K; ++k) ym[k] += s * wn[k];
-        }
-      }
-    }
-  });
-}
-
-// dw[n, k] += Σ_m a[m, n]·b[m, k]:  a [M, N], b [M, K], dw [N, K]. Output rows split across threads;
-// the sum over m runs in order m = 0, 1, … for every element.
-template <typename T>
-void matmul_tn_acc(const T* a, const T* b, T* dw, int64_t M, int64_t N, int64_t K) {
-  parallel_for(N, chunk_rows(M * K), [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += 4) {
-      const int64_t n1 = std::min(end, n0 + 4);
-      for (int64_t m = 0; m < M; ++m) {
-        const T* bm = b + m * K;
-        for (int64_t n = n0; n < n1; ++n) {
-          const T s = a[m * N + n];
-          T* dn = dw + n * K;
-          for (int64_t k = 0; k < K; ++k) dn[k] += s * bm[k];
-        }
-      }
-    }
-  });
-}
-
-// db[n] += Σ_m a[m, n], in order of m.
-template <typename T>
-void column_sum_acc(const T* a, T* db, int64_t M, int64_t N) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) db[n] += a[m * N + n];
 }
 
 // ---- activations ------------------------------------------------------------------------------
@@ -246,7 +186,7 @@ void moe_forward(const MoeShape& s, const MoeParams<T>& params, const T* x, T* o
   }
 
   std::vector<T> logits((size_t)(Tn * E));
-  matmul_nt(x, params.router, params.router_bias, logits.data(), Tn, E, D);
+  linear(x, params.router, params.router_bias, logits.data(), Tn, E, D);
   route(s, logits.data(), saved);
   group(s, saved);
 
@@ -262,8 +202,8 @@ void moe_forward(const MoeShape& s, const MoeParams<T>& params, const T* x, T* o
     const int64_t first = saved.offsets[e], count = saved.counts[e];
     if (count == 0) continue;
     T* h = saved.hidden.data() + first * 2 * H;
-    matmul_nt(gathered.data() + first * D, params.fc1 + e * 2 * H * D, params.fc1_bias ? params.fc1_bias + e * 2 * H : nullptr,
-              h, count, 2 * H, D);
+    linear(gathered.data() + first * D, params.fc1 + e * 2 * H * D, params.fc1_bias ? params.fc1_bias + e * 2 * H : nullptr,
+           h, count, 2 * H, D);
     parallel_for(count, chunk_rows(H, 4096), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* a = h + r * 2 * H;
@@ -271,8 +211,8 @@ void moe_forward(const MoeShape& s, const MoeParams<T>& params, const T* x, T* o
         for (int64_t i = 0; i < H; ++i) g[i] = activate(a[i], s.activation) * a[H + i];
       }
     });
-    matmul_nt(glu.data(), params.fc2 + e * D * H, params.fc2_bias ? params.fc2_bias + e * D : nullptr,
-              expert_out.data() + first * D, count, D, H);
+    linear(glu.data(), params.fc2 + e * D * H, params.fc2_bias ? params.fc2_bias + e * D : nullptr,
+           expert_out.data() + first * D, count, D, H);
   }
 
   // Combine per token in slot order.
@@ -316,6 +256,7 @@ void moe_backward(const MoeShape& s, const MoeParams<T>& params, const T* x, con
   std::vector<T> gathered_x((size_t)(max_rows * D)), gathered_dout((size_t)(max_rows * D));
   std::vector<T> glu((size_t)(max_rows * H)), dglu((size_t)(max_rows * H)), dh((size_t)(max_rows * 2 * H));
   std::vector<T> dx_rows((size_t)(rows * D));
+  std::vector<T> scratch;  // linear_input_grad's Wᵀ
   std::vector<T> dweights((size_t)(Tn * K), T(0));
 
   for (int64_t e = 0; e < E; ++e) {
@@ -329,7 +270,7 @@ void moe_backward(const MoeShape& s, const MoeParams<T>& params, const T* x, con
     gather(dout, pair, K, count, D, gathered_dout.data());
 
     // dglu_unweighted[r] = fc2ᵀ·dout_t; ∂L/∂w(t,slot) = dglu_unweighted·g + dout_t·b2 (= dout_t·o).
-    matmul_nn(gathered_dout.data(), fc2, dglu.data(), count, D, H);
+    linear_input_grad(gathered_dout.data(), fc2, dglu.data(), count, D, H, false, scratch);
     parallel_for(count, chunk_rows(3 * H + D, 4096), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* a = h + r * 2 * H;
@@ -350,14 +291,12 @@ void moe_backward(const MoeShape& s, const MoeParams<T>& params, const T* x, con
         for (int64_t i = 0; i < D; ++i) dd[i] *= w;  // now ∂L/∂o of this row
       }
     });
-    if (grads.fc2) matmul_tn_acc(gathered_dout.data(), glu.data(), grads.fc2 + e * D * H, count, D, H);
-    if (grads.fc2_bias) column_sum_acc(gathered_dout.data(), grads.fc2_bias + e * D, count, D);
-    if (grads.fc1) {
-      gather(x, pair, K, count, D, gathered_x.data());
-      matmul_tn_acc(dh.data(), gathered_x.data(), grads.fc1 + e * 2 * H * D, count, 2 * H, D);
-    }
-    if (grads.fc1_bias) column_sum_acc(dh.data(), grads.fc1_bias + e * 2 * H, count, 2 * H);
-    matmul_nn(dh.data(), fc1, dx_rows.data() + first * D, count, 2 * H, D);
+    weight_grad(gathered_dout.data(), glu.data(), grads.fc2 ? grads.fc2 + e * D * H : nullptr,
+                grads.fc2_bias ? grads.fc2_bias + e * D : nullptr, count, D, H);
+    if (grads.fc1) gather(x, pair, K, count, D, gathered_x.data());
+    weight_grad(dh.data(), gathered_x.data(), grads.fc1 ? grads.fc1 + e * 2 * H * D : nullptr,
+                grads.fc1_bias ? grads.fc1_bias + e * 2 * H : nullptr, count, 2 * H, D);
+    linear_input_grad(dh.data(), fc1, dx_rows.data() + first * D, count, 2 * H, D, false, scratch);
   }
 
   // ∂L/∂logits: chosen weights (through the renormalisation) and the load-balancing loss, then
@@ -400,7 +339,7 @@ void moe_backward(const MoeShape& s, const MoeParams<T>& params, const T* x, con
   });
 
   // dx_t = W_routerᵀ·dlogits_t + Σ_slot dx_rows(t, slot), slots in order.
-  matmul_nn(dlogits.data(), params.router, dx, Tn, E, D);
+  linear_input_grad(dlogits.data(), params.router, dx, Tn, E, D, false, scratch);
   parallel_for(Tn, chunk_rows(D * K, 16384), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       T* d = dx + t * D;
@@ -412,8 +351,7 @@ void moe_backward(const MoeShape& s, const MoeParams<T>& params, const T* x, con
       }
     }
   });
-  if (grads.router) matmul_tn_acc(dlogits.data(), x, grads.router, Tn, E, D);
-  if (grads.router_bias) column_sum_acc(dlogits.data(), grads.router_bias, Tn, E);
+  weight_grad(dlogits.data(), x, grads.router, grads.router_bias, Tn, E, D);
 }
 
 template struct MoeSaved<float>;

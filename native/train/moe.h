@@ -70,7 +70,8 @@ struct MoeShape {
 //   T·k·(2·H·sizeof(T) + sizeof(T) + 4 + 16) + T·E·sizeof(T) + 8·(E + 1) + 4·E
 // i.e. about 2·H·sizeof(T) per routed pair: with f32, D 1536, H 4096, k 2, T 2048 that is 128 MiB
 // per MoE layer (the test prints the measured size of its case). The backward also allocates
-// transient scratch of T·k·D (the per-pair dx rows) plus one expert's rows × (2·D + 4·H).
+// transient scratch of T·k·D (the per-pair dx rows) plus one expert's rows × (2·D + 4·H), and
+// (in float) a transposed copy of the largest weight it multiplies by, 2·H·D.
 template <typename T>
 struct MoeSaved {
   std::vector<int32_t> indices;  // [T, k] chosen experts (-1 beyond E)

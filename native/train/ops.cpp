@@ -1119,85 +1119,57 @@ inline void wg_tile_plain(const T* dyp, const T* xp, int64_t mb, T* dw, int64_t 
   wg_add(dw, ldw, &acc[0][0], 64, rows, width);
 }
 
-#if defined(__AVX512F__)
-// As wg_tile_plain with dY's R values of row m at dyp + m·ldg and X's V·16 at xp + m·ldx (zero-padded
-// beyond width): packed ([mb][R], [mb][V·16]) or the full tiles read in place (ldg = N, ldx = K). The
-// accumulators are only ever indexed by constants (the edge add goes through memory), so they stay in
-// registers.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// As wg_tile_plain in simd.h's vectors (kWidth floats), with dY's R values of row m at dyp + m·ldg and
+// X's V vectors at xp + m·ldx (zero-padded beyond width): packed ([mb][R], [mb][V·kWidth]) or, for full
+// tiles on AVX-512, read in place (ldg = N, ldx = K). The accumulators are only ever indexed by
+// constants (the edge add goes through memory), so they stay in registers.
 template <int R, int V>
-inline void wg_tile_avx512(const float* dyp, int64_t ldg, const float* xp, int64_t ldx, int64_t mb, float* dw,
-                           int64_t ldw, int rows, int width) {
-  __m512 acc[R * V];
-  for (int i = 0; i < R * V; ++i) acc[i] = _mm512_setzero_ps();
+inline void wg_tile_simd(const float* dyp, int64_t ldg, const float* xp, int64_t ldx, int64_t mb, float* dw,
+                         int64_t ldw, int rows, int width) {
+  using namespace cpu::MSSM_LEVEL::simd;
+  vec acc[R * V];
+  for (int i = 0; i < R * V; ++i) acc[i] = vset(0.0f);
   for (int64_t m = 0; m < mb; ++m) {
-    __m512 xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(xp + m * ldx + v * 16);
+    vec xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = vload(xp + m * ldx + v * kWidth);
     const float* g = dyp + m * ldg;
     for (int r = 0; r < R; ++r) {
-      const __m512 b = _mm512_set1_ps(g[r]);
-      for (int v = 0; v < V; ++v) acc[r * V + v] = _mm512_fmadd_ps(b, xv[v], acc[r * V + v]);
+      const vec b = vset(g[r]);
+      for (int v = 0; v < V; ++v) acc[r * V + v] = vfma(b, xv[v], acc[r * V + v]);
     }
   }
-  if (rows == R && width == V * 16) {
+  if (rows == R && width == V * kWidth) {
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) {
-        float* p = dw + r * ldw + v * 16;
-        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc[r * V + v]));
+        float* p = dw + r * ldw + v * kWidth;
+        vstore(p, vadd(vload(p), acc[r * V + v]));
       }
     return;
   }
-  alignas(64) float tmp[R * V * 16];
-  for (int i = 0; i < R * V; ++i) _mm512_store_ps(tmp + i * 16, acc[i]);
-  wg_add(dw, ldw, tmp, V * 16, rows, width);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-template <int R, int V>
-inline void wg_tile_avx2(const float* dyp, const float* xp, int64_t mb, float* dw, int64_t ldw, int rows,
-                         int width) {
-  __m256 acc[R * V];
-  for (int i = 0; i < R * V; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t m = 0; m < mb; ++m) {
-    __m256 xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = _mm256_load_ps(xp + m * (V * 8) + v * 8);
-    const float* g = dyp + m * R;
-    for (int r = 0; r < R; ++r) {
-      const __m256 b = _mm256_broadcast_ss(g + r);
-      for (int v = 0; v < V; ++v) acc[r * V + v] = _mm256_fmadd_ps(b, xv[v], acc[r * V + v]);
-    }
-  }
-  if (rows == R && width == V * 8) {
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v) {
-        float* p = dw + r * ldw + v * 8;
-        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc[r * V + v]));
-      }
-    return;
-  }
-  alignas(32) float tmp[R * V * 8];
-  for (int i = 0; i < R * V; ++i) _mm256_store_ps(tmp + i * 8, acc[i]);
-  wg_add(dw, ldw, tmp, V * 8, rows, width);
+  float tmp[R * V * kWidth];
+  for (int i = 0; i < R * V; ++i) vstore(tmp + i * kWidth, acc[i]);
+  wg_add(dw, ldw, tmp, (int)(V * kWidth), rows, width);
 }
 #endif
 
 // One tile of `vectors` vectors: dY rows ldg apart, X rows ldx apart (packed: R and vectors · L; only
-// the AVX-512 float kernel reads unpacked tiles, see kInPlace).
+// AVX-512 float reads full tiles unpacked, see kInPlace).
 template <typename T>
 inline void wg_tile(int vectors, const T* dyp, int64_t ldg, const T* xp, int64_t ldx, int64_t mb, T* dw, int64_t ldw,
                     int rows, int width) {
   constexpr int R = WgShape<T>::R;
   if constexpr (std::is_same_v<T, float> && WgShape<T>::L > 1) {
-#if defined(__AVX512F__)
-    static_assert(WgShape<T>::VMAX == 2, "one case per vector count");
-    if (vectors == 1) return wg_tile_avx512<R, 1>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
-    return wg_tile_avx512<R, 2>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
-#elif defined(__AVX2__) && defined(__FMA__)
-    static_assert(WgShape<T>::VMAX == 3, "one case per vector count");
-    if (vectors == 1) return wg_tile_avx2<R, 1>(dyp, xp, mb, dw, ldw, rows, width);
-    if (vectors == 2) return wg_tile_avx2<R, 2>(dyp, xp, mb, dw, ldw, rows, width);
-    return wg_tile_avx2<R, 3>(dyp, xp, mb, dw, ldw, rows, width);
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    constexpr int VMAX = WgShape<T>::VMAX;
+    static_assert(WgShape<T>::L == cpu::MSSM_LEVEL::simd::kWidth && (VMAX == 2 || VMAX == 3),
+                  "one case per vector count");
+    if (vectors == 1) return wg_tile_simd<R, 1>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
+    if (VMAX == 2 || vectors == 2) return wg_tile_simd<R, 2>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
+    if constexpr (VMAX == 3) return wg_tile_simd<R, 3>(dyp, ldg, xp, ldx, mb, dw, ldw, rows, width);
 #endif
   }
-  (void)ldg, (void)ldx;  // packed: R and vectors · L, what the kernels below assume
+  (void)ldg, (void)ldx;  // packed: R and vectors · L, what the plain kernel assumes
   wg_tile_plain<T, R>(dyp, xp, mb, dw, ldw, rows, width);
 }
 
@@ -1217,6 +1189,17 @@ struct AlignedScratch {
 template <typename T>
 void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0) return;
+  if (!dw) {  // the bias alone: column sums in double, rows in order (as the tiled path below sums them)
+    if (dbias)
+      parallel_for(N, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          double sum = 0;
+          for (int64_t m = 0; m < M; ++m) sum += (double)dy[m * N + n];
+          dbias[n] += (T)sum;
+        }
+      });
+    return;
+  }
   using Shape = WgShape<T>;
   constexpr int L = Shape::L;
   constexpr int64_t W = (int64_t)L * Shape::VMAX, MB = Shape::MB, R = Shape::R;

@@ -15,6 +15,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace mssm::train {
 
@@ -128,12 +129,24 @@ double cross_entropy(T* logits, const int32_t* targets, int64_t rows, int64_t vo
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst);
 
+// ---- Linear layer ------------------------------------------------------------------------------------
+// y [M,N] (=) = x [M,K]·W[N,K]ᵀ (+ bias [N], or null).
+void linear(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K);
+void linear(const double* x, const double* W, const double* bias, double* y, int64_t M, int64_t N, int64_t K);
+// dx [M,K] = dy [M,N]·W [N,K] (=), or += when accumulate. scratch: grown to hold Wᵀ (and, when
+// accumulating, the product) in float; unused in double. Kept by the caller between calls.
+void linear_input_grad(const float* dy, const float* W, float* dx, int64_t M, int64_t N, int64_t K, bool accumulate,
+                       std::vector<float>& scratch);
+void linear_input_grad(const double* dy, const double* W, double* dx, int64_t M, int64_t N, int64_t K,
+                       bool accumulate, std::vector<double>& scratch);
+
 // ---- Weight gradient ----------------------------------------------------------------------------------
 // The weight gradient of a linear layer y = x·Wᵀ, without transposing either operand:
 //   dw[n,k] += Σ_m dy[m,n] · x[m,k],   dbias[n] += Σ_m dy[m,n]   (when dbias is not null)
-// dy [M,N], x [M,K]; dw (+=) [N,K]; dbias (+=) [N] or null. The sum over m is taken in float over
-// fixed blocks of rows, each block's sum added to dw in order (dbias: in double over all rows), so the
-// result is the same at any thread count. dw must not overlap dy or x.
+// dy [M,N], x [M,K]; dw (+=) [N,K], or null for dbias alone (x is then not read); dbias (+=) [N] or
+// null. The sum over m is taken in float over fixed blocks of rows, each block's sum added to dw in
+// order (dbias: in double over all rows), so the result is the same at any thread count. dw must not
+// overlap dy or x.
 template <typename T>
 void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N, int64_t K);
 

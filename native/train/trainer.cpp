@@ -2,11 +2,8 @@
 //
 // The forward follows mamba_model.cpp's order exactly (in_proj, causal conv + SiLU, the selective scan
 // or its Mamba-2 form, the gated norm, out_proj, residuals, final norm, head) with the training ops of
-// ops.h, keeping what the backward needs; the backward walks the layers last to first. Matmuls in
-// float go through the CPU kernels (y = x·Wᵀ), and the two backward products:
-//   dX = dY·W = dY·(Wᵀ)ᵀ   through the same kernels, with Wᵀ copied once per product
-//   dW += dYᵀ·X            the training op weight_grad (a sum of outer products over the tokens)
-// In double (the gradient checks) y = x·Wᵀ and dX are plain loops here, dW weight_grad<double>.
+// ops.h, keeping what the backward needs; the backward walks the layers last to first. The products
+// are ops.h's linear (y = x·Wᵀ), linear_input_grad (dX = dY·W) and weight_grad (dW += dYᵀ·X).
 //
 // Mamba-2's scan is the chunked SSD of ssd_chunked.h (small matrix products per chunk of scan_chunk
 // tokens, the states recomputed from the chunk boundaries in the backward).
@@ -18,7 +15,6 @@
 #include <stdexcept>
 
 #include "../core/threadpool.h"
-#include "../cpu/kernels.h"
 #include "ops.h"
 #include "ssd_chunked.h"
 
@@ -27,51 +23,6 @@ namespace mssm::train {
 namespace {
 
 using model::Config;
-
-// ---- Products ---------------------------------------------------------------------------------
-
-// y[M,N] = x[M,K]·W[N,K]ᵀ (+ bias)
-void linear(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
-  cpu::kernels().matmul(x, W, DType::f32, bias, y, M, N, K);
-}
-void linear(const double* x, const double* W, const double* bias, double* y, int64_t M, int64_t N, int64_t K) {
-  parallel_for(M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        double s = bias ? bias[n] : 0.0;
-        for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * W[n * K + k];
-        y[m * N + n] = s;
-      }
-  });
-}
-
-// dx[M,K] = dy[M,N]·W[N,K], or += when accumulate.
-void linear_input_grad(const float* dy, const float* W, float* dx, int64_t M, int64_t N, int64_t K, bool accumulate,
-                       std::vector<float>& scratch) {
-  scratch.resize((size_t)(K * N + (accumulate ? M * K : 0)));
-  float* Wt = scratch.data();
-  transpose(W, N, K, Wt);
-  float* out = accumulate ? Wt + K * N : dx;
-  cpu::kernels().matmul(dy, Wt, DType::f32, nullptr, out, M, K, N);
-  if (accumulate) {
-    parallel_for(M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin * K; i < end * K; ++i) dx[i] += out[i];
-    });
-  }
-}
-void linear_input_grad(const double* dy, const double* W, double* dx, int64_t M, int64_t N, int64_t K,
-                       bool accumulate, std::vector<double>&) {
-  parallel_for(M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      double* row = dx + m * K;
-      if (!accumulate) std::fill(row, row + K, 0.0);
-      for (int64_t n = 0; n < N; ++n) {
-        const double g = dy[m * N + n];
-        for (int64_t k = 0; k < K; ++k) row[k] += g * W[n * K + k];
-      }
-    }
-  });
-}
 
 // Columns [first, first + count) of `rows` rows of width `width`, to or from a packed [rows, count].
 template <typename T>
