@@ -6,7 +6,7 @@
 //    length, G = 2, a group's heads split over several tasks, with and without D and dt_bias,
 //    softplus on and off (and its v > 20 branch), a dt clamp that clamps values at both ends;
 //  - the float backward against the double one on a medium shape;
-//  - forward and backward against scan_forward / scan_backward with decay_per_channel on the inputs
+//  - forward and backward against scan_forward / scan_backward on the inputs
 //    expanded per channel (the scan's per-channel dA, dD, ddelta_bias and ddelta summed per head);
 //  - bit-identical outputs (boundary included) at 1, 2 and 3 threads, also when the scratch the op
 //    keeps between calls holds NaN from an earlier call; results that do not depend on the chunk;
@@ -389,7 +389,7 @@ void check_against_scan(Rng& rng, const SsdTrainArgs& a, bool has_D, bool has_bi
   }
   ScanArgs sa;
   sa.batch = a.batch, sa.length = L, sa.channels = HP, sa.state = N, sa.groups = a.groups, sa.chunk = a.chunk;
-  sa.softplus = a.softplus, sa.dt_min = a.dt_min, sa.dt_max = a.dt_max, sa.decay_per_channel = true;
+  sa.softplus = a.softplus, sa.dt_min = a.dt_min, sa.dt_max = a.dt_max;
   ScanTensors<T> st;
   st.u = in.x.data(), st.delta = delta.data(), st.A = As.data(), st.B = in.B.data(), st.C = in.C.data();
   st.D = has_D ? Ds.data() : nullptr;
@@ -630,7 +630,7 @@ int main() {
     test_checker_detects_a_wrong_gradient();
     std::printf("  float backward against double\n");
     test_float_backward_matches_double();
-    std::printf("  against scan_forward / scan_backward with decay_per_channel\n");
+    std::printf("  against scan_forward / scan_backward\n");
     test_matches_scan();
     std::printf("  thread-count independence, chunk independence\n");
     test_results_do_not_depend_on_thread_count();

@@ -481,12 +481,11 @@ constexpr T decay_scale() {
 }
 
 // One token of the recurrence for a block, over lanes: s = a ⊙ sp + dtu·B[n] per n, with the decay
-// a = exp(dt ⊙ A[n]) (per_channel: exp(dt ⊙ A[0]) for every n, computed once); yc += s·C[n]; the
-// decays are stored to dec ([N][kSL], or [kSL] per channel) when dec is given. s may be sp (the
-// forward updates in place). AE: A·decay_scale<T>() in lanes ([N][kSL]). (yc is always summed: the
-// loop without it was left unvectorised.) The forward and the backward's recomputation both run
-// this function, so they round alike.
-template <typename T, bool kPerChannel>
+// a = exp(dt ⊙ A[n]); yc += s·C[n]; the decays are stored to dec ([N][kSL]) when dec is given. s may
+// be sp (the forward updates in place). AE: A·decay_scale<T>() in lanes ([N][kSL]). (yc is always
+// summed: the loop without it was left unvectorised.) The forward and the backward's recomputation
+// both run this function, so they round alike.
+template <typename T>
 inline void scan_token(int64_t N, const T* AE, const T* dt, const T* dtu, const T* Bt, const T* Ct, const T* sp,
                        T* s, T* dec, T* yc) {
 #if defined(__AVX512F__)
@@ -497,17 +496,10 @@ inline void scan_token(int64_t N, const T* AE, const T* dt, const T* dtu, const 
     const __m512 lo = _mm512_set1_ps(-1e30f);
     const __m512 dtv = _mm512_loadu_ps(dt), dtuv = _mm512_loadu_ps(dtu);
     __m512 even = _mm512_loadu_ps(yc), odd = _mm512_setzero_ps();
-    __m512 a = _mm512_setzero_ps();
-    if constexpr (kPerChannel) {
-      a = exp2(_mm512_max_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(AE)), lo));
-      if (dec) _mm512_storeu_ps(dec, a);
-    }
     // State n's update; returns s_t[n] for y.
     auto update = [&](int64_t n) {
-      if constexpr (!kPerChannel) {
-        a = exp2(_mm512_max_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(AE + n * kSL)), lo));
-        if (dec) _mm512_storeu_ps(dec + n * kSL, a);
-      }
+      const __m512 a = exp2(_mm512_max_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(AE + n * kSL)), lo));
+      if (dec) _mm512_storeu_ps(dec + n * kSL, a);
       const __m512 v =
           _mm512_fmadd_ps(a, _mm512_loadu_ps(sp + n * kSL), _mm512_mul_ps(dtuv, _mm512_set1_ps(Bt[n])));
       _mm512_storeu_ps(s + n * kSL, v);
@@ -525,36 +517,19 @@ inline void scan_token(int64_t N, const T* AE, const T* dt, const T* dtu, const 
 #endif
   T acc[kSL];  // yc in a register: summed through memory, each n waited on a store-to-load forward
   std::memcpy(acc, yc, sizeof acc);
-  if constexpr (kPerChannel) {
-    T a[kSL];
-    for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * AE[j]);
-    if (dec) std::memcpy(dec, a, sizeof a);
-    for (int64_t n = 0; n < N; ++n) {
-      const T bn = Bt[n], cn = Ct[n];
-      const T* spn = sp + n * kSL;
-      T* sn = s + n * kSL;
-      T v[kSL];
-      for (int64_t j = 0; j < kSL; ++j) {
-        v[j] = mul_add(a[j], spn[j], dtu[j] * bn);
-        acc[j] = mul_add(v[j], cn, acc[j]);
-      }
-      std::memcpy(sn, v, sizeof v);
+  for (int64_t n = 0; n < N; ++n) {
+    const T bn = Bt[n], cn = Ct[n];
+    const T* An = AE + n * kSL;
+    const T* spn = sp + n * kSL;
+    T* sn = s + n * kSL;
+    T a[kSL], v[kSL];
+    for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * An[j]);
+    if (dec) std::memcpy(dec + n * kSL, a, sizeof a);
+    for (int64_t j = 0; j < kSL; ++j) {
+      v[j] = mul_add(a[j], spn[j], dtu[j] * bn);
+      acc[j] = mul_add(v[j], cn, acc[j]);
     }
-  } else {
-    for (int64_t n = 0; n < N; ++n) {
-      const T bn = Bt[n], cn = Ct[n];
-      const T* An = AE + n * kSL;
-      const T* spn = sp + n * kSL;
-      T* sn = s + n * kSL;
-      T a[kSL], v[kSL];
-      for (int64_t j = 0; j < kSL; ++j) a[j] = exp_fast(dt[j] * An[j]);
-      if (dec) std::memcpy(dec + n * kSL, a, sizeof a);
-      for (int64_t j = 0; j < kSL; ++j) {
-        v[j] = mul_add(a[j], spn[j], dtu[j] * bn);
-        acc[j] = mul_add(v[j], cn, acc[j]);
-      }
-      std::memcpy(sn, v, sizeof v);
-    }
+    std::memcpy(sn, v, sizeof v);
   }
   std::memcpy(yc, acc, sizeof acc);
 }
@@ -622,61 +597,42 @@ inline void weighted_rowsums(const T* X, const Lanes<T>& w, int64_t rows, T* out
 
 // One token of the backward walk for a block, over lanes (see scan_backward): updates the state
 // adjoint ds and dA in place, leaves ds_t (before the decay) in dst for dB, and returns Σ_n da·A and
-// Σ_n ds_t·B per lane in sum_a, sum_b. ad holds the token's decays ([N][kSL], or [kSL] per channel);
-// in the general path it may be dst (each decay is read before its lane is overwritten). Per channel
-// the decay a and A[0] are common to every n, so Σ_n da·A = a·A[0]·Σ_n ds_t·s_{t-1} and
-// dA[n] += (ds_t·s_{t-1})[n]·(a·dt): one multiplication fewer per n.
-template <typename T, bool kPerChannel>
+// Σ_n ds_t·B per lane in sum_a, sum_b. ad holds the token's decays ([N][kSL]); it may be dst (each
+// decay is read before its lane is overwritten).
+template <typename T>
 inline void scan_adjoint(int64_t N, const T* AT, const T* dt, const T* dyc, const T* Bt, const T* Ct, const T* sp,
                          const T* ad, T* ds, T* dA, T* dst, Lanes<T>& sum_a, Lanes<T>& sum_b) {
   using V = Lanes<T>;
-  V sa = {}, sb = {}, y, dtv, a0 = {};
+  V sa = {}, sb = {}, y, w;
   lanes_load(y, dyc);
-  lanes_load(dtv, dt);
-  if constexpr (kPerChannel) lanes_load(a0, ad);
-  const V w = kPerChannel ? a0 * dtv : dtv;
+  lanes_load(w, dt);
   for (int64_t n = 0; n < N; ++n) {
     const T bn = Bt[n], cn = Ct[n];
-    V dsn, spn, dAn, decay;
+    V dsn, spn, dAn, decay, An;
     lanes_load(dsn, ds + n * kSL);
     lanes_load(spn, sp + n * kSL);
     lanes_load(dAn, dA + n * kSL);
-    if constexpr (kPerChannel)
-      decay = a0;
-    else
-      lanes_load(decay, ad + n * kSL);
+    lanes_load(decay, ad + n * kSL);
+    lanes_load(An, AT + n * kSL);
     const V d = y * cn + dsn;
-    if constexpr (kPerChannel) {
-      const V p = d * spn;
-      dAn += p * w;
-      sa += p;
-    } else {
-      V An;
-      lanes_load(An, AT + n * kSL);
-      const V da = d * spn * decay;
-      dAn += da * w;
-      sa += da * An;
-    }
+    const V da = d * spn * decay;
+    dAn += da * w;
+    sa += da * An;
     sb += d * bn;
     const V next = d * decay;
     lanes_store(dst + n * kSL, d);
     lanes_store(ds + n * kSL, next);
     lanes_store(dA + n * kSL, dAn);
   }
-  if constexpr (kPerChannel) {
-    V A0;
-    lanes_load(A0, AT);
-    sa *= a0 * A0;
-  }
   sum_a = sa;
   sum_b = sb;
 }
 
-// Per-thread values of the backward: states and decays / state adjoints [chunk][N][kSL]; dt, d dt/dΔ,
-// dyc and the per-channel decay [chunk][kSL]; the block's A, A·decay_scale, start state, state
-// adjoint and dA partial [N][kSL].
+// Per-thread values of the backward: states and decays / state adjoints [chunk][N][kSL]; dt, d dt/dΔ
+// and dyc [chunk][kSL]; the block's A, A·decay_scale, start state, state adjoint and dA partial
+// [N][kSL].
 int64_t scan_thread_values(const ScanArgs& a, const ScanLayout& l) {
-  return l.chunk_rows * kSL * (2 * a.state + 4) + 5 * kSL * a.state;
+  return l.chunk_rows * kSL * (2 * a.state + 3) + 5 * kSL * a.state;
 }
 int64_t scan_shared_values(const ScanArgs& a, const ScanLayout& l) {
   return 2 * a.batch * a.channels * a.state + 2 * a.batch * a.channels + 2 * a.batch * l.blocks * l.chunk_rows * a.state;
@@ -689,7 +645,6 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
   const ScanLayout l(a);
   const int64_t L = a.length, D = a.channels, N = a.state, G = a.groups;
   const DtRule<T> rule{a.softplus, (T)a.dt_min, (T)a.dt_max};
-  const bool per_channel = a.decay_per_channel;
   parallel_for(a.batch * l.blocks, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(2 * N * kSL);
     T* S = buf.data();        // [N][kSL]
@@ -728,10 +683,7 @@ void scan_forward(const ScanArgs& a, const ScanTensors<T>& in, T* y, T* boundary
           dtu[j] = dts[j] * ul[j];
           yc[j] = T(0);
         }
-        if (per_channel)
-          scan_token<T, true>(N, AT, dts, dtu, Bt, Ct, S, S, nullptr, yc);
-        else
-          scan_token<T, false>(N, AT, dts, dtu, Bt, Ct, S, S, nullptr, yc);
+        scan_token<T>(N, AT, dts, dtu, Bt, Ct, S, S, nullptr, yc);
         if (in.D)
           for (int64_t j = 0; j < kSL; ++j) yc[j] += Dl[j] * ul[j];
         if (in.z) {
@@ -763,7 +715,6 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
   const ScanLayout l(a);
   const int64_t L = a.length, D = a.channels, N = a.state, G = a.groups, Q = l.chunk_rows;
   const DtRule<T> rule{a.softplus, (T)a.dt_min, (T)a.dt_max};
-  const bool per_channel = a.decay_per_channel;
   const int threads = num_threads();
   const int64_t per_thread = scan_thread_values(a, l);
   // Left uninitialised (zeroing them was a serial memset on the calling thread): every value is
@@ -791,8 +742,7 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
       T* dts = X + Q * N * kSL;        // dt                                    [Q][kSL]
       T* dgrad = dts + Q * kSL;        // d dt / dΔ                             [Q][kSL]
       T* ycs = dgrad + Q * kSL;        // dyc                                   [Q][kSL]
-      T* dec1 = ycs + Q * kSL;         // a_t (per channel)                     [Q][kSL]
-      T* AT = dec1 + Q * kSL;          // A                                     [N][kSL]
+      T* AT = ycs + Q * kSL;           // A                                     [N][kSL]
       T* AE = AT + N * kSL;            // A·decay_scale (the recomputation's)   [N][kSL]
       T* S0 = AE + N * kSL;            // the chunk's start state               [N][kSL]
       T* ds = S0 + N * kSL;            // the state adjoint                     [N][kSL]
@@ -854,10 +804,7 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           }
           const T* sp = tl ? S + (tl - 1) * N * kSL : S0;
           T* s = S + tl * N * kSL;
-          if (per_channel)
-            scan_token<T, true>(N, AE, dt, dtu, Bt, Ct, sp, s, dec1 + tl * kSL, yc);
-          else
-            scan_token<T, false>(N, AE, dt, dtu, Bt, Ct, sp, s, X + tl * N * kSL, yc);
+          scan_token<T>(N, AE, dt, dtu, Bt, Ct, sp, s, X + tl * N * kSL, yc);
           load_lanes(dy + i0, count, dyl);
           if (in.z) {
             if (in.D)
@@ -900,10 +847,7 @@ void scan_backward(const ScanArgs& a, const ScanTensors<T>& in, const T* boundar
           T* Xt = X + tl * N * kSL;
           const T* dt = dts + tl * kSL;
           const T* dyc = ycs + tl * kSL;
-          if (per_channel)
-            scan_adjoint<T, true>(N, AT, dt, dyc, Bt, Ct, sp, dec1 + tl * kSL, ds, dAl, Xt, sa, sb);
-          else
-            scan_adjoint<T, false>(N, AT, dt, dyc, Bt, Ct, sp, Xt, ds, dAl, Xt, sa, sb);
+          scan_adjoint<T>(N, AT, dt, dyc, Bt, Ct, sp, Xt, ds, dAl, Xt, sa, sb);
           const V duv = dtv * sb + Dv * dycv;  // Dv is zero without D
           const V ddv = (sa + uv * sb) * grv;
           dDv += dycv * uv;

@@ -70,11 +70,6 @@ struct ScanArgs {
   int64_t batch = 1, length = 1, channels = 0, state = 0, groups = 1, chunk = 64;
   bool softplus = true;
   double dt_min = 0.0, dt_max = INFINITY;
-  // Mamba-2 fast path. When true the caller promises that A[d, n] is the same for every n (Mamba-2's
-  // scalar per-head A repeated over the state), and the decay exp(dt·A[d, 0]) is computed once per
-  // (token, channel) instead of N times (A[d, 1..N-1] are not read). Every output, dA included, is
-  // what the general path gives for that A: dA[d, n] still receives its own per-n contribution.
-  bool decay_per_channel = false;
 };
 template <typename T>
 struct ScanTensors {
@@ -105,9 +100,8 @@ struct ScanGrads {
 template <typename T>
 void scan_backward(const ScanArgs& a, const ScanTensors<T>& t, const T* boundary, const T* dy, const ScanGrads<T>& g);
 // Bytes one scan_backward call with T = float allocates, all together, on num_threads() threads (T =
-// double: twice as many), with Q = min(chunk, length): per thread Q · 16 · (2·N + 4) + 5 · 16 · N values
-// (the recomputed states and decays of one block of 16 channels, its dt, d dt/dΔ, yc and per-channel
-// decay, and the block's A, A scaled for the decay's exp, start state, state adjoint and dA in lanes
+// double: twice as many), with Q = min(chunk, length): per thread Q · 16 · (2·N + 3) + 5 · 16 · N values
+// (the recomputed states and decays of one block of 16 channels, its dt, d dt/dΔ and yc, and the block's A, A scaled for the decay's exp, start state, state adjoint and dA in lanes
 // of 16 channels); shared, 2 · batch · D · N (the carried state adjoint and per-batch dA partials)
 // + 2 · batch · D (per-batch dD and delta_bias partials) + 2 · batch · G·⌈D/(16·G)⌉ · Q · N (dB / dC
 // partials of one chunk). For a fixed chunk nothing in it grows with length. The boundary states of

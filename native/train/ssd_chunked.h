@@ -1,6 +1,6 @@
 // Mamba-2's scan in its chunked state-space-duality (SSD) form, forward and backward, for training:
-// the same computation as scan_forward / scan_backward of ops.h with decay_per_channel and each head's
-// dt, A, D and dt_bias repeated over its P channels, but with the work inside a chunk done as small
+// the same computation as scan_forward / scan_backward of ops.h with each head's dt, A, D and dt_bias
+// repeated over its P channels (and A over the states), but with the work inside a chunk done as small
 // matrix products instead of a token-by-token recurrence. T = float (training) or double (gradient
 // checks); compiled once per CPU level like ops.cpp (see ops_table.h).
 //
