@@ -16,6 +16,8 @@ Usage:
   mamba-ssm train --data FILE --out DIR [options]     train a byte-level model on a text file
       --arch mamba1|mamba2 (mamba1)  --d-model N (128)  --layers N (4)  --state N (16; mamba2 64)
       --expand N (2)  --head-dim N (mamba2, 32)  --config FILE (JSON of those fields)  --init PATH
+      --moe-experts N (every second layer an MoE block of N experts)  --moe-top-k K (1)
+      --moe-hidden N (2 · d-model)  --aux-weight X (0.01: the MoE load-balancing loss)
       --steps N (1000)  --batch N (8)  --length N (256)  --grad-accum N (1)  --lr X (1e-3)
       --min-lr X (lr/10)  --warmup N  --weight-decay X (0.1)  --max-grad-norm X (1)  --seed S (0)
       --eval-every N  --eval-batches N (8)  --save-every N  --val-fraction X (0.05)  --resume
@@ -209,6 +211,12 @@ async function inspect(p: Parsed): Promise<number> {
         ? `dt rank        ${c.timeStepRank}`
         : `heads          ${c.numHeads} × ${c.headDim}, ${c.numGroups} group(s), chunk ${c.chunkSize}`,
       `conv kernel    ${c.convKernel}`,
+      ...(c.moe
+        ? [
+            `MoE blocks     layers ${c.moe.layers.join(", ")}: ${c.moe.numExperts} experts of width ${c.moe.hiddenSize}, ` +
+              `top-${c.moe.topK} ${c.moe.scoring}${c.moe.renormalize ? " (renormalised)" : ""}, ${c.moe.activation} GLU`,
+          ]
+        : []),
       `vocabulary     ${c.vocabSize}${c.tieEmbeddings ? " (tied head)" : ""}`,
       `parameters     ${info.parameters.toLocaleString("en-US")}`,
       `weights        ${formatBytes(info.weightBytes)} in ${info.tensors} tensors (${Object.entries(dtypes).map(([k, v]) => `${v} ${k}`).join(", ")})`,
@@ -259,6 +267,7 @@ async function trainCommand(p: Parsed): Promise<number> {
   const sizeFlags: Record<string, string> = {
     arch: "architecture", "d-model": "hiddenSize", layers: "numLayers", state: "stateSize", expand: "expand",
     "head-dim": "headDim", groups: "numGroups", "conv-kernel": "convKernel", "dt-rank": "timeStepRank",
+    "moe-experts": "moeExperts", "moe-top-k": "moeTopK", "moe-hidden": "moeHiddenSize",
   };
   const runFlags: Record<string, string> = {
     steps: "steps", batch: "batchSize", length: "length", "grad-accum": "gradAccumulation", warmup: "warmupSteps",
@@ -266,7 +275,7 @@ async function trainCommand(p: Parsed): Promise<number> {
   };
   const realFlags: Record<string, string> = {
     lr: "lr", "min-lr": "minLr", "weight-decay": "weightDecay", "max-grad-norm": "maxGradNorm",
-    "val-fraction": "validationFraction", beta1: "beta1", beta2: "beta2",
+    "val-fraction": "validationFraction", beta1: "beta1", beta2: "beta2", "aux-weight": "auxWeight",
   };
   checkFlags(p, ["data", "out", "config", "init", "resume", ...Object.keys(sizeFlags), ...Object.keys(runFlags), ...Object.keys(realFlags)]);
   if (p.positional.length) throw new UsageError(`train takes no positional arguments, got "${p.positional[0]}"`);

@@ -17,6 +17,10 @@ interface Fixture {
   ids: number[][];
   targets: number[][];
   loss: number;
+  /** MoE fixtures: the load-balancing loss's weight, the cross-entropy alone, each MoE block's aux loss. */
+  auxWeight?: number;
+  ceLoss?: number;
+  auxLosses?: number[];
   params: Record<string, { shape: number[]; data: number[] }>;
   grads: Record<string, { shape: number[]; data: number[] }>;
 }
@@ -30,11 +34,13 @@ function tempDir(): string {
 }
 
 describe("Trainer against PyTorch autograd", () => {
-  for (const name of ["mamba1.json", "mamba2.json"]) {
+  // moe1 / moe2: Mamba-1 / Mamba-2 layers with MoE blocks between them; their loss is the mean
+  // cross-entropy plus auxWeight · Σ load-balancing losses, the trainer's objective with lossScale 1/count.
+  for (const name of ["mamba1.json", "mamba2.json", "moe1.json", "moe2.json"]) {
     test(`${name}: loss and every parameter's gradient within 1e-4`, async () => {
       const f = readFixture(name);
       const config = { ...f.config, timeStepLimit: [f.config.timeStepLimit[0], f.config.timeStepLimit[1] ?? Infinity] } as MambaConfig;
-      const trainer = new Trainer(config, { scanChunk: 4 });
+      const trainer = new Trainer(config, { scanChunk: 4, auxWeight: f.auxWeight ?? 0 });
       try {
         const params = new Float32Array(trainer.floats);
         for (const s of trainer.slots) {
@@ -50,7 +56,15 @@ describe("Trainer against PyTorch autograd", () => {
         const count = targets.filter((t) => t >= 0).length;
         const r = await trainer.forwardBackward(ids, targets, f.batch, f.length, { lossScale: 1 / count });
         expect(r.count).toBe(count);
-        expect(Math.abs(r.sum / count - f.loss)).toBeLessThan(1e-5 * f.loss);
+        if (f.config.moe) {
+          const auxSum = f.auxLosses!.reduce((a, b) => a + b, 0);
+          expect(Math.abs(r.sum / count - f.ceLoss!)).toBeLessThan(1e-5 * f.ceLoss!);
+          expect(Math.abs(r.aux - auxSum)).toBeLessThan(1e-5 * auxSum);
+          expect(Math.abs(r.sum / count + f.auxWeight! * r.aux - f.loss)).toBeLessThan(1e-5 * f.loss);
+        } else {
+          expect(r.aux).toBe(0);
+          expect(Math.abs(r.sum / count - f.loss)).toBeLessThan(1e-5 * f.loss);
+        }
         const grads = trainer.tensors("grads");
         for (const s of trainer.slots) {
           const want = f.grads[s.name].data;
@@ -192,6 +206,73 @@ describe("train()", () => {
     });
     expect(result.trainLoss).toBeLessThan(result.points[0].trainLoss - 1.5);
     fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("a mixture-of-experts model (BlackMamba) trains, and its checkpoint reloads, generates and converts", async () => {
+    const dir = tempDir();
+    const result = await train({
+      data: writeCorpus(dir),
+      out: path.join(dir, "run"),
+      model: { architecture: "mamba1", hiddenSize: 32, numLayers: 4, stateSize: 8, moeExperts: 4, moeTopK: 2, moeHiddenSize: 48 },
+      auxWeight: 0.02,
+      steps: 40,
+      batchSize: 4,
+      length: 40,
+      lr: 3e-3,
+      progress: null,
+    });
+    expect(result.trainLoss).toBeLessThan(result.points[0].trainLoss - 1.5);
+    const model = await loadModel(result.model);
+    try {
+      expect(model.config.moe).toEqual({
+        layers: [1, 3], numExperts: 4, topK: 2, hiddenSize: 48, scoring: "softmax", renormalize: true, activation: "silu", bias: false,
+      });
+      expect(model.weights.get("layers.1.fc1")!.shape).toEqual([4, 96, 32]);
+      expect(model.weights.has("layers.1.in_proj")).toBe(false);
+      // Only the two Mamba layers carry state.
+      const state = model.createState(1);
+      expect(state.conv.shape).toEqual([2, 1, 3, 64]);
+      state.dispose();
+      const greedy = await model.complete("the state ", { maxTokens: 30, temperature: 0 });
+      // Prefill of the whole text equals prefill + steps (MoE blocks in both paths).
+      const ids = [...Buffer.from("the state " + greedy.text)];
+      const whole = await model.forward(ids);
+      const s = model.createState(1);
+      const split = 11;
+      await model.prefill(s, ids.slice(0, split));
+      let worst = 0;
+      const all = whole.data as Float32Array;
+      for (let t = split; t < ids.length; t++) {
+        const step = await model.step(s, [ids[t]]);
+        const got = step.data as Float32Array;
+        for (let v = 0; v < 256; v++) worst = Math.max(worst, Math.abs(got[v] - all[t * 256 + v]) / (Math.abs(all[t * 256 + v]) + 1));
+        step.dispose();
+      }
+      s.dispose();
+      whole.dispose();
+      expect(worst).toBeLessThan(1e-4);
+      // GGUF has no MoE Mamba architecture: refused with a message, nothing written.
+      await expect(model.save(path.join(dir, "m.gguf"), { format: "gguf" })).rejects.toThrow(/GGUF has no mixture-of-experts/);
+      expect(fs.existsSync(path.join(dir, "m.gguf"))).toBe(false);
+      // bf16 safetensors: the experts stored in bf16, the same configuration back.
+      await model.save(path.join(dir, "bf16"), { format: "safetensors", dtype: "bf16" });
+      const back = await loadModel(path.join(dir, "bf16"));
+      expect(back.config.moe).toEqual(model.config.moe);
+      expect(back.weights.get("layers.3.fc2")!.dtype).toBe("bf16");
+      const again = await back.complete("the state ", { maxTokens: 8, temperature: 0 });
+      expect(again.text.length).toBeGreaterThan(0);
+      back.dispose();
+    } finally {
+      model.dispose();
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("MoE training options are checked", () => {
+    expect(() => trainConfig({ numLayers: 1, moeExperts: 4 })).toThrow(/needs numLayers >= 2/);
+    expect(() => trainConfig({ moeExperts: 2, moeTopK: 3 })).toThrow(/moeTopK 3 exceeds moeExperts 2/);
+    expect(() => trainConfig({ moeTopK: 2 })).toThrow(/need moeExperts/);
+    expect(trainConfig({ numLayers: 5, moeExperts: 3 }).moe!.layers).toEqual([1, 3]);
   });
 
   const options = (data: string, out: string): TrainOptions => ({

@@ -1,7 +1,8 @@
 // Loading and saving whole Mamba checkpoints, whatever the format, as the normalised MambaConfig and
 // the canonical weight names of lib/models/config.ts:
 //   - Hugging Face folders (config.json of MambaForCausalLM / Mamba2ForCausalLM + model.safetensors or
-//     a sharded index),
+//     a sharded index), and the same folders of models with mixture-of-experts blocks that this
+//     library writes (model_type "mamba_moe" / "mamba2_moe", see hfConfigJson),
 //   - mamba_ssm folders (state-spaces/mamba-*: d_model, n_layer, ssm_cfg …, weights in safetensors),
 //   - GGUF files of llama.cpp's "mamba" and "mamba2" architectures.
 // Format facts: /work/shared/FORMATS.md. Weights are mapped from the files; only what needs converting
@@ -9,7 +10,7 @@
 import * as fs from "fs";
 import * as path from "path";
 import { DType } from "../dtype";
-import { expectedShapes, isMatrixWeight, MambaConfig } from "../models/config";
+import { expectedShapes, isMatrixWeight, MambaConfig, MoeConfig } from "../models/config";
 import { formatShape, Tensor } from "../tensor";
 import { ggufVocabToTokenizerJson, tokenizerJsonToGgufVocab } from "../tokenizers/gguf";
 import type { TokenizerJson } from "../tokenizers/huggingface";
@@ -114,6 +115,21 @@ class ConfigFields {
     return this.integer(key);
   }
 
+  string<T extends string>(key: string, choices: readonly T[], fallback: T): T {
+    if (!this.has(key)) return fallback;
+    const v = this.json[key];
+    if (typeof v !== "string" || !(choices as readonly string[]).includes(v)) this.wrong(key, `one of ${choices.map((c) => JSON.stringify(c)).join(", ")}`);
+    return v as T;
+  }
+
+  integers(key: string): number[] {
+    const v = this.json[key];
+    if (!Array.isArray(v) || !v.every((x) => typeof x === "number" && Number.isSafeInteger(x) && x >= 0)) {
+      this.wrong(key, "an array of integers >= 0");
+    }
+    return v as number[];
+  }
+
   pair(key: string, fallback: [number, number]): [number, number] {
     if (!this.has(key)) return fallback;
     const v = this.json[key];
@@ -143,15 +159,45 @@ function checkHeads(file: string, c: MambaConfig, headsField: string, headDimFie
   }
 }
 
+/**
+ * The MoE blocks of a config.json written by hfConfigJson (model_type "mamba_moe" / "mamba2_moe": a
+ * Hugging Face Mamba config plus these fields), or undefined when it has none.
+ */
+function moeFromHf(f: ConfigFields, numLayers: number, file: string): MoeConfig | undefined {
+  if (!f.has("moe_layers")) return undefined;
+  const layers = f.integers("moe_layers");
+  for (let i = 0; i < layers.length; i++) {
+    if (layers[i] >= numLayers || (i > 0 && layers[i] <= layers[i - 1])) {
+      throw new Error(`${file}: config field "moe_layers" must list layer indices below ${numLayers} in increasing order, found ${JSON.stringify(layers)}`);
+    }
+  }
+  return {
+    layers,
+    numExperts: f.integer("num_experts"),
+    topK: f.integer("num_experts_per_tok", 1),
+    hiddenSize: f.integer("moe_intermediate_size"),
+    scoring: f.string("moe_scoring", ["softmax", "sigmoid"] as const, "softmax"),
+    renormalize: f.boolean("moe_renormalize", true),
+    activation: f.string("moe_hidden_act", ["silu", "gelu", "gelu_tanh"] as const, "silu"),
+    bias: f.boolean("moe_bias", false),
+  };
+}
+
 /** MambaConfig from a Hugging Face config.json (model_type "mamba" or "mamba2"), with the library's defaults. */
 export function configFromHf(json: Record<string, unknown>, file: string): MambaConfig {
   const f = new ConfigFields(json, file);
   const architectures = Array.isArray(json.architectures) ? (json.architectures as unknown[]) : [];
-  const mamba2 = json.model_type === "mamba2" || architectures.includes("Mamba2ForCausalLM");
+  const mamba2 =
+    json.model_type === "mamba2" ||
+    json.model_type === "mamba2_moe" ||
+    architectures.includes("Mamba2ForCausalLM") ||
+    architectures.includes("Mamba2MoeForCausalLM");
   const hiddenSize = f.integer("hidden_size");
+  const numLayers = f.integer("num_hidden_layers");
   const common = {
     hiddenSize,
-    numLayers: f.integer("num_hidden_layers"),
+    numLayers,
+    moe: moeFromHf(f, numLayers, file),
     vocabSize: f.integer("vocab_size"),
     convKernel: f.integer("conv_kernel", 4),
     normEps: f.number("layer_norm_epsilon", 1e-5),
@@ -277,8 +323,33 @@ function withoutUndefined<T extends object>(o: T): T {
   return o;
 }
 
-/** The Hugging Face config.json of a model (MambaForCausalLM or Mamba2ForCausalLM). */
+/**
+ * The Hugging Face config.json of a model (MambaForCausalLM or Mamba2ForCausalLM). A model with MoE
+ * blocks gets model_type "mamba_moe" / "mamba2_moe" (this library's; Hugging Face has no such class)
+ * and the fields moe_layers, num_experts, num_experts_per_tok, moe_intermediate_size, moe_scoring,
+ * moe_renormalize, moe_hidden_act and moe_bias.
+ */
 export function hfConfigJson(config: MambaConfig): Record<string, unknown> {
+  const plain = hfConfigJsonOf(config);
+  const m = config.moe;
+  if (!m) return plain;
+  const mamba1 = config.architecture === "mamba1";
+  return {
+    ...plain,
+    architectures: [mamba1 ? "MambaMoeForCausalLM" : "Mamba2MoeForCausalLM"],
+    model_type: mamba1 ? "mamba_moe" : "mamba2_moe",
+    moe_layers: [...m.layers],
+    num_experts: m.numExperts,
+    num_experts_per_tok: m.topK,
+    moe_intermediate_size: m.hiddenSize,
+    moe_scoring: m.scoring,
+    moe_renormalize: m.renormalize,
+    moe_hidden_act: m.activation,
+    moe_bias: m.bias,
+  };
+}
+
+function hfConfigJsonOf(config: MambaConfig): Record<string, unknown> {
   const c = config;
   const ids: Record<string, number> = {};
   if (c.bosTokenId !== undefined) ids.bos_token_id = c.bosTokenId;
@@ -407,6 +478,16 @@ const MIXER_NAMES: Record<string, string> = {
   "out_proj.bias": "out_proj_bias",
 };
 
+/** An MoE block's tensors under backbone.layers.{i}.moe. (the experts stacked: fc1 [E, 2·Hm, d]). */
+const MOE_NAMES: Record<string, string> = {
+  "router.weight": "router",
+  "router.bias": "router_bias",
+  "experts.fc1.weight": "fc1",
+  "experts.fc1.bias": "fc1_bias",
+  "experts.fc2.weight": "fc2",
+  "experts.fc2.bias": "fc2_bias",
+};
+
 /** The canonical name of a Hugging Face / mamba_ssm tensor name, or undefined for tensors not used. */
 function canonicalFolderName(name: string): string | undefined {
   if (name === "lm_head.weight") return "lm_head";
@@ -416,6 +497,10 @@ function canonicalFolderName(name: string): string | undefined {
   const m = LAYER_NAME.exec(inner);
   if (!m) return undefined;
   if (m[2] === "norm.weight") return `layers.${m[1]}.norm`;
+  if (m[2].startsWith("moe.")) {
+    const moe = MOE_NAMES[m[2].slice("moe.".length)];
+    return moe ? `layers.${m[1]}.${moe}` : undefined;
+  }
   if (!m[2].startsWith("mixer.")) return undefined;
   const mixer = MIXER_NAMES[m[2].slice("mixer.".length)];
   return mixer ? `layers.${m[1]}.${mixer}` : undefined;
@@ -518,10 +603,8 @@ function loadFolder(folder: string, options: LoadCheckpointOptions): Checkpoint 
   let format: CheckpointFormat;
   let config: MambaConfig;
   if (
-    json.model_type === "mamba" ||
-    json.model_type === "mamba2" ||
-    architectures.includes("MambaForCausalLM") ||
-    architectures.includes("Mamba2ForCausalLM")
+    ["mamba", "mamba2", "mamba_moe", "mamba2_moe"].includes(json.model_type as string) ||
+    ["MambaForCausalLM", "Mamba2ForCausalLM", "MambaMoeForCausalLM", "Mamba2MoeForCausalLM"].some((a) => architectures.includes(a))
   ) {
     format = "hf";
     config = configFromHf(json, configFile);
@@ -758,6 +841,8 @@ function hfName(name: string, config: MambaConfig): string {
   const m = LAYER_NAME.exec(name);
   if (!m) throw new Error(`saveCheckpoint: unknown weight name ${name}`);
   const base = `backbone.layers.${m[1]}.`;
+  const moe = Object.entries(MOE_NAMES).find(([, canonical]) => canonical === m[2]);
+  if (moe) return base + "moe." + moe[0];
   const mixer: Record<string, string> = {
     norm: "norm.weight",
     in_proj: "mixer.in_proj.weight",
@@ -894,6 +979,9 @@ function ggufName(name: string): string {
 function saveGgufFile(file: string, input: SaveInput, dtype: WeightDType | undefined): void {
   const { config, weights } = input;
   const where = `saveCheckpoint ${file}`;
+  if (config.moe) {
+    throw new Error(`${where}: GGUF has no mixture-of-experts Mamba architecture (llama.cpp runs mamba and mamba2 only); save this model as "safetensors"`);
+  }
   checkWeightsToSave(where, config, weights);
   const arch = config.architecture === "mamba1" ? "mamba" : "mamba2";
   const temporaries: Tensor[] = [];

@@ -5,6 +5,26 @@ import { DType } from "../dtype";
 
 export type Architecture = "mamba1" | "mamba2";
 
+/**
+ * Mixture-of-experts MLP blocks between the Mamba layers (BlackMamba). Layer i whose index is in
+ * `layers` is an MoE block instead of a Mamba mixer, pre-norm with the same residual:
+ *   p = softmax or sigmoid(router · x + router_bias);  the topK largest p (ties: lower index), divided
+ *   by their sum when renormalize;  out = Σ_k p_k · fc2[e_k] · (act(a) ⊙ b),  [a, b] = fc1[e_k] · x.
+ */
+export interface MoeConfig {
+  /** Indices of the MoE blocks, strictly increasing; at least one layer stays a Mamba layer. */
+  layers: number[];
+  numExperts: number;
+  topK: number;
+  /** Each expert's GLU width (fc1 has 2 · hiddenSize rows). */
+  hiddenSize: number;
+  scoring: "softmax" | "sigmoid";
+  renormalize: boolean;
+  activation: "silu" | "gelu" | "gelu_tanh";
+  /** Router, fc1 and fc2 carry biases. */
+  bias: boolean;
+}
+
 export interface MambaConfig {
   architecture: Architecture;
   /** d_model */
@@ -35,6 +55,8 @@ export interface MambaConfig {
   normBeforeGate: boolean;
   /** The output head is the embedding */
   tieEmbeddings: boolean;
+  /** Mixture-of-experts blocks; absent for a plain Mamba model. */
+  moe?: MoeConfig;
   /** Token ids, where the source says */
   bosTokenId?: number;
   eosTokenId?: number;
@@ -59,10 +81,24 @@ export interface MambaConfig {
  *   layers.{i}.ssm_norm       [d_inner]                       Mamba-2 gated RMSNorm weight
  *   layers.{i}.out_proj       [d, d_inner]
  *   layers.{i}.out_proj_bias  [d]               when useBias
- * Matrices (embeddings, lm_head, in_proj, x_proj, dt_proj, out_proj) may be f32, f16, bf16 or q8_0;
- * every other tensor is f32.
+ * An MoE layer (moe.layers) has its norm and, in place of the mixer's weights (E experts of width Hm):
+ *   layers.{i}.router         [E, d]            layers.{i}.router_bias  [E]          when moe.bias
+ *   layers.{i}.fc1            [E, 2·Hm, d]      layers.{i}.fc1_bias     [E, 2·Hm]    when moe.bias
+ *   layers.{i}.fc2            [E, d, Hm]        layers.{i}.fc2_bias     [E, d]       when moe.bias
+ * Matrices (embeddings, lm_head, in_proj, x_proj, dt_proj, out_proj, router, fc1, fc2) may be f32,
+ * f16, bf16 or q8_0; every other tensor is f32.
  */
-export const MATRIX_WEIGHTS = ["in_proj", "x_proj", "dt_proj", "out_proj"] as const;
+export const MATRIX_WEIGHTS = ["in_proj", "x_proj", "dt_proj", "out_proj", "router", "fc1", "fc2"] as const;
+
+/** Whether layer i is a mixture-of-experts block. */
+export function isMoeLayer(config: MambaConfig, i: number): boolean {
+  return config.moe !== undefined && config.moe.layers.includes(i);
+}
+
+/** Layers with a Mamba mixer: the ones that carry state. */
+export function stateLayers(config: MambaConfig): number {
+  return config.numLayers - (config.moe?.layers.length ?? 0);
+}
 
 export function layerWeightNames(config: MambaConfig): string[] {
   const names = ["norm", "in_proj", "conv", "dt_bias", "A", "D", "out_proj"];
@@ -87,6 +123,16 @@ export function expectedShapes(config: MambaConfig): Map<string, number[]> {
   for (let i = 0; i < c.numLayers; i++) {
     const p = `layers.${i}.`;
     out.set(p + "norm", [d]);
+    if (c.moe && isMoeLayer(c, i)) {
+      const E = c.moe.numExperts, Hm = c.moe.hiddenSize;
+      out.set(p + "router", [E, d]);
+      if (c.moe.bias) out.set(p + "router_bias", [E]);
+      out.set(p + "fc1", [E, 2 * Hm, d]);
+      if (c.moe.bias) out.set(p + "fc1_bias", [E, 2 * Hm]);
+      out.set(p + "fc2", [E, d, Hm]);
+      if (c.moe.bias) out.set(p + "fc2_bias", [E, d]);
+      continue;
+    }
     out.set(p + "in_proj", [inRows, d]);
     if (c.useBias) {
       out.set(p + "in_proj_bias", [inRows]);

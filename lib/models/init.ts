@@ -1,8 +1,9 @@
 // Seeded initialisation of a Mamba language model's weights, following the reference
-// implementation: embeddings ~ N(0, 0.02); linear layers uniform(±1/sqrt(fan_in)) with out_proj
-// rescaled by 1/sqrt(n_layer); dt_bias = softplus⁻¹(dt) for dt log-uniform in [dtMin, dtMax];
-// A = -exp(A_log) with A_log = log(1..N) per channel (Mamba-1, S4D-real) or log(uniform[1, 16]) per
-// head (Mamba-2); D = 1; norms = 1.
+// implementation: embeddings ~ N(0, 0.02); linear layers (the MoE router and experts too) uniform
+// (±1/sqrt(fan_in)) with out_proj and the experts' fc2 rescaled by 1/sqrt(n_layer), their biases 0;
+// the conv and its bias uniform(±1/sqrt(K)); dt_bias = softplus⁻¹(dt) for dt log-uniform in
+// [dtMin, dtMax]; A = -exp(A_log) with A_log = log(1..N) per channel (Mamba-1, S4D-real) or
+// log(uniform[1, 16]) per head (Mamba-2); D = 1; norms = 1.
 import { MambaConfig, expectedShapes } from "./config";
 import { Tensor } from "../tensor";
 
@@ -70,12 +71,12 @@ export function initWeights(config: MambaConfig, options: InitOptions = {}): Map
     } else if (base === "conv") {
       const bound = 1 / Math.sqrt(config.convKernel);
       fill(t, seed, (u) => (2 * u() - 1) * bound);
-    } else if (base === "conv_bias" || base === "in_proj_bias" || base === "out_proj_bias") {
+    } else if (base === "conv_bias" || base.endsWith("_bias")) {
       const bound = base === "conv_bias" ? 1 / Math.sqrt(config.convKernel) : 0;
       fill(t, seed, (u) => (2 * u() - 1) * bound);
     } else {
       let bound = 1 / Math.sqrt(fanIn);
-      if (base === "out_proj") bound /= Math.sqrt(config.numLayers);
+      if (base === "out_proj" || base === "fc2") bound /= Math.sqrt(config.numLayers);
       if (base === "dt_proj") bound = config.timeStepRank ** -0.5;
       fill(t, seed, (u) => (2 * u() - 1) * bound);
     }

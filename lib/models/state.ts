@@ -1,20 +1,22 @@
 // The recurrent state of a batch of sequences: each layer's conv window and SSM state. Its size does
 // not grow with the sequence, so a conversation can be cloned, saved and resumed cheaply.
-import { MambaConfig } from "./config";
+import { MambaConfig, stateLayers } from "./config";
 import { Tensor } from "../tensor";
 
 const MAGIC = "MSSMSTATE1";
 
-/** The state's shapes for a batch: conv [layers, batch, K-1, channels], ssm [layers, batch, ...]. */
+/**
+ * The state's shapes for a batch: conv [layers, batch, K-1, channels], ssm [layers, batch, ...], where
+ * layers counts the Mamba layers (mixture-of-experts blocks have no state).
+ */
 export function stateShapes(config: MambaConfig, batch: number): { conv: number[]; ssm: number[] } {
   const c = config;
   const m1 = c.architecture === "mamba1";
   const channels = m1 ? c.intermediateSize : c.intermediateSize + 2 * c.numGroups * c.stateSize;
+  const layers = stateLayers(c);
   return {
-    conv: [c.numLayers, batch, c.convKernel - 1, channels],
-    ssm: m1
-      ? [c.numLayers, batch, c.intermediateSize, c.stateSize]
-      : [c.numLayers, batch, c.numHeads, c.headDim, c.stateSize],
+    conv: [layers, batch, c.convKernel - 1, channels],
+    ssm: m1 ? [layers, batch, c.intermediateSize, c.stateSize] : [layers, batch, c.numHeads, c.headDim, c.stateSize],
   };
 }
 
@@ -31,6 +33,7 @@ function fingerprint(config: MambaConfig) {
     numHeads: c.numHeads,
     headDim: c.headDim,
     numGroups: c.numGroups,
+    ...(c.moe ? { moeLayers: c.moe.layers } : {}),
   };
 }
 

@@ -17,7 +17,7 @@ import * as path from "path";
 import { loadCheckpoint, saveCheckpoint } from "../io/checkpoint";
 import { readSafetensors, writeSafetensors } from "../io/safetensors";
 import { writeBytesAtomic } from "../io/atomic";
-import { MambaConfig } from "../models/config";
+import { MambaConfig, MoeConfig } from "../models/config";
 import { initWeights } from "../models/init";
 import { Tensor } from "../tensor";
 import { BatchSampler, ByteDataset, evaluationBatches, SamplerPosition } from "./data";
@@ -41,6 +41,15 @@ export interface TrainModelOptions {
   headDim?: number;
   numGroups?: number;
   chunkSize?: number;
+  /**
+   * Mixture-of-experts blocks (BlackMamba): with this many experts, every second layer (1, 3, …) is
+   * an MoE-MLP block instead of a Mamba layer. 0 (the default): none.
+   */
+  moeExperts?: number;
+  /** Experts per token (default 1). */
+  moeTopK?: number;
+  /** Each expert's GLU width (default 2 · hiddenSize). */
+  moeHiddenSize?: number;
 }
 
 export interface TrainOptions {
@@ -67,6 +76,8 @@ export interface TrainOptions {
   beta1?: number;
   beta2?: number;
   maxGradNorm?: number;
+  /** Weight of the MoE blocks' load-balancing loss (default 0.01; models without MoE blocks ignore it). */
+  auxWeight?: number;
   /** Evaluate every this many steps (0: only at the end). */
   evalEvery?: number;
   /** Validation batches per evaluation. */
@@ -108,6 +119,8 @@ interface RunSettings {
   beta1: number;
   beta2: number;
   maxGradNorm: number;
+  /** Absent in runs saved before MoE training existed (then 0.01). */
+  auxWeight?: number;
   evalEvery: number;
   evalBatches: number;
   saveEvery: number;
@@ -151,10 +164,31 @@ export function trainConfig(m: TrainModelOptions = {}): MambaConfig {
   const hiddenSize = positiveInteger(m.hiddenSize, 128, "hiddenSize");
   const expand = positiveInteger(m.expand, 2, "expand");
   const intermediateSize = expand * hiddenSize;
+  const numLayers = positiveInteger(m.numLayers, 4, "numLayers");
+  const moeExperts = positiveInteger(m.moeExperts, 0, "moeExperts", 0);
+  let moe: MoeConfig | undefined;
+  if (moeExperts > 0) {
+    if (numLayers < 2) throw new RangeError("train: an MoE model alternates Mamba and MoE layers, so it needs numLayers >= 2");
+    const topK = positiveInteger(m.moeTopK, 1, "moeTopK");
+    if (topK > moeExperts) throw new RangeError(`train: moeTopK ${topK} exceeds moeExperts ${moeExperts}`);
+    moe = {
+      layers: Array.from({ length: Math.floor(numLayers / 2) }, (_v, i) => 2 * i + 1),
+      numExperts: moeExperts,
+      topK,
+      hiddenSize: positiveInteger(m.moeHiddenSize, 2 * hiddenSize, "moeHiddenSize"),
+      scoring: "softmax",
+      renormalize: true,
+      activation: "silu",
+      bias: false,
+    };
+  } else if (m.moeTopK !== undefined || m.moeHiddenSize !== undefined) {
+    throw new RangeError("train: moeTopK and moeHiddenSize need moeExperts");
+  }
   const common = {
     architecture,
     hiddenSize,
-    numLayers: positiveInteger(m.numLayers, 4, "numLayers"),
+    numLayers,
+    ...(moe ? { moe } : {}),
     vocabSize: 256,
     intermediateSize,
     convKernel: positiveInteger(m.convKernel, 4, "convKernel"),
@@ -210,6 +244,7 @@ function settingsFrom(options: TrainOptions, config: MambaConfig): RunSettings {
     beta1: finiteIn(options.beta1, 0.9, "beta1", 0, 0.999999),
     beta2: finiteIn(options.beta2, 0.95, "beta2", 0, 0.99999999),
     maxGradNorm: finiteIn(options.maxGradNorm, 1, "maxGradNorm", 0, 1e30),
+    auxWeight: finiteIn(options.auxWeight, 0.01, "auxWeight", 0, 1e6),
     evalEvery: positiveInteger(options.evalEvery, Math.max(1, Math.floor(steps / 10)), "evalEvery", 0),
     evalBatches: positiveInteger(options.evalBatches, 8, "evalBatches"),
     saveEvery: positiveInteger(options.saveEvery, Math.max(1, Math.floor(steps / 4)), "saveEvery", 0),
@@ -327,7 +362,7 @@ export async function train(options: TrainOptions): Promise<TrainResult> {
   let created: Trainer | null = null;
   try {
     const dataset = ByteDataset.fromFile(settings.data, { validationFraction: settings.validationFraction });
-    const trainer = (created = new Trainer(settings.config));
+    const trainer = (created = new Trainer(settings.config, { auxWeight: settings.auxWeight ?? 0.01 }));
     let sampler: BatchSampler;
     const points: LossPoint[] = saved ? saved.points : [];
     let tokens = saved ? saved.tokens : 0;
@@ -359,7 +394,10 @@ export async function train(options: TrainOptions): Promise<TrainResult> {
     let lastEval: number | undefined;
     let stopped = false;
     let modelDir = path.join(out, "model");
-    const title = `${settings.config.architecture} d${settings.config.hiddenSize} ×${settings.config.numLayers} on ${path.basename(settings.data)}`;
+    const moe = settings.config.moe;
+    const title =
+      `${settings.config.architecture} d${settings.config.hiddenSize} ×${settings.config.numLayers}` +
+      `${moe ? ` (MoE ${moe.numExperts} experts, top-${moe.topK})` : ""} on ${path.basename(settings.data)}`;
     const save = (step: number) => {
       modelDir = writeCheckpoint(out, trainer, {
         version: 1,

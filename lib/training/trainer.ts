@@ -34,7 +34,7 @@ interface TrainerAddon extends NativeAddon {
   trainerSlots(args: Args): TrainerLayout;
   trainerRead(args: Args): void;
   trainerWrite(args: Args): void;
-  trainerForwardBackward(args: Args): Promise<{ sum: number; count: number }>;
+  trainerForwardBackward(args: Args): Promise<MicroBatchLoss>;
   trainerStep(args: Args): { gradNorm: number; step: number };
   trainerZeroGrads(args: Args): void;
   trainerRelease(args: Args): void;
@@ -61,6 +61,15 @@ export interface MicroBatchLoss {
   sum: number;
   /** Tokens with a target. */
   count: number;
+  /** Σ over the mixture-of-experts blocks of their load-balancing losses (0 without MoE blocks). */
+  aux: number;
+}
+
+export interface TrainerOptions {
+  /** Tokens between the scan states kept for the backward (Mamba-2: the SSD chunk length). Default 64. */
+  scanChunk?: number;
+  /** Weight of the MoE blocks' load-balancing loss in the objective (default 0.01). */
+  auxWeight?: number;
 }
 
 export class Trainer {
@@ -75,9 +84,9 @@ export class Trainer {
   #handle: object | null;
   #step: number;
 
-  constructor(config: MambaConfig, options: { scanChunk?: number } = {}) {
+  constructor(config: MambaConfig, options: TrainerOptions = {}) {
     this.config = Object.freeze({ ...config });
-    this.#handle = addon().trainerCreate({ config, scanChunk: options.scanChunk });
+    this.#handle = addon().trainerCreate({ config, scanChunk: options.scanChunk, auxWeight: options.auxWeight });
     const layout = addon().trainerSlots({ trainer: this.#handle });
     this.slots = layout.slots;
     this.floats = layout.floats;
@@ -175,7 +184,9 @@ export class Trainer {
   /**
    * Runs `batch` sequences of `length` tokens (ids, targets: [batch, length]; a target < 0 is
    * ignored) from zero states and returns the summed loss. With `backward` (the default) it adds
-   * lossScale · d(Σ losses)/dθ to the gradients.
+   * lossScale · d(Σ losses)/dθ to the gradients; with MoE blocks the objective also holds
+   * count · auxWeight · aux, so that with lossScale = 1 / count it is the mean loss plus auxWeight
+   * times the load-balancing losses.
    */
   async forwardBackward(
     ids: Int32Array,

@@ -604,6 +604,9 @@ Status CudaModel::create(const model::Config& config, const std::unordered_map<s
   } catch (const std::exception& e) {
     return detail::error(op, e.what());
   }
+  if (!config.moe.layers.empty())
+    return detail::error(op, "mixture-of-experts layers (config.moe) run on the CPU only; load this model with "
+                             "device \"cpu\"");
   if (options.gemm == GemmBackend::cublas && !have_cublas())
     return detail::error(op, "GemmBackend::cublas asked for, but this build has no cuBLAS");
   int count = 0;

@@ -68,6 +68,9 @@ struct Workspace {
   // Decode: the whole in_proj product [rows, in_proj rows], split afterwards (one product instead of
   // two or three small ones, each of which would wake the thread pool).
   float* proj = nullptr;
+  // MoE blocks: router logits [rows, E] and the routing (weights, indices [rows, k]; tokens per expert).
+  float *router_logits = nullptr, *route_weights = nullptr;
+  std::vector<int32_t> route_indices, route_counts;
   // States of one sequence when the caller keeps none: [layers][conv] and [layers][ssm].
   std::vector<float> conv_state, ssm_state;
 
@@ -87,6 +90,11 @@ struct Workspace {
       const int64_t gn = c.num_groups * N;
       slots.insert(slots.end(), {{&yn, di}, {&xbc, c.conv_channels()}, {&xc, c.conv_channels()}, {&B, gn},
                                  {&C, gn}, {&dt, c.num_heads}});
+    }
+    if (!c.moe.layers.empty()) {
+      slots.insert(slots.end(), {{&router_logits, c.moe.experts}, {&route_weights, c.moe.top_k}});
+      route_indices.resize((size_t)(n_rows * c.moe.top_k));
+      route_counts.resize((size_t)c.moe.experts);
     }
     // Each buffer starts on a 64-byte boundary (16 floats) so no two share a cache line.
     int64_t total = 0;
@@ -141,6 +149,42 @@ void validate_config(const Config& c) {
       throw std::invalid_argument("model config: timeStepLimit must be [min, max] with min <= max");
     }
   }
+  const MoeConfig& m = c.moe;
+  if (!m.layers.empty()) {
+    for (size_t j = 0; j < m.layers.size(); ++j) {
+      const int64_t i = m.layers[j];
+      if (i < 0 || i >= c.num_layers) {
+        throw std::invalid_argument("model config: moe.layers holds " + std::to_string(i) +
+                                    ", outside the layers [0, " + std::to_string(c.num_layers) + ")");
+      }
+      if (j > 0 && i <= m.layers[j - 1]) {
+        throw std::invalid_argument("model config: moe.layers must be strictly increasing");
+      }
+    }
+    if (c.state_layers() < 1) {
+      throw std::invalid_argument("model config: moe.layers lists every layer; at least one must be a Mamba layer");
+    }
+    positive(m.experts, "moe.numExperts");
+    positive(m.hidden, "moe.hiddenSize");
+    positive(m.top_k, "moe.topK");
+    if (m.top_k > m.experts) {
+      throw std::invalid_argument("model config: moe.topK " + std::to_string(m.top_k) + " exceeds moe.numExperts " +
+                                  std::to_string(m.experts));
+    }
+    if (m.scoring != cpu::MoeScoring::softmax && m.scoring != cpu::MoeScoring::sigmoid) {
+      throw std::invalid_argument("model config: moe.scoring must be softmax or sigmoid");
+    }
+    if (m.activation != cpu::Activation::silu && m.activation != cpu::Activation::gelu &&
+        m.activation != cpu::Activation::gelu_tanh) {
+      throw std::invalid_argument("model config: moe.activation must be silu, gelu or gelu_tanh");
+    }
+  }
+}
+
+bool Config::is_moe_layer(int64_t i) const { return std::binary_search(moe.layers.begin(), moe.layers.end(), i); }
+
+int64_t Config::state_index(int64_t i) const {
+  return i - (int64_t)(std::lower_bound(moe.layers.begin(), moe.layers.end(), i) - moe.layers.begin());
 }
 
 std::vector<WeightSpec> expected_weights(const Config& c) {
@@ -152,6 +196,16 @@ std::vector<WeightSpec> expected_weights(const Config& c) {
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     out.push_back({p + "norm", {d}, false});
+    if (c.is_moe_layer(i)) {
+      const int64_t E = c.moe.experts, Hm = c.moe.hidden;
+      out.push_back({p + "router", {E, d}, true});
+      if (c.moe.bias) out.push_back({p + "router_bias", {E}, false});
+      out.push_back({p + "fc1", {E, 2 * Hm, d}, true});
+      if (c.moe.bias) out.push_back({p + "fc1_bias", {E, 2 * Hm}, false});
+      out.push_back({p + "fc2", {E, d, Hm}, true});
+      if (c.moe.bias) out.push_back({p + "fc2_bias", {E, d}, false});
+      continue;
+    }
     out.push_back({p + "in_proj", {c.in_proj_rows(), d}, true});
     if (c.use_bias) {
       out.push_back({p + "in_proj_bias", {c.in_proj_rows()}, false});
@@ -194,9 +248,9 @@ Model::Model(const Config& config, const std::unordered_map<std::string, Weight>
       if (w.dtype != DType::f32 && w.dtype != DType::f16 && w.dtype != DType::bf16 && w.dtype != DType::q8_0) {
         throw std::invalid_argument(what + ": expected f32, f16, bf16 or q8_0, got " + dtype_name(w.dtype));
       }
-      if (w.dtype == DType::q8_0 && spec.shape[1] % kQ8BlockSize != 0) {
+      if (w.dtype == DType::q8_0 && spec.shape.back() % kQ8BlockSize != 0) {
         throw std::invalid_argument(what + ": q8_0 rows hold whole blocks of 32 values, but a row has " +
-                                    std::to_string(spec.shape[1]) + "; store it as f32, f16 or bf16");
+                                    std::to_string(spec.shape.back()) + "; store it as f32, f16 or bf16");
       }
     } else if (w.dtype != DType::f32) {
       throw std::invalid_argument(what + ": expected f32 (only matrices may be f16, bf16 or q8_0), got " +
@@ -241,6 +295,12 @@ Model::Model(const Config& config, const std::unordered_map<std::string, Weight>
     l.ssm_norm = get("ssm_norm");
     l.out_proj = get("out_proj");
     l.out_proj_bias = get("out_proj_bias");
+    l.router = get("router");
+    l.router_bias = get("router_bias");
+    l.fc1 = get("fc1");
+    l.fc1_bias = get("fc1_bias");
+    l.fc2 = get("fc2");
+    l.fc2_bias = get("fc2_bias");
   }
 }
 
@@ -411,6 +471,36 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   k.matmul(ws.yn, w.out_proj.data, w.out_proj.dtype, f32_or_null(w.out_proj_bias), ws.hidden, rows, d, di);
 }
 
+void Model::moe_block(Workspace& ws, const LayerWeights& w, int64_t rows) const {
+  const auto& k = kernels();
+  const Config& c = config_;
+  const MoeConfig& m = c.moe;
+  const int64_t d = c.hidden_size;
+  // logits = hn·routerᵀ (+b) → top-k weights → Σ_k weight · expert_k(hn)
+  k.matmul(ws.normed, w.router.data, w.router.dtype, f32_or_null(w.router_bias), ws.router_logits, rows, m.experts,
+           d);
+  k.moe_route(ws.router_logits, rows, m.experts, m.top_k, m.scoring, m.renormalize, ws.route_weights,
+              ws.route_indices.data(), ws.route_counts.data());
+  cpu::MoeExpertsArgs e;
+  e.tokens = rows;
+  e.dim = d;
+  e.hidden = m.hidden;
+  e.experts = m.experts;
+  e.top_k = m.top_k;
+  e.x = ws.normed;
+  e.fc1 = w.fc1.data;
+  e.fc1_dtype = w.fc1.dtype;
+  e.fc1_bias = f32_or_null(w.fc1_bias);
+  e.fc2 = w.fc2.data;
+  e.fc2_dtype = w.fc2.dtype;
+  e.fc2_bias = f32_or_null(w.fc2_bias);
+  e.activation = m.activation;
+  e.indices = ws.route_indices.data();
+  e.weights = ws.route_weights;
+  e.out = ws.hidden;
+  k.moe_experts(e);
+}
+
 void Model::run_layers(Workspace& ws, int64_t rows, bool decode, bool read_state, StateView conv_state,
                        StateView ssm_state) const {
   const auto& k = kernels();
@@ -424,8 +514,13 @@ void Model::run_layers(Workspace& ws, int64_t rows, bool decode, bool read_state
     } else {
       k.rmsnorm(ws.hidden, ws.residual, f32(w.norm), ws.normed, ws.residual, rows, d, c.norm_eps);
     }
-    float* conv = conv_state.layer(i, c.conv_state_floats());
-    float* ssm = ssm_state.layer(i, c.ssm_state_floats());
+    if (c.is_moe_layer(i)) {
+      moe_block(ws, w, rows);
+      continue;
+    }
+    const int64_t state = c.state_index(i);
+    float* conv = conv_state.layer(state, c.conv_state_floats());
+    float* ssm = ssm_state.layer(state, c.ssm_state_floats());
     const float* conv_in = read_state ? conv : nullptr;
     const float* ssm_in = read_state ? ssm : nullptr;
     if (c.mamba1()) {
@@ -467,8 +562,8 @@ void Model::forward(const ForwardArgs& a) const {
   const int64_t rows_max = std::min(segment, longest);
   std::unique_ptr<Workspace> ws = acquire(rows_max);
   const bool own_conv = !a.conv_state, own_ssm = !a.ssm_state;
-  if (own_conv) ws->conv_state.resize(c.num_layers * c.conv_state_floats());
-  if (own_ssm) ws->ssm_state.resize(c.num_layers * c.ssm_state_floats());
+  if (own_conv) ws->conv_state.resize(c.state_layers() * c.conv_state_floats());
+  if (own_ssm) ws->ssm_state.resize(c.state_layers() * c.ssm_state_floats());
   const auto& k = kernels();
   const int64_t d = c.hidden_size, vocab = c.vocab_size;
 

@@ -1,4 +1,5 @@
-// The model runner: a whole Mamba-1 / Mamba-2 language model, prefill or one decode step, in one call.
+// The model runner: a whole Mamba-1 / Mamba-2 language model, prefill or one decode step, in one call,
+// optionally with mixture-of-experts MLP blocks between the Mamba mixers (BlackMamba).
 //
 // A Model is a configuration (the sizes of lib/models/config.ts) plus pointers to weights under the
 // canonical names of that file; it owns no weight memory (the caller keeps the weights alive and
@@ -13,10 +14,13 @@
 //
 // Language model (DESIGN.md), residual stream in fp32:
 //   h = embedding(ids)
-//   per layer i:  residual = h + residual (layer 0: residual = h);  h = mixer_i(rmsnorm(residual))
+//   per layer i:  residual = h + residual (layer 0: residual = h);  h = block_i(rmsnorm(residual))
 //   residual = h + residual;  logits = lm_head · rmsnorm_f(residual)    (lm_head = embeddings when tied)
+// block_i is the Mamba mixer, or, for the layers listed in moe.layers, the MoE-MLP block of
+// cpu/kernels.h (router → top-k experts → GLU MLPs → weighted combine); an MoE block has no state.
 //
-// State layout (f32, all of it contiguous, row-major), for a batch of `batch` sequences:
+// State layout (f32, all of it contiguous, row-major), for a batch of `batch` sequences, where
+// "layers" counts the Mamba layers only (state_layers(); the l-th Mamba layer in model order):
 //   conv state  [layers][batch][K-1][conv channels]       the K-1 conv inputs before the next token
 //   ssm state   Mamba-1 [layers][batch][di][N];  Mamba-2 [layers][batch][H][P][N]
 // Sequence b's state is, in each layer l, the contiguous block at (l·batch + b)·per_sequence floats
@@ -32,10 +36,24 @@
 #include <vector>
 
 #include "../core/dtype.h"
+#include "../cpu/kernels.h"
 
 namespace mssm::model {
 
 enum class Architecture : int32_t { mamba1 = 1, mamba2 = 2 };
+
+// The mixture-of-experts MLP blocks of a model (none when layers is empty). Each expert is a GLU MLP
+// of width `hidden`: fc1 [2·hidden, d], fc2 [d, hidden] (cpu::MoeExpertsArgs).
+struct MoeConfig {
+  std::vector<int64_t> layers;  // indices of the MoE blocks, strictly increasing
+  int64_t experts = 0;          // E
+  int64_t top_k = 1;            // k
+  int64_t hidden = 0;           // each expert's GLU width
+  cpu::MoeScoring scoring = cpu::MoeScoring::softmax;
+  bool renormalize = true;      // the k chosen scores divided by their sum
+  cpu::Activation activation = cpu::Activation::silu;
+  bool bias = false;            // router, fc1 and fc2 biases
+};
 
 struct Config {
   Architecture architecture = Architecture::mamba1;
@@ -57,6 +75,7 @@ struct Config {
   float time_step_max = __builtin_huge_valf();
   bool norm_before_gate = false;  // Mamba-2 gated norm order
   bool tie_embeddings = true;
+  MoeConfig moe;
 
   bool mamba1() const { return architecture == Architecture::mamba1; }
   int64_t conv_channels() const { return mamba1() ? intermediate_size : intermediate_size + 2 * num_groups * state_size; }
@@ -66,6 +85,11 @@ struct Config {
   // Floats of one sequence's state in one layer.
   int64_t conv_state_floats() const { return (conv_kernel - 1) * conv_channels(); }
   int64_t ssm_state_floats() const { return intermediate_size * state_size; }  // Mamba-2: H·P·N = di·N
+  bool is_moe_layer(int64_t i) const;
+  // Layers with a Mamba mixer (the ones with state), and the state index of Mamba layer i (the
+  // number of Mamba layers before it).
+  int64_t state_layers() const { return num_layers - (int64_t)moe.layers.size(); }
+  int64_t state_index(int64_t i) const;
 };
 
 // Checks the sizes for consistency; throws std::invalid_argument naming the field.
@@ -92,6 +116,8 @@ std::vector<WeightSpec> expected_weights(const Config& config);
 struct LayerWeights {
   Weight norm, in_proj, in_proj_bias, conv, conv_bias, x_proj, dt_proj, dt_bias, A, D, ssm_norm, out_proj,
       out_proj_bias;
+  // MoE blocks: router [E, d], fc1 [E, 2·hidden, d], fc2 [E, d, hidden] and their biases.
+  Weight router, router_bias, fc1, fc1_bias, fc2, fc2_bias;
 };
 
 // One prefill over several sequences. Tokens of the sequences lie one after another in `ids`.
@@ -143,8 +169,8 @@ class Model {
   void step(const StepArgs& args) const;
 
   // Floats of the whole state of `batch` sequences.
-  int64_t conv_state_floats(int64_t batch) const { return config_.num_layers * batch * config_.conv_state_floats(); }
-  int64_t ssm_state_floats(int64_t batch) const { return config_.num_layers * batch * config_.ssm_state_floats(); }
+  int64_t conv_state_floats(int64_t batch) const { return config_.state_layers() * batch * config_.conv_state_floats(); }
+  int64_t ssm_state_floats(int64_t batch) const { return config_.state_layers() * batch * config_.ssm_state_floats(); }
 
  private:
   // Runs every layer over `rows` rows of hidden states in ws (the embedded tokens in ws.residual; the
@@ -162,6 +188,7 @@ class Model {
                     float* conv_out, const float* ssm_in, float* ssm_out) const;
   void mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, bool decode, const float* conv_in,
                     float* conv_out, const float* ssm_in, float* ssm_out) const;
+  void moe_block(Workspace& ws, const LayerWeights& w, int64_t rows) const;
   void check_ids(const int32_t* ids, int64_t count) const;
   std::unique_ptr<Workspace> acquire(int64_t rows) const;
   void release(std::unique_ptr<Workspace> ws) const;

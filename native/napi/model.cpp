@@ -144,6 +144,43 @@ model::Config read_config(const Args& args, Napi::Value value) {
   c.use_conv_bias = f.boolean("useConvBias", true);
   c.norm_eps = (float)(f.has("normEps") ? f.number("normEps") : 1e-5);
   c.tie_embeddings = f.boolean("tieEmbeddings", true);
+  if (f.has("moe")) {
+    Napi::Value moe = f.get("moe");
+    if (!moe.IsObject() || moe.IsArray()) args.fail("config.moe must be an object, got " + Fields::describe(moe));
+    Fields m(args, moe.As<Napi::Object>(), "config.moe");
+    Napi::Value layers = m.get("layers");
+    if (!layers.IsArray()) {
+      args.fail("config.moe.layers must be an array of layer indices, got " + Fields::describe(layers));
+    }
+    Fields l(args, layers.As<Napi::Object>(), "config.moe.layers");
+    const uint32_t count = layers.As<Napi::Array>().Length();
+    for (uint32_t j = 0; j < count; ++j) {
+      c.moe.layers.push_back(l.integer(std::to_string(j).c_str(), 0, c.num_layers - 1));
+    }
+    c.moe.experts = m.integer("numExperts", 1, 1 << 16);
+    c.moe.top_k = m.integer("topK", 1, 1 << 16);
+    c.moe.hidden = m.integer("hiddenSize", 1, kMaxDim);
+    auto choice = [&](const char* field, std::initializer_list<const char*> names, const char* fallback) {
+      if (!m.has(field)) return std::string(fallback);
+      Napi::Value v = m.get(field);
+      const std::string got = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+      std::string expected;
+      for (const char* n : names) {
+        if (got == n) return got;
+        expected += std::string(expected.empty() ? "" : ", ") + "\"" + n + "\"";
+      }
+      args.fail(m.name(field) + " must be one of " + expected + ", got " + Fields::describe(v));
+      return got;
+    };
+    c.moe.scoring = choice("scoring", {"softmax", "sigmoid"}, "softmax") == "softmax" ? cpu::MoeScoring::softmax
+                                                                                      : cpu::MoeScoring::sigmoid;
+    const std::string act = choice("activation", {"silu", "gelu", "gelu_tanh"}, "silu");
+    c.moe.activation = act == "silu" ? cpu::Activation::silu
+                       : act == "gelu" ? cpu::Activation::gelu
+                                       : cpu::Activation::gelu_tanh;
+    c.moe.renormalize = m.boolean("renormalize", true);
+    c.moe.bias = m.boolean("bias", false);
+  }
   try {
     model::validate_config(c);
   } catch (const std::invalid_argument& e) {
@@ -440,9 +477,10 @@ Napi::Value ModelStateSizes(const Napi::CallbackInfo& info) {
       for (int64_t d : dims) arr.Set(i++, Napi::Number::New(env, (double)d));
       return arr;
     };
-    out.Set("convShape", shape({c.num_layers, batch, c.conv_kernel - 1, c.conv_channels()}));
-    out.Set("ssmShape", c.mamba1() ? shape({c.num_layers, batch, c.intermediate_size, c.state_size})
-                                   : shape({c.num_layers, batch, c.num_heads, c.head_dim, c.state_size}));
+    const int64_t layers = c.state_layers();
+    out.Set("convShape", shape({layers, batch, c.conv_kernel - 1, c.conv_channels()}));
+    out.Set("ssmShape", c.mamba1() ? shape({layers, batch, c.intermediate_size, c.state_size})
+                                   : shape({layers, batch, c.num_heads, c.head_dim, c.state_size}));
     return out;
   });
 }

@@ -51,6 +51,11 @@ Napi::Value TrainerCreate(const Napi::CallbackInfo& info) {
     const int64_t chunk = a.is_null("scanChunk") ? 64 : a.integer("scanChunk", 1, 1 << 20);
     auto handle = std::make_unique<TrainerHandle>();
     handle->trainer = std::make_unique<train::Trainer<float>>(config, chunk);
+    if (!a.is_null("auxWeight")) {
+      const double aux = a.number("auxWeight", 0.01);
+      if (!(aux >= 0 && aux <= 1e6)) a.fail("auxWeight must be a number in [0, 1e6], got " + std::to_string(aux));
+      handle->trainer->set_aux_weight((float)aux);
+    }
     handle->m.assign((size_t)handle->trainer->parameter_count(), 0.0f);
     handle->v.assign((size_t)handle->trainer->parameter_count(), 0.0f);
     Napi::Object object = Napi::Object::New(env);
@@ -168,6 +173,7 @@ class ForwardBackwardWorker : public Napi::AsyncWorker {
     Napi::Object o = Napi::Object::New(Env());
     o.Set("sum", Napi::Number::New(Env(), result_.sum));
     o.Set("count", Napi::Number::New(Env(), (double)result_.count));
+    o.Set("aux", Napi::Number::New(Env(), result_.aux));
     deferred_.Resolve(o);
   }
   void OnError(const Napi::Error& e) override {
@@ -196,7 +202,7 @@ std::vector<int32_t> copy_i32(const Args& a, const char* name, int64_t count) {
 }
 
 // trainerForwardBackward({trainer, ids: Int32Array, targets: Int32Array, batch, length, backward, lossScale})
-//   → Promise<{sum, count}>
+//   → Promise<{sum, count, aux}>
 Napi::Value TrainerForwardBackward(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Napi::Env env = info.Env();

@@ -1,8 +1,8 @@
 // The model runner against a naive reference written here: double precision, the equations of
 // DESIGN.md read straight, one token at a time through the recurrence (never the chunked or batched
 // paths the runner takes). Tiny random models of both architectures with awkward sizes, biases on and
-// off, tied and untied heads, and f32 / bf16 / q8_0 matrices (the reference reads the same stored,
-// dequantised values, so the tolerance is the runner's arithmetic alone).
+// off, tied and untied heads, mixture-of-experts blocks, and f32 / bf16 / q8_0 matrices (the reference
+// reads the same stored, dequantised values, so the tolerance is the runner's arithmetic alone).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -100,6 +100,23 @@ TestModel random_model(const Config& c, DType matrix_dtype, uint64_t seed) {
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     vector(p + "norm", {d}, rng.uniforms(d, 0.5f, 1.5f));
+    if (c.is_moe_layer(i)) {
+      // The router stays f32 (a rounded router could choose other experts than the reference);
+      // the experts' matrices take matrix_dtype, fc2 falling back to bf16 when H is no multiple of 32.
+      const int64_t E = c.moe.experts, Hm = c.moe.hidden;
+      store(m, p + "router", {E, d}, rng.normals(E * d, 2.0f / std::sqrt((float)d)), DType::f32);
+      auto expert_dtype = [&](int64_t cols) {
+        return matrix_dtype == DType::q8_0 && cols % kQ8BlockSize != 0 ? DType::bf16 : matrix_dtype;
+      };
+      store(m, p + "fc1", {E, 2 * Hm, d}, rng.normals(E * 2 * Hm * d, 1.0f / std::sqrt((float)d)), expert_dtype(d));
+      store(m, p + "fc2", {E, d, Hm}, rng.normals(E * d * Hm, 1.0f / std::sqrt((float)Hm)), expert_dtype(Hm));
+      if (c.moe.bias) {
+        vector(p + "router_bias", {E}, rng.normals(E, 0.2f));
+        vector(p + "fc1_bias", {E, 2 * Hm}, rng.normals(E * 2 * Hm, 0.2f));
+        vector(p + "fc2_bias", {E, d}, rng.normals(E * d, 0.2f));
+      }
+      continue;
+    }
     matrix(p + "in_proj", in_rows, d, 1.0f / std::sqrt((float)d));
     if (c.use_bias) {
       vector(p + "in_proj_bias", {in_rows}, rng.normals(in_rows, 0.2f));
@@ -238,11 +255,58 @@ std::vector<double> mamba2_step(const TestModel& m, const std::string& p, const 
   return project(m, p + "out_proj", yn, 0, c.hidden_size, p + "out_proj_bias");
 }
 
-// One sequence's states in the runner's layout with batch 1: [layers][K-1][channels], [layers][...].
+// The MoE-MLP block for one token: router scores, the top-k (ties: lower index), the weights, and the
+// weighted GLU experts.
+std::vector<double> moe_step(const TestModel& m, const std::string& p, const std::vector<double>& hn) {
+  const model::MoeConfig& moe = m.config.moe;
+  const int64_t d = (int64_t)hn.size(), E = moe.experts, Hm = moe.hidden, k = moe.top_k;
+  std::vector<double> score = project(m, p + "router", hn, 0, E, p + "router_bias");
+  if (moe.scoring == cpu::MoeScoring::softmax) {
+    double top = score[0], sum = 0;
+    for (double v : score) top = std::max(top, v);
+    for (double& v : score) sum += (v = std::exp(v - top));
+    for (double& v : score) v /= sum;
+  } else {
+    for (double& v : score) v = 1.0 / (1.0 + std::exp(-v));
+  }
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  double chosen_sum = 0;
+  for (int64_t j = 0; j < k; ++j) chosen_sum += score[order[j]];
+  std::vector<double> out(d, 0.0);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = order[j];
+    const double w = moe.renormalize ? score[e] / chosen_sum : score[e];
+    std::vector<double> h(2 * Hm), g(Hm);
+    for (int64_t r = 0; r < 2 * Hm; ++r) {
+      double acc = moe.bias ? m[p + "fc1_bias"][e * 2 * Hm + r] : 0.0;
+      for (int64_t q = 0; q < d; ++q) acc += m[p + "fc1"][(e * 2 * Hm + r) * d + q] * hn[q];
+      h[r] = acc;
+    }
+    for (int64_t r = 0; r < Hm; ++r) {
+      const double a = h[r];
+      const double act = moe.activation == cpu::Activation::silu ? silu(a)
+                         : moe.activation == cpu::Activation::gelu
+                             ? 0.5 * a * (1.0 + std::erf(a / std::sqrt(2.0)))
+                             : 0.5 * a * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (a + 0.044715 * a * a * a)));
+      g[r] = act * h[Hm + r];
+    }
+    for (int64_t r = 0; r < d; ++r) {
+      double acc = moe.bias ? m[p + "fc2_bias"][e * d + r] : 0.0;
+      for (int64_t q = 0; q < Hm; ++q) acc += m[p + "fc2"][(e * d + r) * Hm + q] * g[q];
+      out[r] += w * acc;
+    }
+  }
+  return out;
+}
+
+// One sequence's states in the runner's layout with batch 1: [layers][K-1][channels], [layers][...]
+// (Mamba layers only).
 struct RefState {
   std::vector<double> conv, ssm;
   explicit RefState(const Config& c)
-      : conv(c.num_layers * c.conv_state_floats(), 0.0), ssm(c.num_layers * c.ssm_state_floats(), 0.0) {}
+      : conv(c.state_layers() * c.conv_state_floats(), 0.0), ssm(c.state_layers() * c.ssm_state_floats(), 0.0) {}
 };
 
 // Logits [ids.size(), vocab] of the language model, token by token, advancing `state`.
@@ -258,8 +322,12 @@ std::vector<double> reference(const TestModel& m, const std::vector<int32_t>& id
       const std::string p = "layers." + std::to_string(i) + ".";
       for (int64_t j = 0; j < d; ++j) residual[j] += h[j];
       std::vector<double> hn = rmsnorm(residual, m[p + "norm"], c.norm_eps);
-      double* conv = state.conv.data() + i * c.conv_state_floats();
-      double* ssm = state.ssm.data() + i * c.ssm_state_floats();
+      if (c.is_moe_layer(i)) {
+        h = moe_step(m, p, hn);
+        continue;
+      }
+      double* conv = state.conv.data() + c.state_index(i) * c.conv_state_floats();
+      double* ssm = state.ssm.data() + c.state_index(i) * c.ssm_state_floats();
       h = c.mamba1() ? mamba1_step(m, p, hn, conv, ssm) : mamba2_step(m, p, hn, conv, ssm);
     }
     for (int64_t j = 0; j < d; ++j) residual[j] += h[j];
@@ -365,7 +433,7 @@ void check_case(const Case& tc, uint64_t seed) {
   TestModel m = random_model(c, tc.matrix_dtype, seed);
   Model model(c, m.weights);
   Rng rng(seed * 7 + 1);
-  const int64_t L = 11, layers = c.num_layers, V = c.vocab_size;
+  const int64_t L = 11, layers = c.state_layers(), V = c.vocab_size;
   const int64_t conv_per = c.conv_state_floats(), ssm_per = c.ssm_state_floats();
   const std::vector<int32_t> a = random_ids(rng, L, V), b = random_ids(rng, L, V);
   const std::string label = std::string(tc.name) + " [" + cpu::kernels().level + "]";
@@ -441,20 +509,23 @@ void check_case(const Case& tc, uint64_t seed) {
               1e-5);
 
   // 4. a sequence split in two, the second part from the first part's states == the whole. Split
-  //    points below K-1 leave the conv state partly from the initial zeros.
+  //    points below K-1 leave the conv state partly from the initial zeros. Split points move the SSD's
+  //    chunk boundaries, so the fp32 sums differ; an MoE block's GLU products enlarge that difference
+  //    (measured up to 2e-5 relative with MoE blocks, within 1e-5 without).
+  const double split_rel = c.moe.layers.empty() ? 1e-5 : 5e-5;
   for (int64_t split : {1, 2, 5}) {
     const RunResult first = run_forward(model, {slice(a, 0, split)});
     const RunResult rest = run_forward(model, {slice(a, split, L - split)}, false, &first);
     const std::string at = " (split at " + std::to_string(split) + ")";
     expect_same(what(("states in: logits" + at).c_str()).c_str(), rest.logits, slice(whole.logits, split * V, (L - split) * V),
-                1e-5);
+                split_rel);
     expect_same(what(("states in: ssm state" + at).c_str()).c_str(), rest.ssm, whole.ssm, 1e-5);
     expect_same(what(("states in: conv state" + at).c_str()).c_str(), rest.conv, whole.conv, 1e-5);
   }
   // Segments (a long prefill cut into passes, states carried) give the same result.
   for (int64_t segment : {1, 4}) {
     const RunResult seg = run_forward(model, {a, b_short}, false, nullptr, segment);
-    expect_same(what(("segments of " + std::to_string(segment)).c_str()).c_str(), seg.logits, both.logits, 1e-5);
+    expect_same(what(("segments of " + std::to_string(segment)).c_str()).c_str(), seg.logits, both.logits, split_rel);
   }
 }
 
@@ -495,6 +566,12 @@ Config mamba2(int64_t d, int64_t layers, int64_t vocab, int64_t H, int64_t P, in
   c.tie_embeddings = tied;
   c.time_step_min = dt_min;
   c.time_step_max = dt_max;
+  return c;
+}
+
+// `c` with MoE blocks.
+Config with_moe(Config c, const MoeConfig& moe) {
+  c.moe = moe;
   return c;
 }
 
@@ -549,6 +626,34 @@ void check_errors() {
     expect_error("heads not a multiple of groups", "numHeads 6 must be a multiple of numGroups 4",
                  [&] { validate_config(bad); });
   }
+  {
+    using cpu::Activation;
+    using cpu::MoeScoring;
+    const Config base = mamba1(13, 3, 29, 22, 5, 4, 3, false, true, true);
+    expect_error("moe layer out of range", "moe.layers holds 3, outside the layers [0, 3)", [&] {
+      validate_config(with_moe(base, {{1, 3}, 4, 2, 8, MoeScoring::softmax, true, Activation::silu, false}));
+    });
+    expect_error("moe layers not increasing", "moe.layers must be strictly increasing", [&] {
+      validate_config(with_moe(base, {{2, 1}, 4, 2, 8, MoeScoring::softmax, true, Activation::silu, false}));
+    });
+    expect_error("every layer moe", "at least one must be a Mamba layer", [&] {
+      validate_config(with_moe(base, {{0, 1, 2}, 4, 2, 8, MoeScoring::softmax, true, Activation::silu, false}));
+    });
+    expect_error("topK above experts", "moe.topK 5 exceeds moe.numExperts 4", [&] {
+      validate_config(with_moe(base, {{1}, 4, 5, 8, MoeScoring::softmax, true, Activation::silu, false}));
+    });
+    const Config moe = with_moe(base, {{1}, 4, 2, 8, MoeScoring::softmax, true, Activation::silu, false});
+    TestModel mm = random_model(moe, DType::f32, 9);
+    auto w = mm.weights;
+    w["layers.1.fc2"].shape = {4, 8, 13};
+    expect_error("expert weight shape", "weight \"layers.1.fc2\": expected shape [4, 13, 8], got [4, 8, 13]",
+                 [&] { Model(moe, w); });
+    w = mm.weights;
+    w["layers.1.in_proj"] = w["layers.0.in_proj"];
+    expect_error("mamba weight in a moe layer", "unexpected weight \"layers.1.in_proj\"", [&] { Model(moe, w); });
+    MSSM_CHECK(Model(moe, mm.weights).conv_state_floats(3) == 2 * 3 * moe.conv_state_floats(),
+               "moe: the state holds the two Mamba layers only");
+  }
   Model model(c, m.weights);
   std::vector<int32_t> ids = {3, 29, 1};
   int64_t length = 3;
@@ -577,6 +682,24 @@ int main() {
        DType::f32},
       {"mamba2 bf16, G 2, tied", mamba2(14, 2, 17, 4, 4, 2, 3, 4, 5, false, true, true), DType::bf16},
       {"mamba2 q8_0, G 2, untied", mamba2(32, 2, 23, 4, 8, 2, 4, 4, 4, true, true, false), DType::q8_0},
+      // MoE blocks (BlackMamba): between Mamba layers, or first (so their router reads the embeddings
+      // exactly where the matrices round activations).
+      {"mamba1 + moe f32, top-2 softmax, biases",
+       with_moe(mamba1(13, 4, 29, 22, 5, 4, 3, false, true, true), {{1, 3}, 5, 2, 7, cpu::MoeScoring::softmax, true,
+                cpu::Activation::silu, true}),
+       DType::f32},
+      {"mamba2 + moe f32, top-1 sigmoid gelu",
+       with_moe(mamba2(12, 3, 23, 6, 3, 2, 5, 4, 3, true, true, false), {{1}, 3, 1, 9, cpu::MoeScoring::sigmoid, false,
+                cpu::Activation::gelu, false}),
+       DType::f32},
+      {"mamba1 + moe bf16, first layer, top-3 gelu_tanh",
+       with_moe(mamba1(14, 3, 19, 20, 4, 4, 2, false, true, false), {{0}, 4, 3, 6, cpu::MoeScoring::softmax, false,
+                cpu::Activation::gelu_tanh, true}),
+       DType::bf16},
+      {"mamba2 + moe q8_0, first layer, top-2",
+       with_moe(mamba2(32, 3, 23, 4, 8, 2, 4, 4, 4, false, true, true), {{0}, 3, 2, 32, cpu::MoeScoring::softmax, true,
+                cpu::Activation::silu, false}),
+       DType::q8_0},
   };
   const CpuLevel initial = current_cpu_level();
   uint64_t seed = 100;
@@ -593,6 +716,7 @@ int main() {
   set_num_threads(1);
   check_case(cases[0], 7);
   check_case(cases[3], 8);
+  check_case(cases[7], 9);
   set_num_threads(threads);
   check_errors();
   return finish("test_model");

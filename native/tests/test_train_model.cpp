@@ -1,8 +1,9 @@
 // The trainer's whole-model gradient (native/train/trainer.h) against central finite differences in
 // double precision, for Mamba-1 and Mamba-2 configurations that use every optional part (biases, an
 // untied or tied head, B/C groups, an active dt clamp, the scan recomputed in chunks shorter than the
-// sequence); the float trainer against the double one; its loss against the inference model's logits;
-// gradient accumulation over micro-batches; and AdamW against a scalar transcription of its rule.
+// sequence), and with mixture-of-experts blocks (the load-balancing loss included); the float trainer
+// against the double one; its loss against the inference model's logits; gradient accumulation over
+// micro-batches; and AdamW against a scalar transcription of its rule.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -56,6 +57,21 @@ Config mamba2_config() {
   c.tie_embeddings = true;
   c.time_step_min = 0.002f;
   c.time_step_max = 0.08f;  // some heads' dt lands above: the clamp is exercised
+  return c;
+}
+
+// Mamba layers with MoE blocks among them (BlackMamba).
+Config mamba1_moe_config() {
+  Config c = mamba1_config();
+  c.num_layers = 3;
+  c.moe = {{1}, 4, 2, 5, mssm::cpu::MoeScoring::softmax, true, mssm::cpu::Activation::silu, true};
+  return c;
+}
+
+Config mamba2_moe_config() {
+  Config c = mamba2_config();
+  c.num_layers = 3;
+  c.moe = {{0}, 3, 1, 4, mssm::cpu::MoeScoring::sigmoid, false, mssm::cpu::Activation::gelu, false};
   return c;
 }
 
@@ -117,12 +133,21 @@ double rel_inf(const double* a, const double* b, int64_t n, double floor = 1e-12
 }
 
 // Every parameter's gradient against (L(θ+h) − L(θ−h)) / 2h of the double loss, on up to `per_tensor`
-// entries of each tensor (all of the small ones). Returns the worst tensor-wise relative error.
+// entries of each tensor (all of the small ones). L is the objective the backward differentiates: the
+// summed cross-entropy plus, with MoE blocks, count · aux_weight · Σ load-balancing losses (trainer.h).
+// Returns the worst tensor-wise relative error.
 double check_finite_differences(const Config& c, int64_t chunk, const Batch& b, int per_tensor, const char* label) {
   Trainer<double> t(c, chunk);
   fill_params(t, 11);
+  if (!c.moe.layers.empty()) t.set_aux_weight(0.3);  // large enough that its gradient shows
   t.zero_grads();
-  t.forward_backward(b.ids.data(), b.targets.data(), b.batch, b.length, true, 1.0);
+  const mssm::train::BatchLoss base = t.forward_backward(b.ids.data(), b.targets.data(), b.batch, b.length, true, 1.0);
+  const double aux_factor = (double)base.count * t.aux_weight();
+  MSSM_CHECK(c.moe.layers.empty() ? base.aux == 0 : base.aux > 0, "%s: load-balancing loss %.3g", label, base.aux);
+  auto objective = [&]() {
+    const mssm::train::BatchLoss l = t.forward_backward(b.ids.data(), b.targets.data(), b.batch, b.length, false, 1.0);
+    return l.sum + aux_factor * l.aux;
+  };
   const double h = 1e-5;
   double worst = 0;
   Rng pick(5);
@@ -138,9 +163,9 @@ double check_finite_differences(const Config& c, int64_t chunk, const Batch& b, 
       double* p = t.params() + s.offset + e;
       const double saved = *p;
       *p = saved + h;
-      const double up = t.forward_backward(b.ids.data(), b.targets.data(), b.batch, b.length, false, 1.0).sum;
+      const double up = objective();
       *p = saved - h;
-      const double down = t.forward_backward(b.ids.data(), b.targets.data(), b.batch, b.length, false, 1.0).sum;
+      const double down = objective();
       *p = saved;
       fd.push_back((up - down) / (2 * h));
       an.push_back(t.grads()[s.offset + e]);
@@ -221,7 +246,8 @@ void check_float_against_double_and_inference(const Config& c, int64_t chunk, co
 }
 
 // Two micro-batches with loss_scale 1/2 each give the gradient of the mean of the two; and results
-// do not depend on the number of threads.
+// do not depend on the number of threads. (The load-balancing loss is one per micro-batch, of its
+// tokens' routing, so it is not additive over micro-batches: the accumulation check runs without it.)
 void check_accumulation_and_threads(const Config& c, const char* label) {
   const Batch a = random_batch(c, 2, 19, 41), b = random_batch(c, 2, 19, 42);
   Batch both{4, 19, a.ids, a.targets};
@@ -229,6 +255,7 @@ void check_accumulation_and_threads(const Config& c, const char* label) {
   both.targets.insert(both.targets.end(), b.targets.begin(), b.targets.end());
   Trainer<double> t(c, 8);
   fill_params(t, 9);
+  t.set_aux_weight(0);
   t.zero_grads();
   t.forward_backward(a.ids.data(), a.targets.data(), 2, 19, true, 0.5);
   t.forward_backward(b.ids.data(), b.targets.data(), 2, 19, true, 0.5);
@@ -384,7 +411,16 @@ int main() {
     const double w2 = check_finite_differences(untied, 1, random_batch(untied, 1, 6, 4), 12, "mamba2 untied, gate after norm");
     std::printf("  mamba2: finite differences, worst tensor %.2e / %.2e\n", w1, w2);
   }
+  {
+    const Config c = mamba1_moe_config();
+    const double w1 = check_finite_differences(c, 2, random_batch(c, 2, 5, 5), 24, "mamba1 + moe top-2 softmax");
+    const Config c2 = mamba2_moe_config();
+    const double w2 = check_finite_differences(c2, 3, random_batch(c2, 2, 7, 6), 24, "mamba2 + moe top-1 sigmoid");
+    std::printf("  moe: finite differences, worst tensor %.2e / %.2e\n", w1, w2);
+  }
   check_float_against_double_and_inference(mamba1_config(), 8, "mamba1");
+  check_float_against_double_and_inference(mamba1_moe_config(), 8, "mamba1 + moe");
+  check_float_against_double_and_inference(mamba2_moe_config(), 8, "mamba2 + moe");
   {
     Config c = mamba2_config();
     c.time_step_min = 0;
@@ -393,6 +429,7 @@ int main() {
   }
   check_accumulation_and_threads(mamba1_config(), "mamba1");
   check_accumulation_and_threads(mamba2_config(), "mamba2");
+  check_accumulation_and_threads(mamba1_moe_config(), "mamba1 + moe");
   check_adamw();
   check_optimizer_step();
   check_errors();

@@ -6,7 +6,7 @@
 // are ops.h's linear (y = x·Wᵀ), linear_input_grad (dX = dY·W) and weight_grad (dW += dYᵀ·X).
 //
 // Mamba-2's scan is the chunked SSD of ssd_chunked.h (small matrix products per chunk of scan_chunk
-// tokens, the states recomputed from the chunk boundaries in the backward).
+// tokens, the states recomputed from the chunk boundaries in the backward). MoE blocks are moe.h's.
 #include "trainer.h"
 
 #include <algorithm>
@@ -15,6 +15,7 @@
 #include <stdexcept>
 
 #include "../core/threadpool.h"
+#include "moe.h"
 #include "ops.h"
 #include "ssd_chunked.h"
 
@@ -64,6 +65,7 @@ struct LayerSaved {
   std::vector<T> yn;        // Mamba-2 [rows, di] the gated norm's output
   std::vector<T> rstd_g;    // Mamba-2 [rows, G]
   std::vector<T> boundary;  // the scan's chunk-start states
+  MoeSaved<T> moe;          // MoE blocks: the routing and the experts' fc1 outputs
 };
 
 }  // namespace
@@ -166,8 +168,13 @@ int64_t Trainer<T>::activation_floats_per_token() const {
     // resid, rstd, hn, z, conv_in, u, B, C, dt, y, yn, rstd_g
     layer = 2 * d + 1 + di + (di + 2 * gn) + di + 2 * gn + c.num_heads + 2 * di + c.num_groups;
   }
+  const int64_t moe_layers = (int64_t)c.moe.layers.size();
+  // MoE blocks: resid, rstd, hn, and moe.h's MoeSaved (per pair the fc1 output, the weight, the
+  // index and two int64 positions; the router scores), in floats.
+  const int64_t pairs = c.moe.top_k;
+  const int64_t moe_layer = 2 * d + 1 + pairs * (2 * c.moe.hidden + 1 + 1 + 4) + c.moe.experts;
   // Per token beside the layers: the final norm's output and its rstd.
-  return c.num_layers * layer + d + 1;
+  return c.state_layers() * layer + moe_layers * moe_layer + d + 1;
 }
 
 template <typename T>
@@ -186,6 +193,11 @@ int64_t Trainer<T>::working_floats_per_token() const {
     floats += di + std::max<int64_t>(2 * di, R + 2 * N) + std::max<int64_t>(di, R + 2 * N);
   } else {
     floats += c.in_proj_rows() + c.conv_channels() + c.num_heads;  // packed, tmp, ddt
+  }
+  if (!c.moe.layers.empty()) {
+    // moe_backward's transient per-pair dx rows, the router's logit gradients and the chosen weights'
+    // gradients (its per-expert buffers are bounded by the busiest expert's rows, at most every token).
+    floats += c.moe.top_k * d + c.moe.experts + c.moe.top_k + 3 * d + 4 * c.moe.hidden;
   }
   return floats;
 }
@@ -243,6 +255,30 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   ssd.softplus = true;
   ssd.dt_min = c.time_step_min;
   ssd.dt_max = c.time_step_max;
+  MoeShape moe_shape;
+  moe_shape.tokens = rows;
+  moe_shape.dim = d;
+  moe_shape.hidden = c.moe.hidden;
+  moe_shape.experts = c.moe.experts;
+  moe_shape.top_k = c.moe.top_k;
+  moe_shape.scoring = c.moe.scoring;
+  moe_shape.renormalize = c.moe.renormalize;
+  moe_shape.activation = c.moe.activation;
+  // An MoE block's six tensors (MoeParams or MoeParamGrads) from `get` (P_ or G_).
+  auto moe_tensors = [](auto& m, auto&& get, const std::string& p) {
+    m.router = get(p + "router");
+    m.router_bias = get(p + "router_bias");
+    m.fc1 = get(p + "fc1");
+    m.fc1_bias = get(p + "fc1_bias");
+    m.fc2 = get(p + "fc2");
+    m.fc2_bias = get(p + "fc2_bias");
+  };
+  auto moe_params = [&](const std::string& p) {
+    MoeParams<T> m;
+    moe_tensors(m, P_, p);
+    return m;
+  };
+  double aux_total = 0;
 
   // A = -exp(A_log): Mamba-1 [di, N], Mamba-2 [H].
   auto layer_A = [&](const std::string& p, std::vector<T>& A) {
@@ -302,6 +338,12 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     s.rstd.resize((size_t)rows);
     s.hn.resize((size_t)(rows * d));
     rmsnorm_forward(s.resid.data(), P_(p + "norm"), s.hn.data(), s.rstd.data(), rows, d, eps);
+    if (c.is_moe_layer(i)) {
+      double aux = 0;
+      moe_forward(moe_shape, moe_params(p), s.hn.data(), h.data(), &s.moe, &aux);
+      aux_total += aux;
+      continue;
+    }
     const T* W_in = P_(p + "in_proj");
     const T* b_in = P_(p + "in_proj_bias");
     auto in_rows = [&](int64_t first, int64_t count, std::vector<T>& out) {
@@ -367,6 +409,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   logits.resize((size_t)(std::min(rows, kHeadRows) * V));
   if (backward) dhf.resize((size_t)(rows * d));
   BatchLoss loss;
+  loss.aux = aux_total;
   for (int64_t r0 = 0; r0 < rows; r0 += kHeadRows) {
     const int64_t n = std::min(kHeadRows, rows - r0);
     linear(hf.data() + r0 * d, head, (const T*)nullptr, logits.data(), n, V, d);
@@ -390,6 +433,16 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   for (int64_t i = c.num_layers - 1; i >= 0; --i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     LayerSaved<T>& s = saved[(size_t)i];
+    if (c.is_moe_layer(i)) {
+      // h = moe(hn): its output gradient is g. The load-balancing term's weight carries
+      // loss_scale · count (see trainer.h).
+      MoeParamGrads<T> mg;
+      moe_tensors(mg, G_, p);
+      const T aux_scale = (T)((double)aux_weight_ * (double)loss_scale * (double)loss.count);
+      moe_backward(moe_shape, moe_params(p), s.hn.data(), s.moe, g.data(), aux_scale, dhn.data(), mg);
+      rmsnorm_backward(dhn.data(), s.resid.data(), P_(p + "norm"), s.rstd.data(), g.data(), G_(p + "norm"), rows, d);
+      continue;
+    }
     layer_A(p, A);
     const T* W_in = P_(p + "in_proj");
     const T* W_out = P_(p + "out_proj");

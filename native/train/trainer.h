@@ -1,6 +1,6 @@
-// Training a Mamba-1 / Mamba-2 language model: the whole model's forward and backward in one call per
-// micro-batch, gradients accumulated in the precision T (float for training, double for the gradient
-// checks of the tests), and the AdamW update.
+// Training a Mamba-1 / Mamba-2 language model, with or without mixture-of-experts MLP blocks: the whole
+// model's forward and backward in one call per micro-batch, gradients accumulated in the precision T
+// (float for training, double for the gradient checks of the tests), and the AdamW update.
 //
 // The model is the one of native/model/mamba_model.h (same equations, residual order and canonical
 // weight names), with one difference in the parameters: A is learnt through its logarithm, as the
@@ -15,6 +15,9 @@
 // So memory grows linearly with the tokens of a micro-batch, at activation_floats_per_token() +
 // working_floats_per_token() floats a token plus the boundary states, and the per-step states
 // [length, d_inner, N] never exist.
+//
+// MoE blocks (config.moe) run moe.h's forward and backward; each adds its load-balancing loss, over the
+// micro-batch's tokens, to the objective with the weight aux_weight (see forward_backward).
 //
 // Glossary: B batch (sequences of a micro-batch), L length (tokens per sequence), rows = B·L;
 // the model sizes d, di, N, K, R, H, P, G of mamba_model.h.
@@ -33,8 +36,8 @@ struct ParamSlot {
   std::string name;
   std::vector<int64_t> shape;
   int64_t offset = 0, count = 0;
-  // AdamW's decoupled weight decay applies (matrices and the conv; never norms, biases, A_log, D,
-  // dt_bias).
+  // AdamW's decoupled weight decay applies (matrices — the MoE router and experts too — and the conv;
+  // never norms, biases, A_log, D, dt_bias).
   bool decay = false;
 };
 
@@ -45,6 +48,7 @@ std::vector<ParamSlot> parameter_slots(const model::Config& config);
 struct BatchLoss {
   double sum = 0;     // Σ of the token losses (nats)
   int64_t count = 0;  // tokens with a target (target >= 0)
+  double aux = 0;     // Σ over the MoE blocks of their load-balancing losses (0 without MoE blocks)
 };
 
 template <typename T>
@@ -75,8 +79,16 @@ class Trainer {
   // adds loss_scale · d(Σ losses)/dθ to the gradients (the caller zeroes them between optimizer
   // steps; loss_scale is usually 1 / the tokens of the whole accumulated batch). Ids and targets are
   // checked (std::out_of_range naming the position).
+  // With MoE blocks the objective differentiated is Σ losses + count · aux_weight() · BatchLoss::aux
+  // (count = BatchLoss::count, the micro-batch's tokens with a target), so that with loss_scale =
+  // 1 / the targets of the accumulated batch it is the mean cross-entropy plus aux_weight times the
+  // micro-batches' load-balancing losses averaged by their targets.
   BatchLoss forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t length,
                              bool backward, T loss_scale);
+
+  // The load-balancing loss's weight (default 0.01); ignored without MoE blocks.
+  T aux_weight() const { return aux_weight_; }
+  void set_aux_weight(T weight) { aux_weight_ = weight; }
 
   void zero_grads();
   // sqrt(Σ g²) over every gradient, in double.
@@ -92,6 +104,7 @@ class Trainer {
  private:
   model::Config config_;
   int64_t scan_chunk_;
+  T aux_weight_ = T(0.01);
   std::vector<ParamSlot> slots_;
   std::vector<T> params_, grads_;
   // The buffers of forward_backward, kept between calls (one call at a time).
