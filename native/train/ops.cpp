@@ -1004,8 +1004,8 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
 //
 // Blocking: the rows are walked in blocks of MB (WgShape). Per block a task packs its dY columns as
 // [tile of R n][m][R] and its X columns as [strip of W = VMAX·L k][m][≤ W] (zero-padded at the edges,
-// so the tile kernel has no edge cases until its final add), then runs every (strip, tile) pair: one
-// strip of X (MB × W values, 16 KiB for AVX-512) stays in L1 while the task's dY tiles pass over it.
+// so the tile kernel has no edge cases until its final add), then runs every (tile, strip) pair: one
+// tile of dY (MB × R values, 4 KiB for AVX-512) stays in L1 while the task's X strips pass from L2.
 // The tile's sum over the block's rows is added into dW at the end of each block.
 //
 // Determinism: dW[n,k] = ((dW + S_0) + S_1) + … with S_b the block's rows summed in row order from 0,
@@ -1065,8 +1065,7 @@ inline void wg_tile_plain(const T* dyp, const T* xp, int64_t mb, T* dw, int64_t 
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 // As wg_tile_plain in simd.h's vectors (kWidth floats), with dY's R values of row m at dyp + m·ldg and
-// X's V vectors at xp + m·ldx (zero-padded beyond width): packed ([mb][R], [mb][V·kWidth]) or, for full
-// tiles on AVX-512, read in place (ldg = N, ldx = K). The accumulators are only ever indexed by
+// X's V vectors at xp + m·ldx (zero-padded beyond width). The accumulators are only ever indexed by
 // constants (the edge add goes through memory), so they stay in registers.
 template <int R, int V>
 inline void wg_tile_simd(const float* dyp, int64_t ldg, const float* xp, int64_t ldx, int64_t mb, float* dw,
@@ -1097,8 +1096,7 @@ inline void wg_tile_simd(const float* dyp, int64_t ldg, const float* xp, int64_t
 }
 #endif
 
-// One tile of `vectors` vectors: dY rows ldg apart, X rows ldx apart (packed: R and vectors · L; only
-// AVX-512 float reads full tiles unpacked, see kInPlace).
+// One tile of `vectors` vectors: dY rows ldg apart, X rows ldx apart (as packed: R and vectors · L).
 template <typename T>
 inline void wg_tile(int vectors, const T* dyp, int64_t ldg, const T* xp, int64_t ldx, int64_t mb, T* dw, int64_t ldw,
                     int rows, int width) {
@@ -1147,13 +1145,19 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
   using Shape = WgShape<T>;
   constexpr int L = Shape::L;
   constexpr int64_t W = (int64_t)L * Shape::VMAX, MB = Shape::MB, R = Shape::R;
-  // AVX-512 float: full tiles of dY and full strips of X are read where they lie (rows N and K apart),
-  // and only the edges are packed; copying every tile first was about a third of this op's time.
-#if defined(__AVX512F__)
-  constexpr bool kInPlace = std::is_same_v<T, float> && L == 16;
-#else
-  constexpr bool kInPlace = false;
-#endif
+  if (L > 1 && K <= W / 2 && N >= 2 * W) {
+    // A narrow X (dt_proj's rank 16): half-empty strips, and every packed dY value would serve only K
+    // multiply-adds. The same sums with the roles swapped, dWᵀ = Xᵀ·dY, read dY in place in full
+    // strips (3.5× faster at 4096 × 512 × 16); dWᵀ is then added into dW.
+    std::vector<T> dwt((size_t)(K * N), T(0));
+    weight_grad(x, dy, dwt.data(), (T*)nullptr, M, K, N);
+    parallel_for(N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t k = 0; k < K; ++k) dw[n * K + k] += dwt[k * N + n];
+    });
+    if (dbias) weight_grad(dy, x, (T*)nullptr, dbias, M, N, K);
+    return;
+  }
   // Tasks: blocks of nb rows of dW × blocks of ks strips of k. A task packs its X columns once per row
   // block and reuses them for nb / R tiles, and its dY columns for ks strips, so blocks start large
   // (packing a few percent of the work) and shrink only until there are two tasks per thread.
@@ -1170,10 +1174,16 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
     else break;
   }
   const int64_t kblocks = (strips_total + ks - 1) / ks, tasks = task_count();
+  // The packed tiles and strips lie a whole block plus one cache line apart: at a multiple of 4 KiB,
+  // as MB rows of R or W values would be, a row's values for every tile (or strip) share one L1 set.
+  // (Reading dY and X in place instead, their rows N and K values apart, put a block's rows in a few
+  // L1 sets: 58% of the FMA peak against 70% packed, at 4096 × 1024 × 256.)
+  constexpr int64_t kPad = 64 / sizeof(T);
+  const int64_t tile_stride = R * MB + kPad, strip_stride = W * MB + kPad;
   // Small products stay on one thread.
   const int64_t min_chunk = (double)M * N * std::max<int64_t>(K, 1) < (1 << 20) ? tasks : 1;
   parallel_for(tasks, min_chunk, [&](int64_t begin, int64_t end) {
-    AlignedScratch<T> dyp_buf(((nb + R - 1) / R) * R * MB), xp_buf(ks * W * MB);
+    AlignedScratch<T> dyp_buf(((nb + R - 1) / R) * tile_stride), xp_buf(ks * strip_stride);
     T* dyp = dyp_buf.data;
     T* xp = xp_buf.data;
     std::vector<double> bsum(dbias ? nb : 0);
@@ -1181,72 +1191,53 @@ void weight_grad(const T* dy, const T* x, T* dw, T* dbias, int64_t M, int64_t N,
       const int64_t n0 = (task / kblocks) * nb, n1 = std::min(N, n0 + nb);
       const int64_t k0 = (task % kblocks) * ks * W, k1 = std::min(K, k0 + ks * W);
       const int64_t nw = n1 - n0, tiles = (nw + R - 1) / R, full = nw / R;
-      const int64_t kw = std::max<int64_t>(0, k1 - k0), strips = (kw + W - 1) / W;
+      const int64_t kw = std::max<int64_t>(0, k1 - k0), strips = (kw + W - 1) / W, full_strips = kw / W;
+      const int64_t edge = kw - full_strips * W, edge_stride = (edge + L - 1) / L * L;
       const bool with_bias = dbias && task % kblocks == 0;
       if (with_bias) std::fill(bsum.begin(), bsum.begin() + nw, 0.0);
+      // With few output rows each X value serves only nw multiply-adds and copying X would cost a large
+      // share of them (x_proj's 48 rows: 46% of the peak packed): full strips are read in place, rows K
+      // apart (the SIMD tiles take any row stride; the plain one reads packed rows).
+      const bool x_in_place = L > 1 && nw <= 64;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mb = std::min(MB, M - m0);
-        // dY[m0:, n0:n1] as [tile][m][R], zero-padded to whole tiles; 16 rows at a time, so that each
-        // tile receives a contiguous 16·R values per visit (row by row, the tiles' stores mb·R apart
-        // conflict in L1).
-        for (int64_t c0 = 0; c0 < mb; c0 += 16) {
-          const int64_t c1 = std::min(mb, c0 + 16);
-          for (int64_t t = 0; t < (kInPlace ? 0 : full); ++t)
-            for (int64_t m = c0; m < c1; ++m)
-              std::memcpy(dyp + (t * mb + m) * R, dy + (m0 + m) * N + n0 + t * R, R * sizeof(T));
-          if (full < tiles)
-            for (int64_t m = c0; m < c1; ++m) {
-              const T* row = dy + (m0 + m) * N + n0;
-              T* out = dyp + (full * mb + m) * R;
-              for (int64_t r = 0; r < R; ++r) out[r] = full * R + r < nw ? row[full * R + r] : T(0);
-            }
-        }
-        if (with_bias)
-          for (int64_t m = 0; m < mb; ++m)
-            for (int64_t j = 0; j < nw; ++j) bsum[j] += (double)dy[(m0 + m) * N + n0 + j];
-        // X[m0:, k0:k1] as [strip][m][vectors · L], zero-padded to whole vectors.
-        for (int64_t s = 0; s < strips; ++s) {
-          const int64_t width = std::min(W, kw - s * W), stride = (width + L - 1) / L * L;
-          T* out = xp + s * W * MB;
-          const T* in = x + m0 * K + k0 + s * W;
-          if (width == W) {  // a copy of constant size, inlined (a library call per row was ~1/10 of the work)
-            if (!kInPlace)
-              for (int64_t m = 0; m < mb; ++m) std::memcpy(out + m * W, in + m * K, W * sizeof(T));
-            continue;
+        // Row by row: dY[m, n0:n1] into the tiles ([tile][m][R], zero-padded to whole tiles) and
+        // X[m, k0:k1] into the strips ([strip][m][W]; the last strip [m][its width in whole vectors]).
+        for (int64_t m = 0; m < mb; ++m) {
+          const T* row = dy + (m0 + m) * N + n0;
+          for (int64_t t = 0; t < full; ++t) std::memcpy(dyp + t * tile_stride + m * R, row + t * R, R * sizeof(T));
+          if (full < tiles) {
+            T* out = dyp + full * tile_stride + m * R;
+            for (int64_t r = 0; r < R; ++r) out[r] = full * R + r < nw ? row[full * R + r] : T(0);
           }
-          for (int64_t m = 0; m < mb; ++m) {
-            std::memcpy(out + m * stride, in + m * K, width * sizeof(T));
-            for (int64_t j = width; j < stride; ++j) out[m * stride + j] = T(0);
+          if (with_bias)
+            for (int64_t j = 0; j < nw; ++j) bsum[j] += (double)row[j];
+          const T* xr = x + (m0 + m) * K + k0;
+          for (int64_t s = 0; s < (x_in_place ? 0 : full_strips); ++s)
+            std::memcpy(xp + s * strip_stride + m * W, xr + s * W, W * sizeof(T));
+          if (edge > 0) {
+            T* out = xp + full_strips * strip_stride + m * edge_stride;
+            std::memcpy(out, xr + full_strips * W, edge * sizeof(T));
+            for (int64_t j = edge; j < edge_stride; ++j) out[j] = T(0);
           }
         }
-        // The next row block's dY and X lines are asked for a few per tile while this block computes:
-        // its rows lie N and K values apart, a page or more, where the hardware prefetcher does not
-        // follow, and packing them cold left the multiply-adds idle.
-        const int64_t next = m0 + MB, next_rows = std::max<int64_t>(0, std::min(MB, M - next));
-        const int64_t dy_lines = (nw * (int64_t)sizeof(T) + 63) / 64, x_lines = (kw * (int64_t)sizeof(T) + 63) / 64;
-        const int64_t lines = next_rows * (dy_lines + x_lines);
-        const int64_t per_tile = (lines + strips * tiles - 1) / std::max<int64_t>(1, strips * tiles);
-        int64_t line = 0;
-        auto prefetch_some = [&] {
-          for (int64_t e = std::min(lines, line + per_tile); line < e; ++line) {
-            const int64_t row = line / (dy_lines + x_lines), at = line % (dy_lines + x_lines);
-            const char* p = at < dy_lines ? (const char*)(dy + (next + row) * N + n0) + at * 64
-                                          : (const char*)(x + (next + row) * K + k0) + (at - dy_lines) * 64;
-            __builtin_prefetch(p, 0, 2);
-          }
-        };
-        for (int64_t s = 0; s < strips; ++s) {
+        auto pair = [&](int64_t t, int64_t s) {
           const int64_t width = std::min(W, kw - s * W);
-          const bool x_in_place = kInPlace && width == W;
-          const T* xs = x_in_place ? x + m0 * K + k0 + s * W : xp + s * W * MB;
-          const int64_t ldx = x_in_place ? K : (width + L - 1) / L * L;
-          for (int64_t t = 0; t < tiles; ++t) {
-            const bool g_in_place = kInPlace && t < full;
-            const T* g = g_in_place ? dy + m0 * N + n0 + t * R : dyp + t * mb * R;
-            wg_tile<T>((int)((width + L - 1) / L), g, g_in_place ? N : R, xs, ldx, mb,
-                       dw + (n0 + t * R) * K + k0 + s * W, K, (int)std::min(R, nw - t * R), (int)width);
-            prefetch_some();
-          }
+          const bool in_place = x_in_place && width == W;
+          wg_tile<T>((int)((width + L - 1) / L), dyp + t * tile_stride, R,
+                     in_place ? x + m0 * K + k0 + s * W : xp + s * strip_stride,
+                     in_place ? K : width == W ? W : edge_stride, mb, dw + (n0 + t * R) * K + k0 + s * W, K,
+                     (int)std::min(R, nw - t * R), (int)width);
+        };
+        // When all the task's tiles fit in L1 beside one strip (few output rows, as x_proj's 48), strip
+        // by strip; otherwise tile by tile, a tile's dY values staying in L1 while the strips pass from
+        // L2 (at 4096 × 1024 × 256: 70% of the FMA peak, strip by strip 61%).
+        if (tiles * tile_stride * (int64_t)sizeof(T) <= 24 * 1024) {
+          for (int64_t st = 0; st < strips; ++st)
+            for (int64_t t = 0; t < tiles; ++t) pair(t, st);
+        } else {
+          for (int64_t t = 0; t < tiles; ++t)
+            for (int64_t st = 0; st < strips; ++st) pair(t, st);
         }
       }
       if (with_bias)

@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
+#include <utility>
 
 #include "../core/threadpool.h"
 #include "moe.h"
@@ -49,22 +51,47 @@ void add(const T* a, const T* b, T* out, int64_t n) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A vector whose resize leaves new elements uninitialised: every buffer of forward_backward is written
+// whole (the ops' (=) outputs) or filled explicitly before it is read, and the buffers change size
+// within a step (tmp and packed serve several shapes), where value-initialising resizes zero-filled
+// about 100 MB a step (6% of a Mamba-1 step of 4 × 1024 tokens).
+template <typename T>
+struct UninitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  UninitAllocator() = default;
+  template <typename U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using Buffer = std::vector<T, UninitAllocator<T>>;
+
 // What one layer's forward keeps for its backward.
 template <typename T>
 struct LayerSaved {
-  std::vector<T> resid;     // [rows, d]   the layer's input (residual stream)
-  std::vector<T> rstd;      // [rows]
-  std::vector<T> hn;        // [rows, d]   rmsnorm(resid)·norm
-  std::vector<T> z;         // [rows, di]
-  std::vector<T> conv_in;   // Mamba-1 x [rows, di]; Mamba-2 xBC [rows, di + 2GN] (before the conv)
-  std::vector<T> u;         // [rows, di]  the scan's input (the conv's output; Mamba-2: its x part)
-  std::vector<T> dt_low;    // Mamba-1 [rows, R]
-  std::vector<T> Bm, Cm;    // [rows, G·N]
-  std::vector<T> delta;     // Mamba-1 [rows, di] (before the bias); Mamba-2 dt [rows, H]
-  std::vector<T> y;         // [rows, di]  the scan's output (Mamba-1: gated)
-  std::vector<T> yn;        // Mamba-2 [rows, di] the gated norm's output
-  std::vector<T> rstd_g;    // Mamba-2 [rows, G]
-  std::vector<T> boundary;  // the scan's chunk-start states
+  Buffer<T> resid;     // [rows, d]   the layer's input (residual stream)
+  Buffer<T> rstd;      // [rows]
+  Buffer<T> hn;        // [rows, d]   rmsnorm(resid)·norm
+  Buffer<T> z;         // [rows, di]
+  Buffer<T> conv_in;   // Mamba-1 x [rows, di]; Mamba-2 xBC [rows, di + 2GN] (before the conv)
+  Buffer<T> u;         // [rows, di]  the scan's input (the conv's output; Mamba-2: its x part)
+  Buffer<T> dt_low;    // Mamba-1 [rows, R]
+  Buffer<T> Bm, Cm;    // [rows, G·N]
+  Buffer<T> delta;     // Mamba-1 [rows, di] (before the bias); Mamba-2 dt [rows, H]
+  Buffer<T> y;         // [rows, di]  the scan's output (Mamba-1: gated)
+  Buffer<T> yn;        // Mamba-2 [rows, di] the gated norm's output
+  Buffer<T> rstd_g;    // Mamba-2 [rows, G]
+  Buffer<T> boundary;  // the scan's chunk-start states
   MoeSaved<T> moe;          // MoE blocks: the routing and the experts' fc1 outputs
 };
 
@@ -75,7 +102,8 @@ struct LayerSaved {
 template <typename T>
 struct TrainerWorkspace {
   std::vector<LayerSaved<T>> saved;
-  std::vector<T> scratch, A, tmp, resid, h, rstd_f, hf, logits, dhf, g, dy, du, ddelta, dB, dC, dz, dA, packed, dhn,
+  std::vector<T> scratch;  // linear_input_grad's
+  Buffer<T> A, tmp, resid, h, rstd_f, hf, logits, dhf, g, dy, du, ddelta, dB, dC, dz, dA, packed, dhn,
       ddt;
 };
 
@@ -281,14 +309,14 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   double aux_total = 0;
 
   // A = -exp(A_log): Mamba-1 [di, N], Mamba-2 [H].
-  auto layer_A = [&](const std::string& p, std::vector<T>& A) {
+  auto layer_A = [&](const std::string& p, Buffer<T>& A) {
     const T* A_log = P_(p + "A_log");
     const int64_t n = c.mamba1() ? di * N : H;
     A.resize((size_t)n);
     for (int64_t i = 0; i < n; ++i) A[i] = -std::exp(A_log[i]);
   };
   // The scan's inputs of a layer (Mamba-1 the selective scan's, Mamba-2 the chunked SSD's).
-  auto scan_inputs = [&](const std::string& p, const LayerSaved<T>& s, const std::vector<T>& A) {
+  auto scan_inputs = [&](const std::string& p, const LayerSaved<T>& s, const Buffer<T>& A) {
     ScanTensors<T> t;
     t.u = s.u.data();
     t.A = A.data();
@@ -300,7 +328,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     t.delta_bias = P_(p + "dt_bias");
     return t;
   };
-  auto ssd_inputs = [&](const std::string& p, const LayerSaved<T>& s, const std::vector<T>& A) {
+  auto ssd_inputs = [&](const std::string& p, const LayerSaved<T>& s, const Buffer<T>& A) {
     SsdTrainTensors<T> t;
     t.x = s.u.data();
     t.dt = s.delta.data();
@@ -315,7 +343,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   // ---- Forward ----
   std::vector<LayerSaved<T>>& saved = w.saved;
   saved.resize((size_t)c.num_layers);
-  std::vector<T>&resid = w.resid, &h = w.h;
+  Buffer<T>&resid = w.resid, &h = w.h;
   resid.resize((size_t)(rows * d));
   h.resize((size_t)(rows * d));
   const T* emb = P_("embeddings");
@@ -326,7 +354,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     for (int64_t r = begin; r < end; ++r)
       std::memcpy(saved[0].resid.data() + r * d, emb + (int64_t)ids[r] * d, d * sizeof(T));
   });
-  std::vector<T>&A = w.A, &tmp = w.tmp;
+  Buffer<T>&A = w.A, &tmp = w.tmp;
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     LayerSaved<T>& s = saved[(size_t)i];
@@ -346,7 +374,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     }
     const T* W_in = P_(p + "in_proj");
     const T* b_in = P_(p + "in_proj_bias");
-    auto in_rows = [&](int64_t first, int64_t count, std::vector<T>& out) {
+    auto in_rows = [&](int64_t first, int64_t count, Buffer<T>& out) {
       out.resize((size_t)(rows * count));
       linear(s.hn.data(), W_in + first * d, b_in ? b_in + first : nullptr, out.data(), rows, count, d);
     };
@@ -396,7 +424,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     const T* last = saved.back().resid.data();
     add(last, h.data(), resid.data(), rows * d);
   }
-  std::vector<T>&rstd_f = w.rstd_f, &hf = w.hf;
+  Buffer<T>&rstd_f = w.rstd_f, &hf = w.hf;
   rstd_f.resize((size_t)rows);
   hf.resize((size_t)(rows * d));
   rmsnorm_forward(resid.data(), P_("norm_f"), hf.data(), rstd_f.data(), rows, d, eps);
@@ -405,7 +433,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
   // Blocks of at least 256 rows and up to 2^20 logits (4 MB): one block for a byte-level model's batch
   // of 4096 tokens, where blocks of 256 rows made 16 rounds of small parallel products.
   const int64_t kHeadRows = std::max<int64_t>(256, ((int64_t)1 << 20) / V);
-  std::vector<T>&logits = w.logits, &dhf = w.dhf;
+  Buffer<T>&logits = w.logits, &dhf = w.dhf;
   logits.resize((size_t)(std::min(rows, kHeadRows) * V));
   if (backward) dhf.resize((size_t)(rows * d));
   BatchLoss loss;
@@ -423,11 +451,11 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
 
   // ---- Backward ----
   // g: the gradient of the residual stream after the current layer (starting with the final one).
-  std::vector<T>& g = w.g;
+  Buffer<T>& g = w.g;
   g.resize((size_t)(rows * d));
   parallel_for(rows, 64, [&](int64_t begin, int64_t end) { std::fill(g.data() + begin * d, g.data() + end * d, T(0)); });
   rmsnorm_backward(dhf.data(), resid.data(), P_("norm_f"), rstd_f.data(), g.data(), G_("norm_f"), rows, d);
-  std::vector<T>&dy = w.dy, &du = w.du, &ddelta = w.ddelta, &dB = w.dB, &dC = w.dC, &dz = w.dz, &dA = w.dA,
+  Buffer<T>&dy = w.dy, &du = w.du, &ddelta = w.ddelta, &dB = w.dB, &dC = w.dC, &dz = w.dz, &dA = w.dA,
                 &packed = w.packed, &dhn = w.dhn;
   dhn.resize((size_t)(rows * d));
   for (int64_t i = c.num_layers - 1; i >= 0; --i) {
@@ -447,12 +475,12 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
     const T* W_in = P_(p + "in_proj");
     const T* W_out = P_(p + "out_proj");
     // out = (Mamba-1 y | Mamba-2 yn) · W_outᵀ + b
-    const std::vector<T>& out_in = c.mamba1() ? s.y : s.yn;
+    const Buffer<T>& out_in = c.mamba1() ? s.y : s.yn;
     weight_grad(g.data(), out_in.data(), G_(p + "out_proj"), G_(p + "out_proj_bias"), rows, d, di);
     // Mamba-1: the scan output's gradient; Mamba-2: the gated norm's output's (in tmp), turned into
     // the scan output's below.
     dy.resize((size_t)(rows * di));
-    std::vector<T>& dout_in = c.mamba1() ? dy : tmp;
+    Buffer<T>& dout_in = c.mamba1() ? dy : tmp;
     dout_in.resize((size_t)(rows * di));
     linear_input_grad(g.data(), W_out, dout_in.data(), rows, d, di, false, scratch);
     du.resize((size_t)(rows * di));
@@ -497,7 +525,7 @@ BatchLoss Trainer<T>::forward_backward(const int32_t* ids, const int32_t* target
       // yn = gated_norm(y, z) · w
       gated_rmsnorm_backward(tmp.data(), s.y.data(), s.z.data(), P_(p + "ssm_norm"), s.rstd_g.data(), dy.data(),
                              dz.data(), G_(p + "ssm_norm"), rows, di, di / G, c.norm_before_gate);
-      std::vector<T>& ddt = w.ddt;
+      Buffer<T>& ddt = w.ddt;
       ddt.resize((size_t)(rows * H));
       SsdTrainGrads<T> sg;
       sg.dx = du.data();
