@@ -109,11 +109,12 @@ void test_prefill() {
   // one packed panel (rows arrangement: 384 deep for f32, 768 for bf16; columns: 2048 and 4096), K = 1
   // and K = 48 (Mamba's dt_proj). Both arrangements: rows for most, columns (M ≤ 64 filling its
   // registers of rows, N large enough) for M = 9, 16, 25, 48, 57, 64 with the larger N, with tiles of
-  // one, two and a partial second register of rows and a partial last strip of W.
+  // one, two and a partial second register of rows and a partial last strip of W. A tall x (2100 rows
+  // of 300 features) splits its rows among the threads.
   const Shape shapes[] = {{9, 17, 1},      {16, 33, 3},     {17, 100, 47},  {33, 1, 771},    {100, 3072, 45},
                           {513, 17, 301},  {16, 3072, 385}, {33, 100, 1537}, {9, 3072, 33},   {100, 33, 769},
                           {513, 100, 48},  {17, 1, 2},      {48, 300, 771},  {57, 3072, 47},  {64, 113, 1537},
-                          {25, 300, 2101}, {513, 3072, 771}};
+                          {25, 300, 2101}, {513, 3072, 771}, {2100, 300, 71}};
   const DType dtypes[] = {DType::f32, DType::f16, DType::bf16, DType::q8_0};
   Rng rng(2024);
   int shape_index = 0;
