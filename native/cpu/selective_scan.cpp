@@ -333,7 +333,7 @@ void scan(const SelectiveScanArgs& args) {
   const int64_t work_per_task = std::max<int64_t>(1, args.length * kWidth * args.state);
   const int64_t block_floats = (2 * args.state + 3 * std::min(kRun, args.length)) * kWidth;
   const int64_t together = std::max<int64_t>(1, kScratchFloats / block_floats);
-  parallel_for(tasks, std::max<int64_t>(1, 16384 / work_per_task), [&](int64_t begin, int64_t end) {
+  parallel_for(tasks, std::max<int64_t>(1, 4096 / work_per_task), [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
     // [begin, end) in (batch, group, block) order: runs of consecutive blocks of one (b, g).
     for (int64_t task = begin; task < end;) {
@@ -345,6 +345,50 @@ void scan(const SelectiveScanArgs& args) {
   });
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The decode update (length 1) when N is whole vectors: a channel's state row [N] then is whole
+// vectors in the caller's [channels][N] layout and is updated where it lies, where the general path
+// transposes A and the state in and out of its channel-lane layout for every token (three quarters of
+// its decode time). Δ', Δ'·u, D·u and the gate run across kWidth channels at once; y's sum over n is
+// one horizontal sum per channel. Channels [d_begin, d_end) of sequence b.
+void state_update_rows(const SelectiveScanArgs& args, int64_t b, int64_t d_begin, int64_t d_end) {
+  const int64_t D = args.channels, N = args.state, G = args.groups, per_group = D / G;
+  const DecayExp decay;
+  for (int64_t d0 = d_begin; d0 < d_end; d0 += kWidth) {
+    const int64_t lanes = std::min(kWidth, d_end - d0), at = b * D + d0;
+    vec dt = load_lanes(args.delta + at, lanes);
+    if (args.delta_bias) dt = vadd(dt, load_lanes(args.delta_bias + d0, lanes));
+    if (args.delta_softplus) vsoftplus<1>(&dt);
+    const vec u = load_lanes(args.u + at, lanes);
+    float dts[kWidth], dtus[kWidth], ys[kWidth] = {};
+    vstore(dts, vmin(vset(kFinite), vmax(vset(-kFinite), dt)));
+    vstore(dtus, vmul(dt, u));
+    for (int64_t j = 0; j < lanes; ++j) {
+      const int64_t d = d0 + j, bg = (b * G + d / per_group) * N;
+      const float* A = args.A + d * N;
+      const float* s_in = args.state_in ? args.state_in + (b * D + d) * N : nullptr;
+      float* s_out = args.state_out + (b * D + d) * N;
+      const vec dtv = vset(dts[j]), dtuv = vset(dtus[j]);
+      vec acc = vzero();
+      for (int64_t n = 0; n < N; n += kWidth) {
+        const vec a = vmin(vset(kFinite), vmax(vset(-kFinite), vmul(vload(A + n), vset(kAScale))));
+        const vec s = vfma(decay(vmul(dtv, a)), s_in ? vload(s_in + n) : vzero(), vmul(dtuv, vload(args.B + bg + n)));
+        vstore(s_out + n, s);
+        acc = vfma(s, vload(args.C + bg + n), acc);
+      }
+      ys[j] = vsum(acc);
+    }
+    vec y = vload(ys);
+    if (args.D) y = vfma(load_lanes(args.D + d0, lanes), u, y);
+    if (args.z) {
+      const vec z = load_lanes(args.z + at, lanes);
+      vgate<1>(&y, &z);
+    }
+    store_lanes(args.y + at, y, lanes);
+  }
+}
+#endif
+
 }  // namespace
 
 void selective_scan(const SelectiveScanArgs& args) { scan(args); }
@@ -355,6 +399,18 @@ void selective_state_update(const SelectiveScanArgs& args) {
                  (long long)args.length, args.state_out ? "" : ", no state_out");
     std::abort();
   }
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (args.state % kWidth == 0) {
+    const int64_t blocks = (args.channels + kWidth - 1) / kWidth;
+    parallel_for(args.batch * blocks, std::max<int64_t>(1, 4096 / (kWidth * args.state)), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, d0 = task % blocks * kWidth;
+        state_update_rows(args, b, d0, std::min(args.channels, d0 + kWidth));
+      }
+    });
+    return;
+  }
+#endif
   scan(args);
 }
 
