@@ -100,15 +100,6 @@ export function stateLayers(config: MambaConfig): number {
   return config.numLayers - (config.moe?.layers.length ?? 0);
 }
 
-export function layerWeightNames(config: MambaConfig): string[] {
-  const names = ["norm", "in_proj", "conv", "dt_bias", "A", "D", "out_proj"];
-  if (config.useBias) names.push("in_proj_bias", "out_proj_bias");
-  if (config.useConvBias) names.push("conv_bias");
-  if (config.architecture === "mamba1") names.push("x_proj", "dt_proj");
-  else names.push("ssm_norm");
-  return names;
-}
-
 /** Every canonical weight name with its expected shape. */
 export function expectedShapes(config: MambaConfig): Map<string, number[]> {
   const c = config;
