@@ -37,6 +37,7 @@
       "sources": [
         "native/core/cpu_features.cpp",
         "native/core/threadpool.cpp",
+        "native/core/large_alloc.cpp",
         "native/cpu/dispatch.cpp",
         "native/model/mamba_model.cpp",
         "native/train/ops_dispatch.cpp",

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "../core/large_alloc.h"
 #include "../cpu/kernels.h"
 
 namespace mssm::model {
@@ -57,7 +58,7 @@ int64_t cpu_ssd_chunk(const Config& c) { return std::min(c.chunk_size, kCpuSsdCh
 // Scratch for `rows` rows (tokens of one segment in prefill, sequences in decode), in one block.
 struct Workspace {
   int64_t rows = 0;
-  std::unique_ptr<float[]> storage;
+  LargeBuffer storage;
   // Residual stream, mixer output and normalised input [rows, d].
   float *residual = nullptr, *hidden = nullptr, *normed = nullptr;
   // Mamba-1: x, z, conv output xc, delta, y [rows, di]; dbc [rows, R + 2N]; dt_low [rows, R]; B, C [rows, N].
@@ -99,8 +100,8 @@ struct Workspace {
     // Each buffer starts on a 64-byte boundary (16 floats) so no two share a cache line.
     int64_t total = 0;
     for (const Slot& s : slots) total += (s.per_row * n_rows + 15) / 16 * 16;
-    storage.reset(new float[total + 16]);
-    float* base = storage.get();
+    storage = LargeBuffer((size_t)(total + 16) * sizeof(float));
+    float* base = static_cast<float*>(storage.data());
     base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
     for (const Slot& s : slots) {
       *s.target = base;

@@ -7,10 +7,7 @@
 #include <mutex>
 #include <unordered_map>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "../core/large_alloc.h"
 #include "args.h"
 
 namespace mssm::napi {
@@ -19,42 +16,21 @@ namespace {
 std::mutex g_pin_mu;
 std::unordered_map<const void*, int> g_pins;
 
-// Blocks of 2 MiB and more are mapped directly: the pages come zeroed and are touched only when
-// used, and transparent huge pages (asked for with madvise) make faulting them in far cheaper.
-constexpr size_t kMapThreshold = (size_t)2 << 20;
-
+// Blocks come from large_alloc (large ones mapped directly: zero pages, touched only when used, in
+// transparent huge pages where the kernel gives them); others are zero-filled here.
 struct Block {
   int64_t bytes;
-  bool mapped;
 };
 
-void* allocate(size_t bytes, bool* mapped) {
-#if defined(__linux__)
-  if (bytes >= kMapThreshold) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return nullptr;
-    madvise(p, bytes, MADV_HUGEPAGE);
-    *mapped = true;
-    return p;
-  }
-#endif
-  *mapped = false;
-  void* p = std::aligned_alloc(64, bytes);
-  if (p) std::memset(p, 0, bytes);
+void* allocate(size_t bytes) {
+  void* p = large_alloc(bytes);
+  if (!large_alloc_zeroes(bytes)) std::memset(p, 0, bytes);
   return p;
 }
 
 void finalize_block(Napi::Env env, void* data, Block* block) {
-  int64_t bytes = block->bytes;
-#if defined(__linux__)
-  if (block->mapped) {
-    munmap(data, (size_t)bytes);
-  } else {
-    std::free(data);
-  }
-#else
-  std::free(data);
-#endif
+  const int64_t bytes = block->bytes;
+  large_free(data, (size_t)bytes);
   delete block;
   Napi::MemoryManagement::AdjustExternalMemory(env, -bytes);
 }
@@ -69,11 +45,9 @@ Napi::Value Alloc(const Napi::CallbackInfo& info) {
     int64_t bytes = (int64_t)requested;
     size_t padded = (size_t)((bytes + 63) / 64 * 64);
     if (padded == 0) padded = 64;
-    bool mapped = false;
-    void* data = allocate(padded, &mapped);
-    if (!data) throw std::bad_alloc();
+    void* data = allocate(padded);
     Napi::MemoryManagement::AdjustExternalMemory(info.Env(), (int64_t)padded);
-    return Napi::ArrayBuffer::New(info.Env(), data, (size_t)bytes, finalize_block, new Block{(int64_t)padded, mapped});
+    return Napi::ArrayBuffer::New(info.Env(), data, (size_t)bytes, finalize_block, new Block{(int64_t)padded});
   });
 }
 

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "../core/large_alloc.h"
 #include "../core/threadpool.h"
 #include "moe.h"
 #include "ops.h"
@@ -54,7 +55,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // A vector whose resize leaves new elements uninitialised: every buffer of forward_backward is written
 // whole (the ops' (=) outputs) or filled explicitly before it is read, and the buffers change size
 // within a step (tmp and packed serve several shapes), where value-initialising resizes zero-filled
-// about 100 MB a step (6% of a Mamba-1 step of 4 × 1024 tokens).
+// about 100 MB a step (6% of a Mamba-1 step of 4 × 1024 tokens). Its memory comes from large_alloc
+// (huge pages for large buffers).
 template <typename T>
 struct UninitAllocator : std::allocator<T> {
   template <typename U>
@@ -64,6 +66,8 @@ struct UninitAllocator : std::allocator<T> {
   UninitAllocator() = default;
   template <typename U>
   UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  T* allocate(size_t n) { return static_cast<T*>(large_alloc(n * sizeof(T))); }
+  void deallocate(T* p, size_t n) noexcept { large_free(p, n * sizeof(T)); }
   template <typename U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;
