@@ -12,7 +12,7 @@
 // widens it to f32 in registers and dots it with every row of x, the products summed along K in the
 // lanes of a register: bound by reading W for one row of x, by the FMAs for 16. Its two forms:
 //   direct  up to 4 rows of x (8 when K < 256): weight rows one after another, decoded in registers;
-//   panel   up to 16 rows (12 for q8_0, 6 for bf16 at avx512bf16; K ≥ 256): a few weight rows decoded
+//   panel   up to 8 rows (12 for q8_0, 6 for bf16 at avx512bf16; K ≥ 256): a few weight rows decoded
 //           to an f32 panel in L1, then register tiles of panel rows × rows of x.
 // Prefill (more rows, gemm_prefill.cpp) is bound by arithmetic and works on packed panels of W and x.
 #include "gemm_common.h"
@@ -511,13 +511,15 @@ void decode(const float* x, const uint8_t* w, const float* bias, float* y, int64
 // and f16 and 12 for q8_0 (at 24 and 16 rows the two are within ~10%), and for bf16 at levels whose
 // prefill path has BF16 dot products (avx512bf16) up to 6 rows (behind from 8); and from a depth of
 // kPanelMinDepth, below which its lane sums cost more than the products and the prefill path's
-// broadcast form wins (2–3× at K = 48 and 96).
+// broadcast form wins (2–3× at K = 48 and 96). With the weights streamed from DRAM, as in a decode
+// step, the prefill path was ahead at 16 rows for f32 too (a 16-sequence step of mamba-130m f32: 6 of
+// 7 alternating runs, by 2–20%), so f32 and f16 switch to it above 8 rows.
 template <DType T>
 constexpr int64_t decode_max_rows() {
 #if defined(__AVX512BF16__)
   if (T == DType::bf16) return 6;
 #endif
-  return T == DType::q8_0 ? 12 : 16;
+  return T == DType::q8_0 ? 12 : 8;
 }
 template <DType T>
 void matmul_typed(const float* x, const void* w_any, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
