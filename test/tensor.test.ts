@@ -80,6 +80,21 @@ describe("Tensor", () => {
     expect(r.disposed).toBe(true);
   });
 
+  test("fresh tensors are zero, small (zero-filled) and large (fresh mapped pages) alike, after dirty ones are freed", () => {
+    for (const n of [1000, 1 << 20]) {
+      // 4 KB and 4 MiB: below and above the size from which native memory is mapped directly
+      const dirty = Tensor.zeros([n]);
+      (dirty.data as Float32Array).fill(7);
+      dirty.dispose();
+      const fresh = Tensor.zeros([n]);
+      const values = fresh.data as Float32Array;
+      let nonZero = 0;
+      for (let i = 0; i < n; i++) if (values[i] !== 0) nonZero++;
+      expect({ n, nonZero }).toEqual({ n, nonZero: 0 });
+      fresh.dispose();
+    }
+  });
+
   test("shapes must be non-negative integers and fit the values", () => {
     expect(() => Tensor.zeros([2, -1])).toThrow("invalid size -1");
     expect(() => Tensor.from([1, 2, 3], [2, 2])).toThrow("3 values do not fill shape [2, 2] (4 elements)");

@@ -35,7 +35,6 @@ class LargeBuffer {
   LargeBuffer& operator=(const LargeBuffer&) = delete;
 
   void* data() const { return data_; }
-  size_t bytes() const { return bytes_; }
 
  private:
   void* data_ = nullptr;

@@ -512,8 +512,8 @@ void decode(const float* x, const uint8_t* w, const float* bias, float* y, int64
 // prefill path has BF16 dot products (avx512bf16) up to 6 rows (behind from 8); and from a depth of
 // kPanelMinDepth, below which its lane sums cost more than the products and the prefill path's
 // broadcast form wins (2–3× at K = 48 and 96). With the weights streamed from DRAM, as in a decode
-// step, the prefill path was ahead at 16 rows for f32 too (a 16-sequence step of mamba-130m f32: 6 of
-// 7 alternating runs, by 2–20%), so f32 and f16 switch to it above 8 rows.
+// step, the prefill path was ahead at 16 rows for f32 and f16 too (a 16-sequence step of mamba-130m:
+// f32 6 of 7 alternating runs, by 2–20%; f16 4 of 4, by 6–16%), so both switch to it above 8 rows.
 template <DType T>
 constexpr int64_t decode_max_rows() {
 #if defined(__AVX512BF16__)

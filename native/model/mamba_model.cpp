@@ -69,9 +69,9 @@ struct Workspace {
   // Decode: the whole in_proj product [rows, in_proj rows], split afterwards (one product instead of
   // two or three small ones, each of which would wake the thread pool).
   float* proj = nullptr;
-  // MoE blocks: router logits [rows, E] and the routing (weights, indices [rows, k]; tokens per expert).
+  // MoE blocks: router logits [rows, E] and the routing (weights, indices [rows, k]).
   float *router_logits = nullptr, *route_weights = nullptr;
-  std::vector<int32_t> route_indices, route_counts;
+  std::vector<int32_t> route_indices;
   // States of one sequence when the caller keeps none: [layers][conv] and [layers][ssm].
   std::vector<float> conv_state, ssm_state;
 
@@ -95,7 +95,6 @@ struct Workspace {
     if (!c.moe.layers.empty()) {
       slots.insert(slots.end(), {{&router_logits, c.moe.experts}, {&route_weights, c.moe.top_k}});
       route_indices.resize((size_t)(n_rows * c.moe.top_k));
-      route_counts.resize((size_t)c.moe.experts);
     }
     // Each buffer starts on a 64-byte boundary (16 floats) so no two share a cache line.
     int64_t total = 0;
@@ -480,8 +479,9 @@ void Model::moe_block(Workspace& ws, const LayerWeights& w, int64_t rows) const 
   // logits = hn·routerᵀ (+b) → top-k weights → Σ_k weight · expert_k(hn)
   k.matmul(ws.normed, w.router.data, w.router.dtype, f32_or_null(w.router_bias), ws.router_logits, rows, m.experts,
            d);
+  // (No tokens-per-expert counts: moe_experts groups the pairs itself.)
   k.moe_route(ws.router_logits, rows, m.experts, m.top_k, m.scoring, m.renormalize, ws.route_weights,
-              ws.route_indices.data(), ws.route_counts.data());
+              ws.route_indices.data(), nullptr);
   cpu::MoeExpertsArgs e;
   e.tokens = rows;
   e.dim = d;

@@ -260,18 +260,8 @@ std::vector<double> mamba2_step(const TestModel& m, const std::string& p, const 
 std::vector<double> moe_step(const TestModel& m, const std::string& p, const std::vector<double>& hn) {
   const model::MoeConfig& moe = m.config.moe;
   const int64_t d = (int64_t)hn.size(), E = moe.experts, Hm = moe.hidden, k = moe.top_k;
-  std::vector<double> score = project(m, p + "router", hn, 0, E, p + "router_bias");
-  if (moe.scoring == cpu::MoeScoring::softmax) {
-    double top = score[0], sum = 0;
-    for (double v : score) top = std::max(top, v);
-    for (double& v : score) sum += (v = std::exp(v - top));
-    for (double& v : score) v /= sum;
-  } else {
-    for (double& v : score) v = 1.0 / (1.0 + std::exp(-v));
-  }
-  std::vector<int64_t> order(E);
-  for (int64_t e = 0; e < E; ++e) order[e] = e;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  const std::vector<double> score = reference_scores(project(m, p + "router", hn, 0, E, p + "router_bias"), moe.scoring);
+  const std::vector<int32_t> order = descending(score);
   double chosen_sum = 0;
   for (int64_t j = 0; j < k; ++j) chosen_sum += score[order[j]];
   std::vector<double> out(d, 0.0);
@@ -284,14 +274,7 @@ std::vector<double> moe_step(const TestModel& m, const std::string& p, const std
       for (int64_t q = 0; q < d; ++q) acc += m[p + "fc1"][(e * 2 * Hm + r) * d + q] * hn[q];
       h[r] = acc;
     }
-    for (int64_t r = 0; r < Hm; ++r) {
-      const double a = h[r];
-      const double act = moe.activation == cpu::Activation::silu ? silu(a)
-                         : moe.activation == cpu::Activation::gelu
-                             ? 0.5 * a * (1.0 + std::erf(a / std::sqrt(2.0)))
-                             : 0.5 * a * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (a + 0.044715 * a * a * a)));
-      g[r] = act * h[Hm + r];
-    }
+    for (int64_t r = 0; r < Hm; ++r) g[r] = reference_activation(h[r], moe.activation) * h[Hm + r];
     for (int64_t r = 0; r < d; ++r) {
       double acc = moe.bias ? m[p + "fc2_bias"][e * d + r] : 0.0;
       for (int64_t q = 0; q < Hm; ++q) acc += m[p + "fc2"][(e * d + r) * Hm + q] * g[q];

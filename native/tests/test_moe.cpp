@@ -36,17 +36,8 @@ Route reference_route(const std::vector<float>& logits, int64_t tokens, int64_t 
   r.counts.assign(experts, 0);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* row = logits.data() + t * experts;
-    std::vector<double> p(experts);
-    if (scoring == MoeScoring::softmax) {
-      double m = *std::max_element(row, row + experts), z = 0;
-      for (int64_t e = 0; e < experts; ++e) z += p[e] = std::exp((double)row[e] - m);
-      for (double& v : p) v /= z;
-    } else {
-      for (int64_t e = 0; e < experts; ++e) p[e] = 1.0 / (1.0 + std::exp(-(double)row[e]));
-    }
-    std::vector<int32_t> order(experts);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+    const std::vector<double> p = reference_scores(std::vector<double>(row, row + experts), scoring);
+    const std::vector<int32_t> order = descending(p);
     double sum = 0;
     for (int64_t j = 0; j < k; ++j) sum += p[order[j]];
     for (int64_t j = 0; j < k; ++j) {
@@ -131,16 +122,6 @@ Weights make_weights(Rng& rng, DType dtype, int64_t count, float scale) {
     }
   }
   return w;
-}
-
-double reference_activation(double a, Activation act) {
-  switch (act) {
-    case Activation::silu: return a / (1.0 + std::exp(-a));
-    case Activation::gelu: return 0.5 * a * (1.0 + std::erf(a / std::sqrt(2.0)));
-    case Activation::gelu_tanh:
-      return 0.5 * a * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (a + 0.044715 * a * a * a)));
-  }
-  return a;
 }
 
 std::vector<double> reference_experts(const MoeExpertsArgs& a, const Weights& fc1, const Weights& fc2) {

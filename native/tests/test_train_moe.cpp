@@ -18,7 +18,6 @@
 //   loss's gradient, are both detected.
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 
 #include "../train/moe.h"
 #include "test_util.h"
@@ -77,40 +76,16 @@ Problem<T> make_problem(Rng& rng, const MoeShape& shape, bool biases) {
 
 // ---- naive double reference of the forward ----
 
-double act(double a, Activation activation) {
-  switch (activation) {
-    case Activation::silu: return a / (1.0 + std::exp(-a));
-    case Activation::gelu: return 0.5 * a * (1.0 + std::erf(a / std::sqrt(2.0)));
-    case Activation::gelu_tanh: return 0.5 * a * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (a + 0.044715 * a * a * a)));
-  }
-  return a;
-}
-
 // Scores of token t in double.
 std::vector<double> reference_scores(const Problem<double>& p, int64_t t) {
   const MoeShape& s = p.shape;
-  std::vector<double> logit(s.experts), score(s.experts);
+  std::vector<double> logit(s.experts);
   for (int64_t e = 0; e < s.experts; ++e) {
     double v = p.biases ? p.router_bias[e] : 0.0;
     for (int64_t d = 0; d < s.dim; ++d) v += p.x[t * s.dim + d] * p.router[e * s.dim + d];
     logit[e] = v;
   }
-  if (s.scoring == MoeScoring::softmax) {
-    const double m = *std::max_element(logit.begin(), logit.end());
-    double z = 0;
-    for (int64_t e = 0; e < s.experts; ++e) z += score[e] = std::exp(logit[e] - m);
-    for (double& v : score) v /= z;
-  } else {
-    for (int64_t e = 0; e < s.experts; ++e) score[e] = 1.0 / (1.0 + std::exp(-logit[e]));
-  }
-  return score;
-}
-
-std::vector<int32_t> descending(const std::vector<double>& score) {
-  std::vector<int32_t> order(score.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return score[a] > score[b]; });
-  return order;
+  return mssm::test::reference_scores(logit, s.scoring);
 }
 
 std::vector<double> reference_forward(const Problem<double>& p, double* aux) {
@@ -134,7 +109,7 @@ std::vector<double> reference_forward(const Problem<double>& p, double* aux) {
           a += p.fc1[(e * 2 * H + i) * D + d] * p.x[t * D + d];
           b += p.fc1[(e * 2 * H + H + i) * D + d] * p.x[t * D + d];
         }
-        g[i] = act(a, s.activation) * b;
+        g[i] = reference_activation(a, s.activation) * b;
       }
       for (int64_t d = 0; d < D; ++d) {
         double o = p.biases ? p.fc2_bias[e * D + d] : 0.0;

@@ -187,4 +187,39 @@ inline StoredWeights store(const std::vector<float>& w, DType dtype) {
   return s;
 }
 
+// ---- Mixture-of-experts references (cpu/kernels.h's equations, in double) ----------------------
+
+// The experts' GLU activation.
+inline double reference_activation(double a, cpu::Activation act) {
+  switch (act) {
+    case cpu::Activation::silu: return a / (1.0 + std::exp(-a));
+    case cpu::Activation::gelu: return 0.5 * a * (1.0 + std::erf(a / std::sqrt(2.0)));
+    case cpu::Activation::gelu_tanh:
+      return 0.5 * a * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (a + 0.044715 * a * a * a)));
+  }
+  return a;
+}
+
+// A token's router scores from its logits: softmax or sigmoid.
+inline std::vector<double> reference_scores(const std::vector<double>& logits, cpu::MoeScoring scoring) {
+  std::vector<double> p(logits.size());
+  if (scoring == cpu::MoeScoring::softmax) {
+    const double m = *std::max_element(logits.begin(), logits.end());
+    double z = 0;
+    for (size_t e = 0; e < p.size(); ++e) z += p[e] = std::exp(logits[e] - m);
+    for (double& v : p) v /= z;
+  } else {
+    for (size_t e = 0; e < p.size(); ++e) p[e] = 1.0 / (1.0 + std::exp(-logits[e]));
+  }
+  return p;
+}
+
+// The experts by descending score, ties lower index first: the first k are the chosen ones.
+inline std::vector<int32_t> descending(const std::vector<double>& scores) {
+  std::vector<int32_t> order(scores.size());
+  for (size_t e = 0; e < order.size(); ++e) order[e] = (int32_t)e;
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return scores[a] > scores[b]; });
+  return order;
+}
+
 }  // namespace mssm::test
