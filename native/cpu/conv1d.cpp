@@ -133,9 +133,13 @@ void conv1d_step(const float* x, const float* w, const float* bias, float* state
                  int64_t channels, int64_t kernel, bool silu) {
   const int64_t history = kernel - 1;
   const int64_t channel_blocks = (channels + kBlock - 1) / kBlock;
-  parallel_for(batch * channel_blocks, std::max<int64_t>(1, 8192 / (kBlock * kernel)), [&](int64_t begin, int64_t end) {
+  // A few blocks per thread: a step of one sequence (24 blocks in mamba-130m) is split over the pool,
+  // which halved its time on two threads (its state and taps come from DRAM, latency-bound).
+  parallel_for(batch * channel_blocks, std::max<int64_t>(1, 2048 / (kBlock * kernel)), [&](int64_t begin, int64_t end) {
     float* weights = tap_scratch(kernel).data();
-    std::vector<const float*> taps(kernel);
+    const float* few_taps[8];
+    std::vector<const float*> many_taps(kernel > 8 ? kernel : 0);
+    const float** taps = kernel > 8 ? many_taps.data() : few_taps;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cb = task % channel_blocks, b = task / channel_blocks;
       const int64_t c0 = cb * kBlock, lanes = std::min(kBlock, channels - c0);
@@ -144,7 +148,7 @@ void conv1d_step(const float* x, const float* w, const float* bias, float* state
       const float* input = x + b * channels + c0;
       for (int64_t k = 0; k < history; ++k) taps[k] = rows + k * channels;
       taps[history] = input;
-      conv_block(taps.data(), weights, bias ? bias + c0 : nullptr, y + b * channels + c0, kernel, lanes, silu);
+      conv_block(taps, weights, bias ? bias + c0 : nullptr, y + b * channels + c0, kernel, lanes, silu);
       // The window slides by one token: drop the oldest row, append x.
       for (int64_t k = 0; k + 1 < history; ++k)
         std::memcpy(rows + k * channels, rows + (k + 1) * channels, lanes * sizeof(float));

@@ -245,19 +245,71 @@ void direct_rows(const Dots& dots, const float* bias, float* y, int64_t N, int64
   }
 }
 
+// ---- Short rows: K a whole number of registers, at most kShortMaxRegisters ----
+// For a short K (dt_proj's rank, 48 in mamba-130m) row_dots' loop and call cost more than its products.
+// Here the rows of x stay in registers and each weight row takes KR loads and products, unrolled; the
+// products go to the same accumulators in the same order as row_dots (register v into v % kChains,
+// then ((a0 + a1) + a2) + …), so the results are the same bit for bit.
+constexpr int kShortMaxRegisters = 8, kShortMaxRowsX = 2;
+
+template <DType T, int M, int KR>
+inline void short_dots(const vfloat (&xv)[M][KR], const uint8_t* row, vfloat* out) {
+  // (Each accumulator starts from an FMA onto zero as in row_dots, not a product: a product followed
+  // by an add may be contracted into one FMA, which rounds differently.)
+  constexpr int C = KR < kChains ? KR : kChains;
+  vfloat acc[M][C];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < C; ++a) acc[m][a] = vzero();
+  for (int v = 0; v < KR; ++v) {
+    vfloat wv;
+    Format<T>::load(row, v * kLanes, &wv);
+    for (int m = 0; m < M; ++m) acc[m][v % kChains] = vfma(wv, xv[m][v], acc[m][v % kChains]);
+  }
+  for (int m = 0; m < M; ++m) {
+    vfloat total = acc[m][0];
+    for (int a = 1; a < C; ++a) total = vadd(total, acc[m][a]);
+    out[m] = total;
+  }
+}
+
+template <int M, typename Dots>
+void direct_rows(const Dots& dots, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end);
+
+template <DType T, int M, int KR>
+void short_form(const float* x, const uint8_t* w, const float* bias, float* y, int64_t N, int64_t min_rows) {
+  const int64_t row_bytes = Format<T>::row_bytes(KR * kLanes);
+  vfloat xv[M][KR];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < KR; ++v) xv[m][v] = vload(x + (m * KR + v) * kLanes);
+  auto dots = [&](int64_t n, vfloat* out) { short_dots<T, M, KR>(xv, w + n * row_bytes, out); };
+  parallel_for(N, min_rows, [&](int64_t begin, int64_t end) { direct_rows<M>(dots, bias, y, N, begin, end); });
+}
+
+// short_form for KR = K / kLanes known only at run time; false when K is not short.
+template <DType T, int M, int KR = kShortMaxRegisters>
+inline bool short_form_upto(int64_t K, const float* x, const uint8_t* w, const float* bias, float* y, int64_t N,
+                            int64_t min_rows) {
+  if constexpr (KR >= 1) {
+    if (K == KR * kLanes) {
+      short_form<T, M, KR>(x, w, bias, y, N, min_rows);
+      return true;
+    }
+    return short_form_upto<T, M, KR - 1>(K, x, w, bias, y, N, min_rows);
+  }
+  return false;
+}
+
 // ---- q8_0 with int8 dot products (VNNI), few rows of x ----
 // The rows of x are quantised once per call, like the weights: per block of 32, d = max|x| / 127 (kept
 // in f32) and q = round(x / d). A block's dot product is then Σ w·q in int32, exact, times d_w · d_x.
 // This rounds the activations to 8 bits — a relative error of about 0.5% per element and of the
 // output's RMS — where the f32 paths use x as given. It measured 1.7–2× the f32 path's throughput
-// with one thread (q8_0, 1 to 4 rows of x), enough for one row of x to keep up with DRAM where the f32
-// path does not quite. But a step (few rows) then no longer matches a whole-sequence forward (prefill,
-// f32) to the 1e-4–1e-5 that test_model and test_moe ask at every level, so matmul uses it only when
-// kInt8Activations is set; gemm_detail::matmul_q8_0_int8 runs it regardless.
+// with one thread (q8_0, 1 to 4 rows of x, cache-resident), which lets one row of x keep up with DRAM
+// where the f32 path does not. matmul_step takes it (a decode step, as llama.cpp quantises the
+// activations of its q8_0 products); matmul does not, so that a prefill computes with x as given.
 // vpdpbusd multiplies unsigned by signed bytes: the weights are offset to unsigned (w ^ 0x80 = w + 128)
 // and each accumulator starts at −128 · Σq over its four bytes, which cancels the offset exactly. Two
 // blocks fill one register (lanes 0–7 and 8–15).
-constexpr bool kInt8Activations = false;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 constexpr bool kHaveInt8Products = true;
 struct QuantizedX {
@@ -458,11 +510,14 @@ void direct_form(const float* x, const uint8_t* w, const float* bias, float* y, 
     return;
   }
 #endif
+  if constexpr (T != DType::q8_0 && M <= kShortMaxRowsX) {
+    if (short_form_upto<T, M>(K, x, w, bias, y, N, min_rows)) return;
+  }
   auto dots = [&](int64_t n, vfloat* out) { direct_tiles<T, M>(x, K, w + n * row_bytes, out); };
   parallel_for(N, min_rows, [&](int64_t begin, int64_t end) { direct_rows<M>(dots, bias, y, N, begin, end); });
 }
 
-template <DType T, int MMax, bool Int8 = T == DType::q8_0 && kInt8Activations && kHaveInt8Products>
+template <DType T, int MMax, bool Int8 = false>
 inline void direct_form_upto(int m, const float* x, const uint8_t* w, const float* bias, float* y, int64_t N,
                              int64_t K, int64_t min_rows) {
   if constexpr (MMax > 1) {
@@ -482,10 +537,18 @@ inline int64_t decode_min_rows(int64_t M, int64_t K, int64_t row_bytes) {
                                        kMinWorkPerThread / std::max<int64_t>(1, M * K)));
 }
 
+// int8: q8_0 weights in the direct form quantise x (int8 products), where the level has them.
 template <DType T>
-void decode(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+void decode(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+            bool int8) {
   const int64_t min_rows = decode_min_rows(M, K, Format<T>::row_bytes(K));
   if (M <= kDirectMaxRows || (M <= kDirectMaxRowsShallow && K < kPanelMinDepth)) {
+    if constexpr (T == DType::q8_0 && kHaveInt8Products) {
+      if (int8) {
+        direct_form_upto<T, kDirectMaxRowsShallow, true>((int)M, x, w, bias, y, N, K, min_rows);
+        return;
+      }
+    }
     direct_form_upto<T, kDirectMaxRowsShallow>((int)M, x, w, bias, y, N, K, min_rows);
     return;
   }
@@ -522,10 +585,11 @@ constexpr int64_t decode_max_rows() {
   return T == DType::q8_0 ? 12 : 8;
 }
 template <DType T>
-void matmul_typed(const float* x, const void* w_any, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+void matmul_typed(const float* x, const void* w_any, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                  bool int8) {
   const uint8_t* w = static_cast<const uint8_t*>(w_any);
   if (M <= kDirectMaxRows || (K < kPanelMinDepth ? M <= kDirectMaxRowsShallow : M <= decode_max_rows<T>())) {
-    decode<T>(x, w, bias, y, M, N, K);
+    decode<T>(x, w, bias, y, M, N, K, int8);
     return;
   }
   gemm_prefill(x, w, T, bias, y, M, N, K);
@@ -597,7 +661,7 @@ constexpr int64_t kConvertChunk = 1 << 16;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 namespace gemm_detail {
 // y[M,N] = x · Wᵀ (+ bias) for q8_0 W (K % 32 == 0) with the rows of x quantised to int8 and int8
-// products, whatever kInt8Activations says: the direct form, 8 rows of x at a time.
+// products, for any number of rows: the direct form, 8 rows of x at a time.
 void matmul_q8_0_int8(const float* x, const void* w_any, const float* bias, float* y, int64_t M, int64_t N,
                       int64_t K) {
   const uint8_t* w = static_cast<const uint8_t*>(w_any);
@@ -610,7 +674,9 @@ void matmul_q8_0_int8(const float* x, const void* w_any, const float* bias, floa
 }  // namespace gemm_detail
 #endif
 
-void matmul(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+namespace {
+void matmul_any(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
+                int64_t K, bool int8) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m)
@@ -618,20 +684,30 @@ void matmul(const float* x, const void* w, DType w_dtype, const float* bias, flo
     return;
   }
   switch (w_dtype) {
-    case DType::f32: matmul_typed<DType::f32>(x, w, bias, y, M, N, K); return;
-    case DType::f16: matmul_typed<DType::f16>(x, w, bias, y, M, N, K); return;
-    case DType::bf16: matmul_typed<DType::bf16>(x, w, bias, y, M, N, K); return;
+    case DType::f32: matmul_typed<DType::f32>(x, w, bias, y, M, N, K, int8); return;
+    case DType::f16: matmul_typed<DType::f16>(x, w, bias, y, M, N, K, int8); return;
+    case DType::bf16: matmul_typed<DType::bf16>(x, w, bias, y, M, N, K, int8); return;
     case DType::q8_0:
       if (K % kQ8BlockSize != 0) {
         std::fprintf(stderr, "mamba-ssm: matmul: q8_0 weights need K %% 32 == 0 (K = %lld)\n", (long long)K);
         std::abort();
       }
-      matmul_typed<DType::q8_0>(x, w, bias, y, M, N, K);
+      matmul_typed<DType::q8_0>(x, w, bias, y, M, N, K, int8);
       return;
     default: break;
   }
   std::fprintf(stderr, "mamba-ssm: matmul: unsupported weight dtype %s\n", dtype_name(w_dtype));
   std::abort();
+}
+}  // namespace
+
+void matmul(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  matmul_any(x, w, w_dtype, bias, y, M, N, K, false);
+}
+
+void matmul_step(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
+                 int64_t K) {
+  matmul_any(x, w, w_dtype, bias, y, M, N, K, true);
 }
 
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {

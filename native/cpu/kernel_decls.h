@@ -4,6 +4,8 @@
 
 namespace mssm::cpu::MSSM_LEVEL {
 void matmul(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N, int64_t K);
+void matmul_step(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
+                 int64_t K);
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n);
 void rmsnorm(const float* x, const float* residual, const float* weight, float* out, float* residual_out, int64_t rows,
              int64_t dim, float eps);

@@ -100,12 +100,16 @@ struct KernelTable {
 
   // y[M,N] = x[M,K] · W[N,K]ᵀ (+ bias[N]). W in f32, f16, bf16 or q8_0 (q8_0: K % 32 == 0).
   // M == 1 is the decode (matvec) case. Every level uses W's stored values exactly and x as given,
-  // except the avx512bf16 level, which also rounds x the way its fast products need: to bf16 for bf16
-  // weights on the many-rows (prefill) path, and to 8 bits per block of 32 (q8_0 of x, an f32 scale
-  // per block) for q8_0 weights on the few-rows (decode) path. That costs about 2e-3 (bf16) and 5e-3
-  // (q8_0) of the output's RMS, and makes prefill and decode differ by as much.
+  // except the avx512bf16 level, which rounds x to bf16 for bf16 weights on the many-rows (prefill)
+  // path (about 2e-3 of the output's RMS).
   void (*matmul)(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K);
+  // matmul for a decode step: the same, except that at the avx512bf16 level (VNNI int8 products) q8_0
+  // weights with few rows of x (up to 4, or 8 when K < 256) quantise x to 8 bits per block of 32 (an
+  // f32 scale per block, as llama.cpp's q8_0 products do): about 5e-3 of the output's RMS, for
+  // products that keep up with reading the weights.
+  void (*matmul_step)(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M,
+                      int64_t N, int64_t K);
   // Converts n elements between dtypes: f32 -> f16/bf16/q8_0 (n % 32 == 0 for q8_0) and back to f32.
   void (*convert)(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n);
 

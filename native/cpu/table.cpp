@@ -9,6 +9,7 @@ extern const KernelTable table;
 const KernelTable table = {
     MSSM_STR(MSSM_LEVEL),
     &matmul,
+    &matmul_step,
     &convert,
     &rmsnorm,
     &gated_rmsnorm,
@@ -29,4 +30,4 @@ const KernelTable table = {
 };
 }  // namespace mssm::cpu::MSSM_LEVEL
 // Every member must be filled: a table one entry short fails here.
-static_assert(sizeof(mssm::cpu::KernelTable) == 19 * sizeof(void*), "KernelTable and table.cpp disagree");
+static_assert(sizeof(mssm::cpu::KernelTable) == 20 * sizeof(void*), "KernelTable and table.cpp disagree");

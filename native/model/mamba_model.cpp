@@ -4,6 +4,8 @@
 // the scans are the chunked / sequential kernels; a long sequence is cut into segments with the states
 // carried from one to the next. Decode runs B sequences of one token each: every projection is one
 // matmul with M = B (the weights are read once for the batch) and the scans are the one-step kernels.
+// A step's products go through matmul_step, whose q8_0 products quantise the activations to 8 bits
+// at levels with int8 products (VNNI); a prefill's never do.
 #include "mamba_model.h"
 
 #include <algorithm>
@@ -340,12 +342,13 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const auto& k = kernels();
   const Config& c = config_;
   const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, R = c.time_step_rank;
+  const auto matmul = decode ? k.matmul_step : k.matmul;  // (q8_0 products of a step quantise x to int8)
   // xz = hn·W_inᵀ (+b). Prefill: the x rows and the z rows of W_in as two products, so x and z land
   // packed. Decode: one product; with one row its x and z halves are already packed.
   const float* x = ws.x;
   const float* z = ws.z;
   if (decode) {
-    k.matmul(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, 2 * di, d);
+    k.matmul_step(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, 2 * di, d);
     if (rows == 1) {
       x = ws.proj;
       z = ws.proj + di;
@@ -366,11 +369,11 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
     k.conv1d(x, f32(w.conv), f32_or_null(w.conv_bias), conv_in, conv_out, ws.xc, 1, rows, di, c.conv_kernel, true);
   }
   // dt_low, B, C = split(x·W_xᵀ, [R, N, N]);  delta = dt_low·W_dtᵀ (its bias is the scan's delta_bias)
-  k.matmul(ws.xc, w.x_proj.data, w.x_proj.dtype, nullptr, ws.dbc, rows, R + 2 * N, di);
+  matmul(ws.xc, w.x_proj.data, w.x_proj.dtype, nullptr, ws.dbc, rows, R + 2 * N, di);
   copy_columns(ws.dbc, rows, R + 2 * N, 0, R, ws.dt_low);
   copy_columns(ws.dbc, rows, R + 2 * N, R, N, ws.B);
   copy_columns(ws.dbc, rows, R + 2 * N, R + N, N, ws.C);
-  k.matmul(ws.dt_low, w.dt_proj.data, w.dt_proj.dtype, nullptr, ws.delta, rows, di, R);
+  matmul(ws.dt_low, w.dt_proj.data, w.dt_proj.dtype, nullptr, ws.delta, rows, di, R);
   cpu::SelectiveScanArgs s;
   s.batch = decode ? rows : 1;
   s.length = decode ? 1 : rows;
@@ -394,7 +397,7 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   } else {
     k.selective_scan(s);
   }
-  k.matmul(ws.y, w.out_proj.data, w.out_proj.dtype, f32_or_null(w.out_proj_bias), ws.hidden, rows, d, di);
+  matmul(ws.y, w.out_proj.data, w.out_proj.dtype, f32_or_null(w.out_proj_bias), ws.hidden, rows, d, di);
 }
 
 void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, bool decode, const float* conv_in,
@@ -403,6 +406,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const Config& c = config_;
   const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, H = c.num_heads;
   const int64_t gn = c.num_groups * N, channels = c.conv_channels();
+  const auto matmul = decode ? k.matmul_step : k.matmul;  // (q8_0 products of a step quantise x to int8)
   // zxbcdt = hn·W_inᵀ (+b). Prefill: the z, xBC and dt row blocks of W_in as three products, so each
   // lands packed. Decode: one product; with one row its parts are already packed.
   const float* z = ws.z;
@@ -410,7 +414,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const float* dt = ws.dt;
   if (decode) {
     const int64_t width = di + channels + H;
-    k.matmul(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, width, d);
+    k.matmul_step(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, width, d);
     if (rows == 1) {
       z = ws.proj;
       xbc = ws.proj + di;
@@ -468,7 +472,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   }
   // y = rmsnorm_grouped(y ⊙ silu(z)) · w over groups of di / G (norm_before_gate false)
   k.gated_rmsnorm(ws.y, z, f32(w.ssm_norm), ws.yn, rows, di, di / c.num_groups, c.norm_eps, c.norm_before_gate);
-  k.matmul(ws.yn, w.out_proj.data, w.out_proj.dtype, f32_or_null(w.out_proj_bias), ws.hidden, rows, d, di);
+  matmul(ws.yn, w.out_proj.data, w.out_proj.dtype, f32_or_null(w.out_proj_bias), ws.hidden, rows, d, di);
 }
 
 void Model::moe_block(Workspace& ws, const LayerWeights& w, int64_t rows) const {
@@ -613,7 +617,7 @@ void Model::step(const StepArgs& a) const {
   k.embedding(embeddings_.data, embeddings_.dtype, a.ids, ws->residual, a.batch, d);
   run_layers(*ws, a.batch, true, true, {a.conv_state, a.batch, 0}, {a.ssm_state, a.batch, 0});
   k.rmsnorm(ws->hidden, ws->residual, f32(norm_f_), ws->normed, nullptr, a.batch, d, c.norm_eps);
-  k.matmul(ws->normed, lm_head_.data, lm_head_.dtype, nullptr, a.logits, a.batch, c.vocab_size, d);
+  k.matmul_step(ws->normed, lm_head_.data, lm_head_.dtype, nullptr, a.logits, a.batch, c.vocab_size, d);
   release(std::move(ws));
 }
 

@@ -71,6 +71,21 @@ std::vector<Case> make_cases() {
           reference(c);
           cases.push_back(std::move(c));
         }
+  // Wide steps, whose channel blocks a step splits over the threads (1100: 17 full blocks and a tail),
+  // and a kernel of more than 8 taps.
+  for (int64_t batch : {1, 2})
+    for (int64_t length : {1, 7})
+      for (int64_t kernel : {4, 9}) {
+        const int64_t channels = kernel == 9 ? 70 : 1100;
+        Case c{batch, length, channels, kernel, index % 2 == 0, true, true, (StateOut)(index % 3)};
+        ++index;
+        c.x = rng.normals(batch * length * channels);
+        c.w = rng.normals(channels * kernel, 0.5f);
+        c.b = rng.normals(channels, 0.5f);
+        c.s_in = rng.normals(batch * (kernel - 1) * channels);
+        reference(c);
+        cases.push_back(std::move(c));
+      }
   return cases;
 }
 

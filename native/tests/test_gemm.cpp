@@ -62,9 +62,9 @@ struct Shape {
 // change costs rather than by the tolerance of fp32 accumulation:
 //  - bf16 × bf16: bf16 weights with more rows of x than the decode path takes (gemm.cpp: 8 when
 //    K < 256, else 6); the prefill path rounds x to bf16 (gemm_prefill.cpp, test_gemm_prefill.cpp).
-//  - int8 × int8: q8_0 weights through gemm_detail::matmul_q8_0_int8 (VNNI; matmul takes it only when
-//    gemm.cpp's kInt8Activations is set). x is quantised too, per block of 32 with d = max|x| / 127,
-//    so y carries its rounding to 8 bits.
+//  - int8 × int8: q8_0 weights with the few rows of x of the decode path's direct form (up to 4, and
+//    up to 8 when K < 256) through matmul_step, or through gemm_detail::matmul_q8_0_int8.
+//    x is quantised too, per block of 32 with d = max|x| / 127, so y carries its rounding to 8 bits.
 // The error in y[m,n] is then Σ_k W[n,k]·δx[m,k], so it is judged relative to the size of the terms,
 // s[m,n] = sqrt(Σ_k (x[m,k]·W[n,k])²) (for zero-mean inputs, the RMS of y without bias): the RMS over
 // outputs of |error| / s (over 16 outputs or more; fewer say little about an RMS) and the largest.
@@ -76,11 +76,22 @@ constexpr double kBf16RmsBound = 4e-3, kBf16MaxBound = 1.6e-2;
 // Below this the int8 form cannot have run (its error is that of 8-bit activations).
 constexpr double kInt8MinRms = 1e-4;
 
-// What matmul multiplies at level t.
-Products products(const cpu::KernelTable& t, DType dtype, int64_t M, int64_t K) {
+// What matmul (step: matmul_step) multiplies at level t.
+Products products(const cpu::KernelTable& t, DType dtype, int64_t M, int64_t K, bool step) {
   if (std::string(t.level) != "avx512bf16") return Products::f32;
   if (dtype == DType::bf16 && M > (K < 256 ? 8 : 6)) return Products::bf16_x;
+  if (step && dtype == DType::q8_0 && M <= (K < 256 ? 8 : 4)) return Products::int8_x;
   return Products::f32;
+}
+
+// The two entry points, which differ only in what matmul_step's q8_0 products do with x.
+struct MatmulForm {
+  decltype(cpu::KernelTable::matmul) fn;
+  bool step;
+  const char* name;
+};
+std::vector<MatmulForm> matmul_forms(const cpu::KernelTable& t) {
+  return {{t.matmul, false, "matmul"}, {t.matmul_step, true, "matmul_step"}};
 }
 
 // RMS and largest of |got − want| / s over the outputs, s as above.
@@ -146,13 +157,15 @@ void test_matmul() {
       std::vector<double> want = reference_matmul(x, stored.values, b, M, N, K);
 
       char what[160];
-      std::snprintf(what, sizeof what, "matmul %s M=%lld N=%lld K=%lld bias=%d", dtype_name(dtype), (long long)M,
+      std::snprintf(what, sizeof what, "%s M=%lld N=%lld K=%lld bias=%d", dtype_name(dtype), (long long)M,
                     (long long)N, (long long)K, (int)with_bias);
       for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
-        std::vector<float> y(M * N, NAN);
-        t.matmul(x.data(), stored.bytes.data(), dtype, b, y.data(), M, N, K);
-        check_matmul(std::string(what) + " " + label, products(t, dtype, M, K), y.data(), want, x, stored.values, M,
-                     N, K);
+        for (const MatmulForm& f : matmul_forms(t)) {
+          std::vector<float> y(M * N, NAN);
+          f.fn(x.data(), stored.bytes.data(), dtype, b, y.data(), M, N, K);
+          check_matmul(std::string(f.name) + " " + what + " " + label, products(t, dtype, M, K, f.step), y.data(), want,
+                       x, stored.values, M, N, K);
+        }
       });
 
       if (dtype != DType::f32 && K >= 32) {
@@ -179,8 +192,9 @@ void test_matmul_decode_sizes() {
   Rng rng(4321);
   int case_index = 0;
   for (DType dtype : kWeightTypes) {
+    // (48 and 128: whole registers, at most 8, which one or two rows of x take in the short form.)
     const std::vector<int64_t> Ks = dtype == DType::q8_0 ? std::vector<int64_t>{32, 96, 416}
-                                                          : std::vector<int64_t>{7, 45, 419};
+                                                          : std::vector<int64_t>{7, 45, 48, 128, 419};
     for (int64_t M : Ms)
       for (int64_t N : Ns)
         for (int64_t K : Ks) {
@@ -192,13 +206,15 @@ void test_matmul_decode_sizes() {
           const float* b = with_bias ? bias.data() : nullptr;
           std::vector<double> want = reference_matmul(x, stored.values, b, M, N, K);
           char what[160];
-          std::snprintf(what, sizeof what, "matmul %s M=%lld N=%lld K=%lld bias=%d", dtype_name(dtype), (long long)M,
+          std::snprintf(what, sizeof what, "%s M=%lld N=%lld K=%lld bias=%d", dtype_name(dtype), (long long)M,
                         (long long)N, (long long)K, (int)with_bias);
           for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
-            std::vector<float> y(M * N, NAN);
-            t.matmul(x.data(), stored.bytes.data(), dtype, b, y.data(), M, N, K);
-            check_matmul(std::string(what) + " " + label, products(t, dtype, M, K), y.data(), want, x, stored.values, M,
-                     N, K);
+            for (const MatmulForm& f : matmul_forms(t)) {
+              std::vector<float> y(M * N, NAN);
+              f.fn(x.data(), stored.bytes.data(), dtype, b, y.data(), M, N, K);
+              check_matmul(std::string(f.name) + " " + what + " " + label, products(t, dtype, M, K, f.step), y.data(),
+                           want, x, stored.values, M, N, K);
+            }
           });
         }
   }
@@ -216,39 +232,44 @@ void test_matmul_decode_sizes() {
       StoredWeights stored = store(w, dtype);
       std::vector<double> want = reference_matmul(x, stored.values, bias.data(), M, N, K);
       char what[160];
-      std::snprintf(what, sizeof what, "matmul %s M=%lld N=%lld K=%lld bias=1", dtype_name(dtype), (long long)M,
+      std::snprintf(what, sizeof what, "%s M=%lld N=%lld K=%lld bias=1", dtype_name(dtype), (long long)M,
                     (long long)N, (long long)K);
       for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
-        std::vector<float> y(M * N, NAN);
-        t.matmul(x.data(), stored.bytes.data(), dtype, bias.data(), y.data(), M, N, K);
-        check_matmul(std::string(what) + " " + label, products(t, dtype, M, K), y.data(), want, x, stored.values, M,
-                     N, K);
+        for (const MatmulForm& f : matmul_forms(t)) {
+          std::vector<float> y(M * N, NAN);
+          f.fn(x.data(), stored.bytes.data(), dtype, bias.data(), y.data(), M, N, K);
+          check_matmul(std::string(f.name) + " " + what + " " + label, products(t, dtype, M, K, f.step), y.data(), want,
+                       x, stored.values, M, N, K);
+        }
       });
     }
 }
 
 // The decode path's direct form sums in the same order whatever the number of rows of x, so a row of
 // x gets bit-identical results alone and in a batch, on every level (up to 4 rows of x, and up to 8
-// when K < 256; the panel form beyond is not covered).
+// when K < 256; the panel form beyond is not covered). K = 16, 48 and 128 are short rows, which one or
+// two rows of x take through the short form and more rows through the general one.
 void test_matmul_batch_invariance() {
   const int64_t N = 37;
   Rng rng(808);
   for (DType dtype : kWeightTypes)
-    for (int64_t K : {45, 419}) {
+    for (int64_t K : {16, 45, 48, 128, 419}) {
       const int64_t k = dtype == DType::q8_0 ? (K + 31) / 32 * 32 : K;
       const int64_t M = k < 256 ? 8 : 4;
       std::vector<float> x = rng.normals(M * k), w = rng.normals(N * k, 0.5f), bias = rng.normals(N);
       StoredWeights stored = store(w, dtype);
       for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
-        std::vector<float> batch(M * N), alone(N);
-        t.matmul(x.data(), stored.bytes.data(), dtype, bias.data(), batch.data(), M, N, k);
-        int64_t differ = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          t.matmul(x.data() + m * k, stored.bytes.data(), dtype, bias.data(), alone.data(), 1, N, k);
-          differ += std::memcmp(alone.data(), batch.data() + m * N, N * sizeof(float)) != 0;
+        for (const MatmulForm& f : matmul_forms(t)) {
+          std::vector<float> batch(M * N), alone(N);
+          f.fn(x.data(), stored.bytes.data(), dtype, bias.data(), batch.data(), M, N, k);
+          int64_t differ = 0;
+          for (int64_t m = 0; m < M; ++m) {
+            f.fn(x.data() + m * k, stored.bytes.data(), dtype, bias.data(), alone.data(), 1, N, k);
+            differ += std::memcmp(alone.data(), batch.data() + m * N, N * sizeof(float)) != 0;
+          }
+          MSSM_CHECK(differ == 0, "%s %s M=%lld K=%lld %s: %lld rows differ alone and in the batch", f.name,
+                     dtype_name(dtype), (long long)M, (long long)k, label.c_str(), (long long)differ);
         }
-        MSSM_CHECK(differ == 0, "matmul %s M=%lld K=%lld %s: %lld rows differ alone and in the batch",
-                   dtype_name(dtype), (long long)M, (long long)k, label.c_str(), (long long)differ);
       });
     }
 }
@@ -272,23 +293,25 @@ void test_matmul_special_inputs() {
       if (nan_row >= 0) x[nan_row * K + 77] = NAN;
       if (inf_row >= 0) x[inf_row * K + 5] = INFINITY;
       for_each_level([&](const cpu::KernelTable& t, const std::string& label) {
+       for (const MatmulForm& f : matmul_forms(t)) {
         std::vector<float> y(M * N, 0.0f);
-        t.matmul(x.data(), stored.bytes.data(), dtype, nullptr, y.data(), M, N, K);
+        f.fn(x.data(), stored.bytes.data(), dtype, nullptr, y.data(), M, N, K);
         for (int64_t m = 0; m < M; ++m) {
           const bool special = m == nan_row || m == inf_row;
           int64_t finite = 0;
           for (int64_t n = 0; n < N; ++n) finite += std::isfinite(y[m * N + n]);
-          MSSM_CHECK(finite == (special ? 0 : N), "matmul %s M=%lld %s: row %lld has %lld finite outputs of %lld",
+          MSSM_CHECK(finite == (special ? 0 : N), "%s %s M=%lld %s: row %lld has %lld finite outputs of %lld", f.name,
                      dtype_name(dtype), (long long)M, label.c_str(), (long long)m, (long long)finite, (long long)N);
           if (special) continue;
           std::vector<float> row(y.begin() + m * N, y.begin() + (m + 1) * N);
           std::vector<double> row_want(want.begin() + m * N, want.begin() + (m + 1) * N);
           std::vector<float> row_x(x.begin() + m * K, x.begin() + (m + 1) * K);
           char what[160];
-          std::snprintf(what, sizeof what, "matmul %s M=%lld row %lld %s", dtype_name(dtype), (long long)M,
+          std::snprintf(what, sizeof what, "%s %s M=%lld row %lld %s", f.name, dtype_name(dtype), (long long)M,
                         (long long)m, label.c_str());
-          check_matmul(what, products(t, dtype, M, K), row.data(), row_want, row_x, stored.values, 1, N, K);
+          check_matmul(what, products(t, dtype, M, K, f.step), row.data(), row_want, row_x, stored.values, 1, N, K);
         }
+       }
       });
     }
 }

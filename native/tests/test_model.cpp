@@ -377,32 +377,40 @@ std::vector<float> sequence_state(const std::vector<float>& all, int64_t layers,
 }
 
 // Whether the level in use rounds activations for the case's matrices: the avx512bf16 level's bf16
-// products round x to bf16 (prefill), and its q8_0 products with few rows of x quantise x to 8 bits
-// (decode). Results then differ between paths (prefill, step, segments) by that rounding, not by the
-// order of fp32 sums, and are checked by the error's RMS and maximum against the values' RMS.
-bool g_rounds_activations = false;
+// products round x to bf16 (prefill), and its q8_0 products in a step (matmul_step, few rows of x)
+// quantise x to 8 bits. Results then differ between paths (prefill, step, segments) by that rounding,
+// not by the order of fp32 sums, and are checked by the error's RMS and maximum against the values'
+// RMS: a wrong token, state or weight row is off by about 1. Measured on these cases, bf16: at most
+// 6e-3 and 3e-2; q8_0 steps: 1.9e-2 and 0.2 (the largest in an SSM state, which sums many steps'
+// rounding). The limits are about twice that.
+bool g_rounds_activations = false;  // bf16 matrices: every path
+bool g_step_rounds = false;         // q8_0: steps
 
-// Rounded activations, through a few random layers: the error's RMS within 2e-2 of the values' RMS
-// and no element off by more than 0.1 of it (a wrong token, state or weight row is off by about 1);
-// measured: at most 6e-3 and 3e-2 on these cases.
 template <typename T>
-void expect_near_rms(const char* what, const std::vector<float>& got, const std::vector<T>& want) {
+void expect_near_rms(const char* what, const std::vector<float>& got, const std::vector<T>& want, double rms_limit,
+                     double max_limit) {
   MSSM_CHECK(got.size() == want.size(), "%s: %zu values, want %zu", what, got.size(), want.size());
-  expect_rms_close(what, got.data(), want.data(), (int64_t)want.size(), 2e-2, 0.1);
+  expect_rms_close(what, got.data(), want.data(), (int64_t)want.size(), rms_limit, max_limit);
 }
 
 // fp32 against the float64 reference through a few layers: 1e-4 relative, floor 0.1·RMS of the reference.
 void expect_matches_reference(const char* what, const std::vector<float>& got, const std::vector<double>& want) {
-  if (g_rounds_activations) return expect_near_rms(what, got, want);
+  if (g_rounds_activations) return expect_near_rms(what, got, want, 1.2e-2, 6e-2);
   MSSM_CHECK(got.size() == want.size(), "%s: %zu values, want %zu", what, got.size(), want.size());
   expect_close(what, got.data(), want.data(), (int64_t)want.size(), 1e-4, 0.1 * rms(want.data(), (int64_t)want.size()));
 }
 
 // Two runner results that should agree up to the order of fp32 sums.
 void expect_same(const char* what, const std::vector<float>& got, const std::vector<float>& want, double rel) {
-  if (g_rounds_activations) return expect_near_rms(what, got, want);
+  if (g_rounds_activations) return expect_near_rms(what, got, want, 1.2e-2, 6e-2);
   MSSM_CHECK(got.size() == want.size(), "%s: %zu values, want %zu", what, got.size(), want.size());
   expect_close(what, got.data(), want.data(), (int64_t)want.size(), rel, 0.1 * rms(want.data(), (int64_t)want.size()));
+}
+
+// A step's result against the forward's.
+void expect_step_same(const char* what, const std::vector<float>& got, const std::vector<float>& want, double rel) {
+  if (g_step_rounds) return expect_near_rms(what, got, want, 4e-2, 0.4);
+  expect_same(what, got, want, rel);
 }
 
 struct Case {
@@ -420,7 +428,9 @@ void check_case(const Case& tc, uint64_t seed) {
   const int64_t conv_per = c.conv_state_floats(), ssm_per = c.ssm_state_floats();
   const std::vector<int32_t> a = random_ids(rng, L, V), b = random_ids(rng, L, V);
   const std::string label = std::string(tc.name) + " [" + cpu::kernels().level + "]";
-  g_rounds_activations = std::string(cpu::kernels().level) == "avx512bf16" && tc.matrix_dtype != DType::f32;
+  const bool rounding_level = std::string(cpu::kernels().level) == "avx512bf16";
+  g_rounds_activations = rounding_level && tc.matrix_dtype != DType::f32;  // (q8_0 cases hold bf16 matrices too)
+  g_step_rounds = rounding_level && tc.matrix_dtype == DType::q8_0;
   auto what = [&](const char* check) { return label + ": " + check; };
 
   // 1. forward of one sequence == the reference, logits at every position and the final states.
@@ -447,10 +457,10 @@ void check_case(const Case& tc, uint64_t seed) {
     stepped_a.insert(stepped_a.end(), logits.begin(), logits.begin() + V);
     stepped_b.insert(stepped_b.end(), logits.begin() + V, logits.end());
   }
-  expect_same(what("step logits (sequence 0 of 2) == forward").c_str(), stepped_a, whole.logits, 1e-4);
-  expect_same(what("step logits (sequence 1 of 2) == forward").c_str(), stepped_b, whole_b.logits, 1e-4);
-  expect_same(what("step ssm state == forward").c_str(), sequence_state(ssm, layers, 2, 1, ssm_per), whole_b.ssm, 1e-4);
-  expect_same(what("step conv state == forward").c_str(), sequence_state(conv, layers, 2, 0, conv_per), whole.conv, 1e-5);
+  expect_step_same(what("step logits (sequence 0 of 2) == forward").c_str(), stepped_a, whole.logits, 1e-4);
+  expect_step_same(what("step logits (sequence 1 of 2) == forward").c_str(), stepped_b, whole_b.logits, 1e-4);
+  expect_step_same(what("step ssm state == forward").c_str(), sequence_state(ssm, layers, 2, 1, ssm_per), whole_b.ssm, 1e-4);
+  expect_step_same(what("step conv state == forward").c_str(), sequence_state(conv, layers, 2, 0, conv_per), whole.conv, 1e-5);
 
   // 3. two sequences of different lengths in one call == each alone (logits and states).
   const std::vector<int32_t> b_short = slice(b, 0, 6);
