@@ -80,9 +80,10 @@ describe("Tensor", () => {
     expect(r.disposed).toBe(true);
   });
 
-  test("fresh tensors are zero, small (zero-filled) and large (fresh mapped pages) alike, after dirty ones are freed", () => {
+  test("fresh tensors are zero, small (zero-filled) and large (mapped pages, reused once freed) alike, after dirty ones are freed", () => {
     for (const n of [1000, 1 << 20]) {
-      // 4 KB and 4 MiB: below and above the size from which native memory is mapped directly
+      // 4 KB and 4 MiB: below and above the size from which native memory is mapped directly; the
+      // second tensor of 4 MiB gets the mapping the first one freed, which must be cleared
       const dirty = Tensor.zeros([n]);
       (dirty.data as Float32Array).fill(7);
       dirty.dispose();

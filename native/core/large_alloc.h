@@ -9,12 +9,15 @@
 
 namespace mssm {
 
+// The mappings start on a 2 MiB boundary. Freed ones are kept for reuse, a few and up to a bound
+// (large_alloc.cpp), because mapping afresh costs a fault per page touched.
+//
 // Never null: throws std::bad_alloc when the memory cannot be had.
 void* large_alloc(size_t bytes);
-// `bytes` must be the size given to large_alloc.
+// The same, zero-filled (fresh pages are; a reused mapping is cleared).
+void* large_alloc_zeroed(size_t bytes);
+// `bytes` must be the size given to large_alloc or large_alloc_zeroed.
 void large_free(void* p, size_t bytes) noexcept;
-// Whether large_alloc(bytes) returns zeroed memory (freshly mapped pages).
-bool large_alloc_zeroes(size_t bytes);
 
 // One such buffer, owned.
 class LargeBuffer {

@@ -16,17 +16,13 @@ namespace {
 std::mutex g_pin_mu;
 std::unordered_map<const void*, int> g_pins;
 
-// Blocks come from large_alloc (large ones mapped directly: zero pages, touched only when used, in
-// transparent huge pages where the kernel gives them); others are zero-filled here.
+// Blocks come from large_alloc_zeroed (large ones mapped directly, in transparent huge pages where
+// the kernel gives them, and reused once freed: a decode loop's logits tensor every step).
 struct Block {
   int64_t bytes;
 };
 
-void* allocate(size_t bytes) {
-  void* p = large_alloc(bytes);
-  if (!large_alloc_zeroes(bytes)) std::memset(p, 0, bytes);
-  return p;
-}
+void* allocate(size_t bytes) { return large_alloc_zeroed(bytes); }
 
 void finalize_block(Napi::Env env, void* data, Block* block) {
   const int64_t bytes = block->bytes;

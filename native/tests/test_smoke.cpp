@@ -1,7 +1,8 @@
-// The core pieces every kernel relies on: dtype conversions, the thread pool, level dispatch.
+// The core pieces every kernel relies on: dtype conversions, the thread pool, level dispatch, large buffers.
 #include <atomic>
 
 #include "../core/dtype.h"
+#include "../core/large_alloc.h"
 #include "test_util.h"
 
 using namespace mssm;
@@ -79,5 +80,38 @@ int main() {
                table->bf16_peak(1000), bf16);
   }
   std::printf("best CPU level: %s, threads: %d\n", cpu_level_name(best_cpu_level()), default_num_threads());
+  // large_alloc: mappings start on a 2 MiB boundary; a freed one is handed out again for the same size
+  // (dirty from large_alloc, cleared from large_alloc_zeroed); other sizes get other memory.
+  {
+    const size_t bytes = (size_t)3 << 20;
+    uint8_t* a = static_cast<uint8_t*>(large_alloc_zeroed(bytes));
+    MSSM_CHECK(((uintptr_t)a & (((uintptr_t)2 << 20) - 1)) == 0, "a large mapping starts on a 2 MiB boundary");
+    int64_t nonzero = 0;
+    for (size_t i = 0; i < bytes; ++i) nonzero += a[i] != 0;
+    MSSM_CHECK(nonzero == 0, "a fresh zeroed mapping holds %lld non-zero bytes", (long long)nonzero);
+    std::memset(a, 7, bytes);
+    large_free(a, bytes);
+    uint8_t* b = static_cast<uint8_t*>(large_alloc(bytes));
+    MSSM_CHECK(b == a, "the freed mapping is reused for the same size");
+    MSSM_CHECK(b[12345] == 7, "large_alloc does not clear a reused mapping");
+    large_free(b, bytes);
+    uint8_t* c = static_cast<uint8_t*>(large_alloc_zeroed(bytes));
+    MSSM_CHECK(c == a, "the freed mapping is reused again");
+    nonzero = 0;
+    for (size_t i = 0; i < bytes; ++i) nonzero += c[i] != 0;
+    MSSM_CHECK(nonzero == 0, "a reused zeroed mapping holds %lld non-zero bytes", (long long)nonzero);
+    uint8_t* d = static_cast<uint8_t*>(large_alloc(bytes + ((size_t)1 << 20)));
+    MSSM_CHECK(d != c, "another size gets another mapping");
+    d[bytes] = 1;
+    large_free(d, bytes + ((size_t)1 << 20));
+    large_free(c, bytes);
+    // Small buffers come from the heap, zeroed on request.
+    uint8_t* e = static_cast<uint8_t*>(large_alloc_zeroed(1000));
+    nonzero = 0;
+    for (size_t i = 0; i < 1000; ++i) nonzero += e[i] != 0;
+    MSSM_CHECK(nonzero == 0 && ((uintptr_t)e & 63) == 0, "a small zeroed buffer is aligned and zero");
+    large_free(e, 1000);
+  }
+
   return finish("test_smoke");
 }
