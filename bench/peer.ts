@@ -5,9 +5,11 @@
 // for several repetitions, and the medians are compared:
 //   prefill   a 512-token prompt evaluated in one call (tokens/s)
 //   decode    128 single-token steps from the last prompt token, greedy, batch 1 (tokens/s), also as a
-//             fraction of the read-bandwidth bound (weight bytes per token / measured bandwidth)
+//             fraction of the read-bandwidth bound (measured bandwidth / weight bytes per token; the
+//             bandwidth measured again before each repetition)
 //   batch-16  16 sequences (64-token prompts) stepped together, 32 steps (aggregate tokens/s)
-// and the greedy tokens of the two engines are compared. node-llama-cpp is installed on demand into
+// and the greedy tokens of the two engines are compared. The mamba-ssm side (bench/peer-mamba.js) runs
+// the compiled package in plain node, as the llama.cpp side (bench/peer-llama.mjs) runs node-llama-cpp. node-llama-cpp is installed on demand into
 // .cache/peer/ (it is not a dependency of the package); --llama-cpp DIR uses an existing install.
 //
 //   npm run bench:peer [-- --quick] [-- --reps R] [-- --threads N] [-- --models a,b] [-- --dtypes f32,q8_0]
@@ -16,10 +18,9 @@ import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import { getThreads, setThreads, Tensor } from "../lib";
-import { loadModel } from "../lib/models/model";
+import { getThreads, setThreads } from "../lib";
 import { preset } from "../lib/models/init";
-import { ARCHS, Arch, argmaxRow, formatTable, makeBenchModel, measureBandwidth, promptIds, WEIGHT_TYPES, WeightType } from "./common";
+import { ARCHS, Arch, formatTable, makeBenchModel, measureBandwidth, promptIds, WEIGHT_TYPES, WeightType } from "./common";
 
 const LLAMA_CPP_VERSION = "3.21.1";
 const repoRoot = path.resolve(__dirname, "..");
@@ -41,6 +42,8 @@ interface EngineResult {
   decodeTokens: number[];
   batchTokens: number[][];
   weightBytes?: number;
+  /** mamba-ssm runs: the read bandwidth measured just before the run (bytes/s). */
+  bandwidth?: number;
 }
 
 const argv = process.argv.slice(2);
@@ -49,62 +52,6 @@ const value = (name: string) => {
   const i = argv.indexOf(name);
   return i >= 0 ? argv[i + 1] : undefined;
 };
-
-// ---- the mamba-ssm side (a child process) --------------------------------------------------------
-async function mambaChild(file: string, o: Options): Promise<EngineResult> {
-  setThreads(o.threads);
-  const model = await loadModel(file);
-  const vocab = model.config.vocabSize;
-  const argmax = (logits: Tensor, row = 0) => argmaxRow(logits.data as Float32Array, row, vocab);
-
-  let state = model.createState(1);
-  (await model.prefill(state, [o.promptIds.slice(0, 16)])).dispose();
-  state.dispose();
-  state = model.createState(1);
-  let t0 = performance.now();
-  (await model.prefill(state, [o.promptIds])).dispose();
-  const prefillMs = performance.now() - t0;
-  state.dispose();
-
-  state = model.createState(1);
-  (await model.prefill(state, [o.promptIds.slice(0, -1)])).dispose();
-  let token = o.promptIds[o.promptIds.length - 1];
-  const decodeTokens: number[] = [];
-  t0 = performance.now();
-  for (let i = 0; i < o.decode; i++) {
-    const logits = await model.step(state, [token]);
-    token = argmax(logits);
-    logits.dispose();
-    decodeTokens.push(token);
-  }
-  const decodeMs = performance.now() - t0;
-  state.dispose();
-
-  const n = o.batchPrompts.length;
-  state = model.createState(n);
-  (await model.prefill(state, o.batchPrompts.map((p) => p.slice(0, -1)))).dispose();
-  let tokens = o.batchPrompts.map((p) => p[p.length - 1]);
-  const batchTokens: number[][] = o.batchPrompts.map(() => []);
-  t0 = performance.now();
-  for (let s = 0; s < o.batchSteps; s++) {
-    const logits = await model.step(state, tokens);
-    tokens = tokens.map((_, b) => argmax(logits, b));
-    logits.dispose();
-    tokens.forEach((t, b) => batchTokens[b].push(t));
-  }
-  const batchMs = performance.now() - t0;
-  state.dispose();
-  const weightBytes = model.weightBytes;
-  model.dispose();
-  return {
-    prefillTokS: (1000 * o.prompt) / prefillMs,
-    decodeTokS: (1000 * o.decode) / decodeMs,
-    batchTokS: (1000 * n * o.batchSteps) / batchMs,
-    decodeTokens,
-    batchTokens,
-    weightBytes,
-  };
-}
 
 // ---- the parent --------------------------------------------------------------------------------
 /** The entry file of node-llama-cpp, installed into .cache/peer/ on first use. */
@@ -150,12 +97,6 @@ function agreement(a: number[], b: number[]): { prefix: number; equal: number } 
 }
 
 async function main() {
-  const childFile = value("--child-mamba");
-  if (childFile) {
-    const o: Options = JSON.parse(value("--options")!);
-    process.stdout.write(`RESULT ${JSON.stringify(await mambaChild(childFile, o))}\n`);
-    return;
-  }
   const quick = flag("--quick");
   const threads = Number(value("--threads") ?? getThreads());
   setThreads(threads);
@@ -166,6 +107,9 @@ async function main() {
   for (const d of dtypes) if (!WEIGHT_TYPES.includes(d)) throw new Error(`--dtypes: unknown dtype ${d}; expected ${WEIGHT_TYPES.join(", ")}`);
 
   const entry = nodeLlamaCpp();
+  // The mamba-ssm side runs the compiled package (bench/peer-mamba.js): compile it from lib/ now.
+  const tsc = spawnSync(process.execPath, [require.resolve("typescript/bin/tsc"), "-p", "tsconfig.json"], { cwd: repoRoot, encoding: "utf8" });
+  if (tsc.status !== 0) throw new Error(`bench:peer: compiling lib/ into dist/ failed:\n${tsc.stdout}${tsc.stderr}`);
   const bandwidth = measureBandwidth();
   for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
 
@@ -198,8 +142,12 @@ async function main() {
       const mamba: EngineResult[] = [];
       for (let r = 0; r < reps; r++) {
         const runLlama = () => llama.push(runChild([path.join(__dirname, "peer-llama.mjs"), entry, file, JSON.stringify(o)], process.env, `llama.cpp ${arch} ${dtype}`));
-        const runMamba = () =>
-          mamba.push(runChild(["-r", "ts-node/register", __filename, "--child-mamba", file, "--options", JSON.stringify(o)], tsEnv, `mamba-ssm ${arch} ${dtype}`));
+        // The bound a decode is judged by uses the bandwidth measured just before it: this machine's
+        // drifts by ±20% within minutes, more than the run-start figure can stand for.
+        const runMamba = () => {
+          const before = measureBandwidth();
+          mamba.push({ ...runChild([path.join(__dirname, "peer-mamba.js"), file, JSON.stringify(o)], process.env, `mamba-ssm ${arch} ${dtype}`), bandwidth: before });
+        };
         if (r % 2 === 0) {
           runLlama();
           runMamba();
@@ -217,7 +165,11 @@ async function main() {
       });
       const l = summary(llama);
       const m = summary(mamba);
-      const bound = bandwidth / mamba[0].weightBytes!;
+      // Per repetition: decode tokens/s over bandwidth / weight bytes, both engines judged by the
+      // bandwidth measured before that repetition's mamba-ssm run; medians over repetitions.
+      const bounds = mamba.map((x) => x.bandwidth! / x.weightBytes!);
+      const bound = median(bounds);
+      const ofBound = (rs: EngineResult[]) => median(rs.map((x, i) => x.decodeTokS / bounds[i]));
       const decodeAgree = agreement(mamba[0].decodeTokens, llama[0].decodeTokens);
       const batchAgree = mamba[0].batchTokens.map((t, b) => agreement(t, llama[0].batchTokens[b]));
       results.push({
@@ -232,7 +184,8 @@ async function main() {
           batch: +(m.batchTokS / l.batchTokS).toFixed(2),
         },
         decodeBoundTokS: +bound.toFixed(1),
-        decodeOfBound: { mambaSsm: +(m.decodeTokS / bound).toFixed(3), llamaCpp: +(l.decodeTokS / bound).toFixed(3) },
+        decodeOfBound: { mambaSsm: +ofBound(mamba).toFixed(3), llamaCpp: +ofBound(llama).toFixed(3) },
+        bandwidthGBs: mamba.map((x) => +(x.bandwidth! / 1e9).toFixed(2)),
         greedy: {
           decodePrefix: decodeAgree.prefix,
           decodeEqual: +decodeAgree.equal.toFixed(3),
@@ -245,7 +198,7 @@ async function main() {
 
   const o = { prompt: quick ? 128 : 512, decode: quick ? 32 : 128, steps: quick ? 8 : 32 };
   console.log(
-    `mamba-ssm vs llama.cpp (node-llama-cpp ${LLAMA_CPP_VERSION}) — ${threads} threads, read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s; ` +
+    `mamba-ssm vs llama.cpp (node-llama-cpp ${LLAMA_CPP_VERSION}) — ${threads} threads, read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s at the start; ` +
       `prompt ${o.prompt}, decode ${o.decode}, 16 sequences × ${o.steps} steps; median of ${reps}${quick ? " (quick)" : ""}`,
   );
   const head = ["model", "dtype", "prefill llama.cpp", "prefill mamba-ssm", "×", "decode llama.cpp", "decode mamba-ssm", "×", "of bound", "batch-16 llama.cpp", "batch-16 mamba-ssm", "×", "greedy equal"];
@@ -267,7 +220,7 @@ async function main() {
     ].map(String),
   );
   console.log(formatTable(head, rows));
-  console.log("(tokens/s; × = mamba-ssm / llama.cpp; of bound = mamba-ssm decode / (bandwidth / weight bytes); greedy equal = decode / batch-16 tokens that agree)");
+  console.log("(tokens/s; × = mamba-ssm / llama.cpp; of bound = decode / (bandwidth / weight bytes), the bandwidth measured before each repetition; greedy equal = decode / batch-16 tokens that agree)");
   console.log(JSON.stringify({ bench: "peer", llamaCpp: LLAMA_CPP_VERSION, threads, bandwidthGBs: +(bandwidth / 1e9).toFixed(2), reps, ...o, results }));
 }
 

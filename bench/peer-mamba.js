@@ -1,0 +1,81 @@
+// The mamba-ssm side of bench/peer.ts: runs one GGUF file in mamba-ssm and prints one line
+// "RESULT {json}" with prefill, decode and 16-sequence decode speeds and the greedy tokens: the same
+// work as bench/peer-llama.mjs. Plain JavaScript on the compiled package (dist/, which `npm install`
+// and `npm run build:ts` write), like the llama.cpp side: under ts-node the TypeScript compiler's heap
+// kept V8's garbage-collector threads busy on the two cores the steps run on (mamba2-130m q8_0 decode
+// about 4.8-5.7 ms a step there, 3.7-3.9 ms in plain node).
+//
+//   node bench/peer-mamba.js <model.gguf> <json options>
+"use strict";
+const { loadModel, setThreads } = require("..");
+
+/** Index of the largest of the `vocab` logits of row `row`. */
+function argmax(logits, row, vocab) {
+  const data = logits.data;
+  let best = row * vocab;
+  for (let i = best + 1; i < (row + 1) * vocab; i++) if (data[i] > data[best]) best = i;
+  return best - row * vocab;
+}
+
+async function main() {
+  const [file, optionsJson] = process.argv.slice(2);
+  const o = JSON.parse(optionsJson);
+  setThreads(o.threads);
+  const model = await loadModel(file);
+  const vocab = model.config.vocabSize;
+
+  // Warm-up, then the timed prompt in a fresh state.
+  let state = model.createState(1);
+  (await model.prefill(state, [o.promptIds.slice(0, 16)])).dispose();
+  state.dispose();
+  state = model.createState(1);
+  let t0 = performance.now();
+  (await model.prefill(state, [o.promptIds])).dispose();
+  const prefillMs = performance.now() - t0;
+  state.dispose();
+
+  state = model.createState(1);
+  (await model.prefill(state, [o.promptIds.slice(0, -1)])).dispose();
+  let token = o.promptIds[o.promptIds.length - 1];
+  const decodeTokens = [];
+  t0 = performance.now();
+  for (let i = 0; i < o.decode; i++) {
+    const logits = await model.step(state, [token]);
+    token = argmax(logits, 0, vocab);
+    logits.dispose();
+    decodeTokens.push(token);
+  }
+  const decodeMs = performance.now() - t0;
+  state.dispose();
+
+  const n = o.batchPrompts.length;
+  state = model.createState(n);
+  (await model.prefill(state, o.batchPrompts.map((p) => p.slice(0, -1)))).dispose();
+  let tokens = o.batchPrompts.map((p) => p[p.length - 1]);
+  const batchTokens = o.batchPrompts.map(() => []);
+  t0 = performance.now();
+  for (let s = 0; s < o.batchSteps; s++) {
+    const logits = await model.step(state, tokens);
+    tokens = tokens.map((_, b) => argmax(logits, b, vocab));
+    logits.dispose();
+    tokens.forEach((t, b) => batchTokens[b].push(t));
+  }
+  const batchMs = performance.now() - t0;
+  state.dispose();
+  const weightBytes = model.weightBytes;
+  model.dispose();
+  const result = {
+    prefillTokS: (1000 * o.prompt) / prefillMs,
+    decodeTokS: (1000 * o.decode) / decodeMs,
+    batchTokS: (1000 * n * o.batchSteps) / batchMs,
+    decodeTokens,
+    batchTokens,
+    weightBytes,
+  };
+  process.stdout.write(`RESULT ${JSON.stringify(result)}\n`);
+}
+
+main().catch((e) => {
+  process.stderr.write(`${e && e.stack ? e.stack : e}\n`);
+  process.exit(1);
+});
