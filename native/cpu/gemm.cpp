@@ -11,7 +11,8 @@
 // Two paths, chosen by M (and K). Decode (few rows of x, this file) reads each weight row once,
 // widens it to f32 in registers and dots it with every row of x, the products summed along K in the
 // lanes of a register: bound by reading W for one row of x, by the FMAs for 16. Its two forms:
-//   direct  up to 4 rows of x (8 when K < 256): weight rows one after another, decoded in registers;
+//   direct  up to 4 rows of x (8 when K < 256): weight rows one after another, decoded in registers
+//           (a K of at most 8 whole registers with 1 or 2 rows of x: the short form, unrolled);
 //   panel   up to 8 rows (12 for q8_0, 6 for bf16 at avx512bf16; K ≥ 256): a few weight rows decoded
 //           to an f32 panel in L1, then register tiles of panel rows × rows of x.
 // Prefill (more rows, gemm_prefill.cpp) is bound by arithmetic and works on packed panels of W and x.
@@ -271,9 +272,6 @@ inline void short_dots(const vfloat (&xv)[M][KR], const uint8_t* row, vfloat* ou
     out[m] = total;
   }
 }
-
-template <int M, typename Dots>
-void direct_rows(const Dots& dots, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end);
 
 template <DType T, int M, int KR>
 void short_form(const float* x, const uint8_t* w, const float* bias, float* y, int64_t N, int64_t min_rows) {
