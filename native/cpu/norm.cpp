@@ -21,6 +21,7 @@
 
 #include "../core/exp_poly.h"
 #include "../core/threadpool.h"
+#include "simd.h"
 
 namespace mssm::cpu::MSSM_LEVEL {
 namespace {
@@ -118,24 +119,24 @@ void gated_group(const float* x, const float* z, const float* weight, float* out
     return;
   }
   // out = rmsnorm(x ⊙ silu(z)) · weight: the gated values are stored in out, then scaled in place.
+  // The gate is written with simd.h's vectors: as a plain loop around a scalar SiLU the compiler left
+  // it scalar, 0.9 ns an element (Mamba-2's 512-token prefill spent 2–3% of its time here).
   double total = 0;
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t end = std::min(n, b + kSumBlock);
-    float lanes[kLanes] = {};
+    simd::vec lanes = simd::vset(0.0f);
     int64_t i = b;
-    for (; i + kLanes <= end; i += kLanes) {
-      float gated[kLanes];
-      for (int j = 0; j < kLanes; ++j) gated[j] = x[i + j] * silu(z[i + j]);
-      for (int j = 0; j < kLanes; ++j) out[i + j] = gated[j];
-      for (int j = 0; j < kLanes; ++j) lanes[j] += gated[j] * gated[j];
+    for (; i + simd::kWidth <= end; i += simd::kWidth) {
+      const simd::vec gated = simd::vmul(simd::vload(x + i), simd::vsilu(simd::vload(z + i)));
+      simd::vstore(out + i, gated);
+      lanes = simd::vfma(gated, gated, lanes);
     }
+    float block = simd::vsum(lanes);
     for (; i < end; ++i) {
       const float gated = x[i] * silu(z[i]);
       out[i] = gated;
-      lanes[0] += gated * gated;
+      block += gated * gated;
     }
-    float block = 0;
-    for (int j = 0; j < kLanes; ++j) block += lanes[j];
     total += block;
   }
   const float scale = inverse_rms(total, n, eps);

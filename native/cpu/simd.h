@@ -133,6 +133,8 @@ inline mask tail_mask(int64_t n) {
 }
 inline vec vload_tail(const float* p, mask m) { return _mm256_maskload_ps(p, m); }
 inline void vstore_tail(float* p, vec v, mask m) { _mm256_maskstore_ps(p, m, v); }
+#else
+inline float vsum(vec v) { return v; }
 #endif
 
 // dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols (16 × 16 register blocks with AVX-512).
