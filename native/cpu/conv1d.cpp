@@ -37,28 +37,27 @@ constexpr int64_t kTokens = 64;
 
 // y for `lanes` channels (≤ ldw) of one token: taps[k] points at the channel block of xp row t+k
 // (null: a zero row), weights is [K][ldw].
+// U whole vectors of channels from j: conv_block's body.
+template <int U>
+inline void conv_vectors(const float* const* taps, const float* weights, int64_t ldw, const float* bias, float* y,
+                         int64_t kernel, int64_t j, bool silu) {
+  vec acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = bias ? vload(bias + j + u * kWidth) : vset(0.0f);
+  for (int64_t k = 0; k < kernel; ++k) {
+    if (!taps[k]) continue;
+    for (int u = 0; u < U; ++u)
+      acc[u] = vfma(vload(weights + k * ldw + j + u * kWidth), vload(taps[k] + j + u * kWidth), acc[u]);
+  }
+  for (int u = 0; u < U; ++u) vstore(y + j + u * kWidth, silu ? vsilu(acc[u]) : acc[u]);
+}
+
 inline void conv_block(const float* const* taps, const float* weights, int64_t ldw, const float* bias, float* y,
                        int64_t kernel, int64_t lanes, bool silu) {
   int64_t j = 0;
   // Four vectors at a time: each one's taps and SiLU form a long dependent chain, and four independent
   // chains keep the pipes busy (a 512-token mamba-130m layer on one thread: 452 → 233 µs).
-  constexpr int U = 4;
-  for (; j + U * kWidth <= lanes; j += U * kWidth) {
-    vec acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = bias ? vload(bias + j + u * kWidth) : vset(0.0f);
-    for (int64_t k = 0; k < kernel; ++k) {
-      if (!taps[k]) continue;
-      for (int u = 0; u < U; ++u)
-        acc[u] = vfma(vload(weights + k * ldw + j + u * kWidth), vload(taps[k] + j + u * kWidth), acc[u]);
-    }
-    for (int u = 0; u < U; ++u) vstore(y + j + u * kWidth, silu ? vsilu(acc[u]) : acc[u]);
-  }
-  for (; j + kWidth <= lanes; j += kWidth) {
-    vec acc = bias ? vload(bias + j) : vset(0.0f);
-    for (int64_t k = 0; k < kernel; ++k)
-      if (taps[k]) acc = vfma(vload(weights + k * ldw + j), vload(taps[k] + j), acc);
-    vstore(y + j, silu ? vsilu(acc) : acc);
-  }
+  for (; j + 4 * kWidth <= lanes; j += 4 * kWidth) conv_vectors<4>(taps, weights, ldw, bias, y, kernel, j, silu);
+  for (; j + kWidth <= lanes; j += kWidth) conv_vectors<1>(taps, weights, ldw, bias, y, kernel, j, silu);
   if (j < lanes) {  // channel tail: through a padded vector
     float in[kWidth] = {}, out[kWidth];
     vec acc = vset(0.0f);
@@ -156,9 +155,7 @@ void conv1d_step(const float* x, const float* w, const float* bias, float* state
   // 4.3–4.5 to 3.1–3.3 µs in most runs (24 layers' states and taps evicted between steps).
   parallel_for(batch * channel_blocks, std::max<int64_t>(1, 2048 / (kBlock * kernel)), [&](int64_t begin, int64_t end) {
     float* weights = tap_scratch(kernel, kBlock).data();
-    const float* few_taps[8];
-    std::vector<const float*> many_taps(kernel > 8 ? kernel : 0);
-    const float** taps = kernel > 8 ? many_taps.data() : few_taps;
+    std::vector<const float*> taps(kernel);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cb = task % channel_blocks, b = task / channel_blocks;
       const int64_t c0 = cb * kBlock, lanes = std::min(kBlock, channels - c0);
@@ -167,7 +164,7 @@ void conv1d_step(const float* x, const float* w, const float* bias, float* state
       const float* input = x + b * channels + c0;
       for (int64_t k = 0; k < history; ++k) taps[k] = rows + k * channels;
       taps[history] = input;
-      conv_block(taps, weights, kBlock, bias ? bias + c0 : nullptr, y + b * channels + c0, kernel, lanes, silu);
+      conv_block(taps.data(), weights, kBlock, bias ? bias + c0 : nullptr, y + b * channels + c0, kernel, lanes, silu);
       // The window slides by one token: drop the oldest row, append x.
       for (int64_t k = 0; k + 1 < history; ++k)
         std::memcpy(rows + k * channels, rows + (k + 1) * channels, lanes * sizeof(float));

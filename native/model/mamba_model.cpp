@@ -101,9 +101,8 @@ struct Workspace {
     // Each buffer starts on a 64-byte boundary (16 floats) so no two share a cache line.
     int64_t total = 0;
     for (const Slot& s : slots) total += (s.per_row * n_rows + 15) / 16 * 16;
-    storage = LargeBuffer((size_t)(total + 16) * sizeof(float));
+    storage = LargeBuffer((size_t)total * sizeof(float));  // 64-byte aligned
     float* base = static_cast<float*>(storage.data());
-    base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
     for (const Slot& s : slots) {
       *s.target = base;
       base += (s.per_row * n_rows + 15) / 16 * 16;
@@ -348,7 +347,7 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const float* x = ws.x;
   const float* z = ws.z;
   if (decode) {
-    k.matmul_step(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, 2 * di, d);
+    matmul(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, 2 * di, d);
     if (rows == 1) {
       x = ws.proj;
       z = ws.proj + di;
@@ -414,7 +413,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const float* dt = ws.dt;
   if (decode) {
     const int64_t width = di + channels + H;
-    k.matmul_step(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, width, d);
+    matmul(ws.normed, w.in_proj.data, w.in_proj.dtype, f32_or_null(w.in_proj_bias), ws.proj, rows, width, d);
     if (rows == 1) {
       z = ws.proj;
       xbc = ws.proj + di;

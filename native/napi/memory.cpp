@@ -22,8 +22,6 @@ struct Block {
   int64_t bytes;
 };
 
-void* allocate(size_t bytes) { return large_alloc_zeroed(bytes); }
-
 void finalize_block(Napi::Env env, void* data, Block* block) {
   const int64_t bytes = block->bytes;
   large_free(data, (size_t)bytes);
@@ -41,7 +39,7 @@ Napi::Value Alloc(const Napi::CallbackInfo& info) {
     int64_t bytes = (int64_t)requested;
     size_t padded = (size_t)((bytes + 63) / 64 * 64);
     if (padded == 0) padded = 64;
-    void* data = allocate(padded);
+    void* data = large_alloc_zeroed(padded);
     Napi::MemoryManagement::AdjustExternalMemory(info.Env(), (int64_t)padded);
     return Napi::ArrayBuffer::New(info.Env(), data, (size_t)bytes, finalize_block, new Block{(int64_t)padded});
   });
