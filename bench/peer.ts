@@ -3,7 +3,9 @@
 // For mamba-130m- and mamba2-130m-shaped models with random weights (written by mamba-ssm's own GGUF
 // writer) at F32, BF16 and Q8_0, each engine runs in its own process, alternating which goes first,
 // for several repetitions, and the medians are compared:
-//   prefill   a 512-token prompt evaluated in one call (tokens/s)
+//   prefill   a 512-token prompt evaluated in one call (tokens/s): after a warm-up with the same
+//             prompt, the median of 3 evaluations, each in a fresh state (as llama-bench warms up with
+//             a run of the measured size: the first call of a size pays for touching new memory)
 //   decode    128 single-token steps from the last prompt token, greedy, batch 1 (tokens/s), also as a
 //             fraction of the read-bandwidth bound (measured bandwidth / weight bytes per token; the
 //             bandwidth measured again before each repetition)
@@ -28,6 +30,8 @@ const repoRoot = path.resolve(__dirname, "..");
 interface Options {
   threads: number;
   prompt: number;
+  /** Timed evaluations of the prompt (after one untimed), each in a fresh state; the median counts. */
+  prefillReps: number;
   decode: number;
   promptIds: number[];
   batchPrompts: number[][];
@@ -124,6 +128,7 @@ async function main() {
     const o: Options = {
       threads,
       prompt,
+      prefillReps: 3,
       decode: quick ? 32 : 128,
       promptIds: promptIds(prompt, vocab),
       batchPrompts: Array.from({ length: 16 }, (_, b) => promptIds(batchPromptLength, vocab, b + 1)),
