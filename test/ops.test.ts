@@ -185,6 +185,35 @@ describe.each(levels)("ops at CPU level %s", (level) => {
     expect(maxRelError(state.data, scan.state, 0.1 * rmsOf(scan.state))).toBeLessThan(1e-5);
   });
 
+  test("ssdChunked with bf16Products: close to the f32 products, and rounded only at avx512bf16", () => {
+    const rng = new Rng(9);
+    const batch = 2, length = 37, heads = 4, P = 20, N = 33, groups = 2;
+    const inputs = {
+      x: t(rng.normal(batch * length * heads * P), [batch, length, heads, P]),
+      dt: t(rng.uniform(batch * length * heads, -3, 1), [batch, length, heads]),
+      A: t(rng.uniform(heads, -1, 1.5).map((v) => -Math.exp(v)), [heads]),
+      B: t(rng.normal(batch * length * groups * N), [batch, length, groups, N]),
+      C: t(rng.normal(batch * length * groups * N), [batch, length, groups, N]),
+      D: t(rng.normal(heads), [heads]), dtSoftplus: true, chunkSize: 16,
+      state: t(rng.normal(batch * heads * P * N), [batch, heads, P, N]),
+    };
+    for (const level of levels) {
+      setCpuLevel(level);
+      const exact = ops.ssdChunked(inputs);
+      const rounded = ops.ssdChunked({ ...inputs, bf16Products: true });
+      if (level === "avx512bf16") {
+        // Operands rounded to 8 significant bits: about 1e-3 of the values' RMS (the C++ test bounds it).
+        expect(Array.from(rounded.y.data)).not.toEqual(Array.from(exact.y.data));
+        expect(maxRelError(rounded.y.data, exact.y.data, 0.5 * rmsOf(exact.y.data))).toBeLessThan(6e-2);
+        expect(maxRelError(rounded.state.data, exact.state.data, 0.5 * rmsOf(exact.state.data))).toBeLessThan(6e-2);
+      } else {
+        expect(Array.from(rounded.y.data)).toEqual(Array.from(exact.y.data));
+        expect(Array.from(rounded.state.data)).toEqual(Array.from(exact.state.data));
+      }
+    }
+    setCpuLevel(best);
+  });
+
   test("moe routes to the top-k experts and combines their GLU MLPs", () => {
     const rng = new Rng(9);
     const T = 5, d = 8, F = 6, E = 4, k = 2;

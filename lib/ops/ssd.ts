@@ -26,17 +26,23 @@ export interface SsdInputs {
   dtLimit?: readonly [number, number];
   /** Tokens per chunk of the chunked algorithm. Default 256. */
   chunkSize?: number;
+  /**
+   * Round the chunk products' operands to bf16 and accumulate in f32 (VDPBF16PS: twice the f32 rate), as
+   * the model runner does for bf16 weights; the state stays f32. Only where the CPU level is avx512bf16;
+   * ignored elsewhere. Default false.
+   */
+  bf16Products?: boolean;
   /** [batch, heads, headDim, state]: the state before x (absent: zeros) */
   state?: Tensor | null;
 }
 
-export interface SsdStepInputs extends Omit<SsdInputs, "state" | "chunkSize"> {
+export interface SsdStepInputs extends Omit<SsdInputs, "state" | "chunkSize" | "bf16Products"> {
   /** [batch, heads, headDim, state], updated in place */
   state: Tensor;
 }
 
 /** The inputs both forms pass to the kernel (already validated). */
-function ssdBuffers(c: ShapeChecker, inputs: Omit<SsdInputs, "state" | "chunkSize">) {
+function ssdBuffers(c: ShapeChecker, inputs: Omit<SsdInputs, "state" | "chunkSize" | "bf16Products">) {
   return {
     x: inputs.x.buffer(),
     dt: inputs.dt.buffer(),
@@ -85,6 +91,7 @@ export function ssdChunked(inputs: SsdInputs): { y: Tensor; state: Tensor } {
   native().ssdChunked({
     batch, length, heads, headDim, state, groups, chunkSize, dtMin, dtMax,
     ...ssdBuffers(c, inputs),
+    bf16Products: c.flag("bf16Products", inputs.bf16Products, false),
     stateIn: bufferOf(stateIn),
     stateOut: stateOut.buffer(),
     y: y.buffer(),

@@ -58,6 +58,11 @@ struct SsdArgs {
   const float* state_in = nullptr;  // [batch, heads, head_dim, state] or null (zeros)
   float* state_out = nullptr;       // [batch, heads, head_dim, state] or null; may equal state_in
   float* y = nullptr;               // [batch, length, heads, head_dim]
+  // ssd_chunked only: the chunk products (C·S, the masked C·Bᵀ times x, Bᵀ times x) take their
+  // operands rounded to bf16 and accumulate in f32 (VDPBF16PS), as the prefill GEMM does for bf16
+  // weights; the state is still carried in f32. For models whose weights are bf16. Levels without
+  // avx512bf16 ignore it.
+  bool bf16_products = false;
 };
 
 // ---- Mixture of experts ----------------------------------------------------------------------

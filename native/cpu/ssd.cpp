@@ -29,6 +29,10 @@
 //
 // Cost per token and head: P·(2N + Q/2) multiply-adds for the products above, so the chunk size
 // trades the Q/2 of the masked product against per-chunk overheads; the result does not depend on it.
+//
+// With SsdArgs::bf16_products (avx512bf16 level) the products C·S, (masked C·Bᵀ)·(dt'·x) over earlier
+// row blocks and Bᵀ·xw round their operands to bf16 and accumulate in f32 with VDPBF16PS, twice the
+// f32 FMA rate; the state, the decays, C·Bᵀ itself and the small triangle of each row block stay f32.
 #include "level.h"
 
 #include <algorithm>
@@ -44,6 +48,11 @@
 #define MSSM_SSD_VECTOR 1
 #else
 #define MSSM_SSD_VECTOR 0
+#endif
+#if defined(__AVX512BF16__)
+#define MSSM_SSD_BF16 1
+#else
+#define MSSM_SSD_BF16 0
 #endif
 
 #include "../core/threadpool.h"
@@ -191,6 +200,23 @@ struct Acc {
       }
     }
   }
+#if MSSM_SSD_BF16
+  // As accumulate over K = 2·pairs in bf16: a(r, k2) = a[r·a_rs + k2] holds the pair (a(r, 2k2),
+  // a(r, 2k2 + 1)), b is paired (pack_pairs) with ldb lanes between pair rows.
+  MSSM_INLINE void accumulate_pairs(int64_t pairs, const uint32_t* a, int64_t a_rs, const uint32_t* b, int64_t ldb,
+                                    mask tail) {
+    for (int64_t k = 0; k < pairs; ++k, ++a, b += ldb) {
+      __m512bh bv[V];
+      MSSM_UNROLL for (int c = 0; c < V; ++c)
+        bv[c] = (__m512bh)(c == V - 1 ? _mm512_maskz_loadu_epi32(tail, b + c * kWidth)
+                                      : _mm512_loadu_si512(b + c * kWidth));
+      MSSM_UNROLL for (int r = 0; r < R; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * a_rs]);
+        MSSM_UNROLL for (int c = 0; c < V; ++c) v[r][c] = _mm512_dpbf16_ps(v[r][c], av, bv[c]);
+      }
+    }
+  }
+#endif
   MSSM_INLINE void scale(float s) {
     const vec sv = vset(s);
     MSSM_UNROLL for (int r = 0; r < R; ++r)
@@ -249,6 +275,43 @@ inline void for_column_blocks(int64_t cols, F&& fn) {
 }
 #endif
 
+#if MSSM_SSD_BF16
+// ---- bf16 operands ------------------------------------------------------------------------------
+// VDPBF16PS adds a0·b0 + a1·b1 into each f32 lane, (a0, a1) and (b0, b1) the bf16 halves of the
+// lane's 32 bits, so the products take k two at a time: the broadcast operand as a row of pairs
+// (neighbouring k, neighbours in memory) and the vector operand "paired", lane p of pair row k2
+// holding (b[2k2, p], b[2k2 + 1, p]). An odd K ends with a pair whose second half is zero. Rounding is
+// to nearest even, as the prefill GEMM rounds x.
+
+// out[k2] = (bf16(x[2k2]), bf16(x[2k2 + 1])) for k2 < pairs, x[k] taken as 0 for k ≥ n.
+void round_pairs(const float* x, int64_t n, int64_t pairs, uint32_t* out) {
+  for (int64_t k2 = 0; k2 < pairs; k2 += kWidth) {
+    const int64_t k = 2 * k2;
+    const vec lo = vload_tail(x + k, tail_mask(std::clamp<int64_t>(n - k, 0, kWidth)));
+    const vec hi = vload_tail(x + k + kWidth, tail_mask(std::clamp<int64_t>(n - k - kWidth, 0, kWidth)));
+    _mm512_mask_storeu_epi32(out + k2, tail_mask(std::min<int64_t>(kWidth, pairs - k2)),
+                             (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// Pairs the K rows of x (P floats each, ldx apart): out[k2·P + p] = (bf16(x[2k2, p]), bf16(x[2k2 + 1, p])),
+// row K taken as zeros.
+void pack_pairs(const float* x, int64_t ldx, int64_t K, int64_t P, uint32_t* out) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const float* first = x + k * ldx;
+    const float* second = k + 1 < K ? first + ldx : nullptr;
+    uint32_t* o = out + k / 2 * P;
+    for (int64_t p = 0; p < P; p += kWidth) {
+      const mask m = tail_mask(std::min<int64_t>(kWidth, P - p));
+      const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vload_tail(first + p, m)));
+      const __m512i b = second ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vload_tail(second + p, m)))
+                               : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(o + p, m, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+#endif
+
 
 // Per-thread scratch of stage B, reused across calls.
 struct ChunkScratch {
@@ -264,6 +327,11 @@ struct ChunkScratch {
   std::vector<float> xw;         // [Q, P] dt'_j·x_j·exp(cum[last] - cum[j])
   std::vector<float> bt;         // [N, Q] Bᵀ of one chunk (stage A)
   std::vector<float> gate;       // [P]
+  // bf16_products: the paired operands (see "bf16 operands")
+  std::vector<uint32_t> xdt_pairs;    // [Q/2, P] xdt
+  std::vector<uint32_t> xw_pairs;     // [Q/2, P] xw
+  std::vector<uint32_t> state_pairs;  // [N/2, P] the state at the chunk start
+  std::vector<uint32_t> block_pairs;  // [kRowsMax, Q/2] rows of block
 };
 ChunkScratch& chunk_scratch() {
   static thread_local ChunkScratch scratch;
@@ -314,8 +382,13 @@ struct ChunkRun {
 
 // One chunk of one (b, h): writes y for its tokens and moves `state` ([N, P]) to the chunk's end.
 // cb: the chunk's C·Bᵀ ([Q, Q], lower triangle). state_is_zero: skip the products with the state.
+// c_pairs, bt_pairs: for bf16 products, the chunk's C ([Q, N/2] pairs) and Bᵀ ([N, Q/2] pairs) rounded
+// to bf16; null for f32 products.
 void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n_tok, const float* cb, float* state,
-                bool state_is_zero, bool need_state, ChunkScratch& scratch) {
+                bool state_is_zero, bool need_state, ChunkScratch& scratch, const uint32_t* c_pairs,
+                const uint32_t* bt_pairs) {
+  (void)c_pairs;  // read only where bf16 products are compiled in
+  (void)bt_pairs;
   const SsdArgs& args = run.args;
   const int64_t L = run.L, H = run.H, P = run.P, N = run.N, G = run.G, Q = run.Q;
   const int64_t g = h / run.heads_per_group;
@@ -363,6 +436,20 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
 
   const float Dh = args.D ? args.D[h] : 0.0f;
 #if MSSM_SSD_VECTOR
+#if MSSM_SSD_BF16
+  const bool pairs = c_pairs != nullptr;
+  const int64_t n_pairs = (N + 1) / 2, q_pairs = (Q + 1) / 2;
+  uint32_t* const xdt_p = scratch.xdt_pairs.data();
+  uint32_t* const xw_p = scratch.xw_pairs.data();
+  uint32_t* const state_p = scratch.state_pairs.data();
+  uint32_t* const block_p = scratch.block_pairs.data();
+  if (pairs) {
+    pack_pairs(xdt, P, n_tok, P, xdt_p);
+    if (need_state) pack_pairs(xw, P, n_tok, P, xw_p);
+    if (!state_is_zero) pack_pairs(state, P, N, P, state_p);
+  }
+  static_assert(kRowsMax % 2 == 0, "row blocks start at even tokens: the pairs of earlier tokens are whole");
+#endif
   // (1), (2) and (5) by row blocks of kRowsMax rows from i0. Lseg[i, j] splits as
   // exp(cum[i] - cum[i0]) · exp(cum[i0] - cum[j]) for j < i0 (both factors ≤ 1, each from a difference
   // taken in double, so the product is as accurate as one exp), which leaves one exp per column and
@@ -396,6 +483,9 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
       for (int64_t j = 0; j < i0; ++j) row[j] = cbi[j] * to_block[j];
       for (int64_t k = 0; k < k_end - i0; ++k) row[i0 + k] = within[i * kRowsMax + k] * cbi[i0 + k];
       from_block[r] = within[i * kRowsMax];
+#if MSSM_SSD_BF16
+      if (pairs) round_pairs(row, i0, i0 / 2, block_p + r * q_pairs);
+#endif
     }
     const float e0 = decay[i0];
     for_column_blocks(P, [&](int64_t j0, int64_t vecs, mask tail) {
@@ -403,11 +493,22 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
         constexpr int R = decltype(r)::value, V = decltype(v)::value;
         Acc<R, V> acc;
         acc.zero();
-        if (!state_is_zero) {
-          acc.accumulate(N, Cc + i0 * bc_stride, bc_stride, 1, state + j0, P, tail);
-          acc.scale(e0);
+#if MSSM_SSD_BF16
+        if (pairs) {
+          if (!state_is_zero) {
+            acc.accumulate_pairs(n_pairs, c_pairs + i0 * n_pairs, n_pairs, state_p + j0, P, tail);
+            acc.scale(e0);
+          }
+          acc.accumulate_pairs(i0 / 2, block_p, q_pairs, xdt_p + j0, P, tail);
+        } else
+#endif
+        {
+          if (!state_is_zero) {
+            acc.accumulate(N, Cc + i0 * bc_stride, bc_stride, 1, state + j0, P, tail);
+            acc.scale(e0);
+          }
+          acc.accumulate(i0, block, Q, 1, xdt + j0, P, tail);
         }
-        acc.accumulate(i0, block, Q, 1, xdt + j0, P, tail);
         acc.scale_rows(from_block);
         acc.accumulate(k_end - i0, block + i0, Q, 1, xdt + i0 * P + j0, P, tail);
         MSSM_UNROLL for (int rr = 0; rr < R; ++rr) {
@@ -452,7 +553,12 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
               acc.v[rr][c] = vmul(cd, c == V - 1 ? vload_tail(s + rr * P + c * kWidth, tail)
                                                  : vload(s + rr * P + c * kWidth));
         }
-        acc.accumulate(n_tok, Bc + n0, 1, bc_stride, xw + j0, P, tail);
+#if MSSM_SSD_BF16
+        if (pairs)
+          acc.accumulate_pairs((n_tok + 1) / 2, bt_pairs + n0 * q_pairs, q_pairs, xw_p + j0, P, tail);
+        else
+#endif
+          acc.accumulate(n_tok, Bc + n0, 1, bc_stride, xw + j0, P, tail);
         acc.store(s, P, tail);
       });
     });
@@ -523,6 +629,16 @@ void ssd_chunked(const SsdArgs& args) {
   grow(state_buffer, batch * H * state_size);
   float* const CB = cb_buffer.data();          // [b, window, G, Q, Q]
   float* const running = state_buffer.data();  // [b, H, N, P] the state of each (b, head), transposed
+  // bf16 products: each chunk's C and Bᵀ in bf16 pairs, made once per group in stage A.
+  const bool bf16 = MSSM_SSD_BF16 && args.bf16_products;
+  const int64_t n_pairs = (N + 1) / 2, q_pairs = (Q + 1) / 2;
+  static thread_local std::vector<uint32_t> c_pair_buffer, bt_pair_buffer;
+  if (bf16) {
+    grow(c_pair_buffer, batch * window * G * Q * n_pairs);
+    grow(bt_pair_buffer, batch * window * G * N * q_pairs);
+  }
+  uint32_t* const c_pairs = bf16 ? c_pair_buffer.data() : nullptr;    // [b, window, G, Q, N/2]
+  uint32_t* const bt_pairs = bf16 ? bt_pair_buffer.data() : nullptr;  // [b, window, G, N, Q/2]
 
   // The state only matters after the last chunk when state_out is wanted.
   const bool keep_final_state = state_out != nullptr;
@@ -538,8 +654,18 @@ void ssd_chunked(const SsdArgs& args) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / (in_window * G), w = item / G % in_window, g = item % G;
         const int64_t t0 = chunk_start(w);
-        chunk_scores(args.C + ((b * L + t0) * G + g) * N, args.B + ((b * L + t0) * G + g) * N, G * N,
-                     chunk_length(w), N, Q, CB + ((b * window + w) * G + g) * Q * Q, scratch.bt);
+        const float* Cc = args.C + ((b * L + t0) * G + g) * N;
+        chunk_scores(Cc, args.B + ((b * L + t0) * G + g) * N, G * N, chunk_length(w), N, Q,
+                     CB + ((b * window + w) * G + g) * Q * Q, scratch.bt);
+#if MSSM_SSD_BF16
+        if (bf16) {  // chunk_scores left Bᵀ of the chunk in scratch.bt ([N, Q])
+          const int64_t item_index = (b * window + w) * G + g;
+          uint32_t* cp = c_pairs + item_index * Q * n_pairs;
+          uint32_t* bp = bt_pairs + item_index * N * q_pairs;
+          for (int64_t i = 0; i < chunk_length(w); ++i) round_pairs(Cc + i * G * N, N, n_pairs, cp + i * n_pairs);
+          for (int64_t n = 0; n < N; ++n) round_pairs(scratch.bt.data() + n * Q, chunk_length(w), q_pairs, bp + n * q_pairs);
+        }
+#endif
       }
     });
 
@@ -561,6 +687,14 @@ void ssd_chunked(const SsdArgs& args) {
       grow(scratch.xdt, Q * P);
       grow(scratch.xw, Q * P);
       grow(scratch.gate, P);
+#if MSSM_SSD_BF16
+      if (bf16) {
+        grow(scratch.xdt_pairs, q_pairs * P);
+        grow(scratch.xw_pairs, q_pairs * P);
+        grow(scratch.state_pairs, n_pairs * P);
+        grow(scratch.block_pairs, kRowsMax * q_pairs);
+      }
+#endif
       // Chunk by chunk over a few heads at a time: a chunk's B, C and C·Bᵀ stay in cache across the
       // heads, and so do the heads' states from one chunk to the next.
       const int64_t heads_at_once = std::max<int64_t>(1, kStateCacheFloats / state_size);
@@ -575,8 +709,10 @@ void ssd_chunked(const SsdArgs& args) {
             // state_in and state_out are read and written here, head by head, where the state is in
             // cache: state_out may alias state_in, and heads are disjoint.
             if (first_window && w == 0 && state_in) transpose(state_in + bh * state_size, N, P, N, state, P);
-            chunk_step(run, b, h, chunk_start(w), chunk_length(w),
-                       CB + ((b * window + w) * G + h / (H / G)) * Q * Q, state, state_is_zero, need_state, scratch);
+            const int64_t item_index = (b * window + w) * G + h / (H / G);
+            chunk_step(run, b, h, chunk_start(w), chunk_length(w), CB + item_index * Q * Q, state, state_is_zero,
+                       need_state, scratch, bf16 ? c_pairs + item_index * Q * n_pairs : nullptr,
+                       bf16 ? bt_pairs + item_index * N * q_pairs : nullptr);
             if (last && state_out) transpose(state, P, N, P, state_out + bh * state_size, N);
           }
         }

@@ -450,6 +450,8 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   s.state = N;
   s.groups = c.num_groups;
   s.chunk_size = cpu_ssd_chunk(c);
+  // bf16 weights: the chunk products in bf16 too, as the prefill GEMMs around them.
+  s.bf16_products = w.in_proj.dtype == DType::bf16;
   s.x = ws.x;
   s.dt = dt;
   s.A = f32(w.A);

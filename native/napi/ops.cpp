@@ -209,6 +209,7 @@ cpu::SsdArgs ssd_args(const Args& a, bool step) {
   s.z = a.f32("z", nx, true);
   s.dt_bias = a.f32("dtBias", s.heads, true);
   s.dt_softplus = a.boolean("dtSoftplus", false);
+  s.bf16_products = !step && a.boolean("bf16Products", false);
   s.dt_min = (float)a.number("dtMin", 0.0);
   s.dt_max = (float)a.number("dtMax", __builtin_huge_val());
   if (!(s.dt_min <= s.dt_max)) a.fail("dtMin must not exceed dtMax");

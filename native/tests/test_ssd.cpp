@@ -479,6 +479,96 @@ void test_model_like() {
   }
 }
 
+// bf16 products (SsdArgs::bf16_products). At avx512bf16 the chunk products round their operands to
+// bf16 (a relative error of at most 2⁻⁹ each, so ≤ 2⁻⁸ a product) and accumulate in f32; against the
+// double recurrence, y and the final state are judged by the RMS of the error over the RMS of the
+// values (≤ kBf16Rms; these cases measure 0.7e-3 to 2.5e-3, the bf16 prefill GEMM's is 1.7e-3) and by
+// the largest error under the floor rule above (≤ kBf16Max; measured up to 3.9e-2, on one y element of
+// 74k), and they must differ from the f32 products' results (the bf16 path ran). A wrong operand
+// (a pair out of order, a stride off) gives errors of the order of the values. Other levels ignore
+// the flag: bit for bit the f32 results.
+constexpr double kBf16Rms = 4e-3, kBf16Max = 6e-2;
+double& worst_bf16_rms() {
+  static double w = 0;
+  return w;
+}
+
+template <typename B>
+double rms_ratio(const float* got, const B* want, int64_t n) {
+  double err = 0, ref = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const double d = (double)got[e] - (double)want[e];
+    err += d * d;
+    ref += (double)want[e] * (double)want[e];
+  }
+  return std::sqrt(err / std::max(ref, 1e-300));
+}
+
+void test_bf16_products() {
+  struct Case {
+    Shape s;
+    Options o;
+  };
+  Options all;
+  Options no_state = all;
+  no_state.state_in = false;
+  Options clamp_alias = all;
+  clamp_alias.clamp = clamp_alias.alias = true;
+  const Case cases[] = {
+      {{1, 1, 2, 5, 7, 1, 64}, all},                 // one token
+      {{1, 257, 4, 64, 128, 1, 64}, all},            // mamba2-130m heads, a partial last chunk
+      {{2, 65, 3, 20, 7, 1, 32}, no_state},          // odd state, head_dim off the vector width
+      {{1, 100, 4, 5, 33, 2, 16}, clamp_alias},      // odd state, groups
+      {{2, 513, 3, 24, 16, 3, 37}, all},             // odd chunk size: chunks of odd length
+      {{1, 65, 4, 80, 33, 2, 63}, clamp_alias},      // odd chunk size, odd last chunk, P over 64
+      {{2, 1100, 2, 8, 16, 2, 256}, all},            // several windows of chunks
+  };
+  uint64_t seed = 7000;
+  for (const Case& c : cases) {
+    const Inputs in = make_inputs(c.s, c.o, ++seed);
+    std::vector<double> want_y, want_state;
+    reference(in, want_y, want_state);
+    const std::string name = describe(in);
+    for_each_level([&](const cpu::KernelTable& k, const std::string& label) {
+      auto run = [&](bool bf16, std::vector<float>& y, std::vector<float>& state) {
+        y.assign(want_y.size(), NAN);
+        state.assign(want_state.size(), NAN);
+        cpu::SsdArgs a;
+        if (c.o.alias) {
+          state = in.state;
+          a = args_for(in, y.data(), state.data(), state.data());
+        } else {
+          a = args_for(in, y.data(), or_null(in.state), state.data());
+        }
+        a.bf16_products = bf16;
+        k.ssd_chunked(a);
+      };
+      std::vector<float> y, state, y32, state32;
+      run(true, y, state);
+      run(false, y32, state32);
+      const bool same = y == y32 && state == state32;
+      if (std::string(k.level) != "avx512bf16") {
+        MSSM_CHECK(same, "%s %s: bf16_products changed the result at a level without bf16", name.c_str(),
+                   label.c_str());
+        return;
+      }
+      MSSM_CHECK(!same, "%s %s: bf16_products gave the f32 result bit for bit (did it run?)",
+                 name.c_str(), label.c_str());
+      const int64_t ny = (int64_t)y.size(), ns = (int64_t)state.size();
+      const double rms_y = rms_ratio(y.data(), want_y.data(), ny), rms_s = rms_ratio(state.data(), want_state.data(), ns);
+      const SliceError ey = slice_error(y.data(), want_y.data(), ny, in.s.head_dim, in.s.heads, in.s.batch);
+      const SliceError es = slice_error(state.data(), want_state.data(), ns, in.s.head_dim * in.s.state,
+                                        in.s.heads, in.s.batch);
+      worst_bf16_rms() = std::max({worst_bf16_rms(), rms_y, rms_s});
+      worst_seen() = std::max({worst_seen(), ey.max_rel, es.max_rel});
+      MSSM_CHECK(rms_y <= kBf16Rms && rms_s <= kBf16Rms, "%s %s: bf16 RMS error y %.3g state %.3g > %.0e",
+                 name.c_str(), label.c_str(), rms_y, rms_s, kBf16Rms);
+      MSSM_CHECK(ey.max_rel <= kBf16Max && es.max_rel <= kBf16Max, "%s %s: bf16 max rel error y %.3g state %.3g > %.0e",
+                 name.c_str(), label.c_str(), ey.max_rel, es.max_rel, kBf16Max);
+    });
+  }
+}
+
 // The Mamba-1 side of the duality. Run last: selective_scan lives in another kernel file and aborts
 // while it is still a stub.
 void test_duality_with_selective_scan() {
@@ -515,6 +605,11 @@ int main() {
   section("split equals whole", test_split_equals_whole);
   section("model-like, 513 tokens", test_model_like);
   section("duality: chunked == step", test_duality);
+  worst_seen() = 0;
+  const int before = failures();
+  test_bf16_products();
+  std::printf("  %-32s worst RMS err %.3g (tolerance %.0e), worst rel err %.3g (tolerance %.0e)%s\n",
+              "bf16 products", worst_bf16_rms(), kBf16Rms, worst_seen(), kBf16Max, failures() > before ? "  FAILED" : "");
   section("duality: == selective scan", test_duality_with_selective_scan);
   return finish("test_ssd");
 }
