@@ -58,6 +58,10 @@ struct SsdArgs {
   const float* state_in = nullptr;  // [batch, heads, head_dim, state] or null (zeros)
   float* state_out = nullptr;       // [batch, heads, head_dim, state] or null; may equal state_in
   float* y = nullptr;               // [batch, length, heads, head_dim]
+  // Floats between consecutive tokens (and, for ssd_step, sequences) of x, and of B and C; 0 for the
+  // packed layouts above (heads·head_dim, groups·state). The model runner reads x, B and C in place
+  // from the conv output, where they sit side by side in each token's row.
+  int64_t x_stride = 0, bc_stride = 0;
   // ssd_chunked only: the chunk products (C·S, the masked C·Bᵀ times x, Bᵀ times x) take their
   // operands rounded to bf16 and accumulate in f32 (VDPBF16PS), as the prefill GEMM does for bf16
   // weights; the state is still carried in f32. For models whose weights are bf16. Levels without

@@ -378,7 +378,12 @@ void chunk_scores(const float* Cc, const float* Bc, int64_t stride, int64_t n_to
 struct ChunkRun {
   const SsdArgs& args;
   int64_t L, H, P, N, G, Q, heads_per_group;
+  int64_t x_stride, bc_stride;  // floats between tokens in x, and in B and C
 };
+
+// SsdArgs' strides with 0 resolved to the packed layouts.
+int64_t x_stride_of(const SsdArgs& a) { return a.x_stride ? a.x_stride : a.heads * a.head_dim; }
+int64_t bc_stride_of(const SsdArgs& a) { return a.bc_stride ? a.bc_stride : a.groups * a.state; }
 
 // One chunk of one (b, h): writes y for its tokens and moves `state` ([N, P]) to the chunk's end.
 // cb: the chunk's C·Bᵀ ([Q, Q], lower triangle). state_is_zero: skip the products with the state.
@@ -392,13 +397,14 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
   const SsdArgs& args = run.args;
   const int64_t L = run.L, H = run.H, P = run.P, N = run.N, G = run.G, Q = run.Q;
   const int64_t g = h / run.heads_per_group;
-  const int64_t row_stride = H * P;  // between tokens in x, z and y
-  const int64_t bc_stride = G * N;   // between tokens in B and C
-  const float* x = args.x + ((b * L + t0) * H + h) * P;
+  const int64_t row_stride = H * P;          // between tokens in z and y
+  const int64_t x_stride = run.x_stride;     // between tokens in x
+  const int64_t bc_stride = run.bc_stride;   // between tokens in B and C
+  const float* x = args.x + (b * L + t0) * x_stride + h * P;
   float* y = args.y + ((b * L + t0) * H + h) * P;
   const float* z = args.z ? args.z + ((b * L + t0) * H + h) * P : nullptr;
-  const float* Bc = args.B + ((b * L + t0) * G + g) * N;
-  const float* Cc = args.C + ((b * L + t0) * G + g) * N;
+  const float* Bc = args.B + (b * L + t0) * bc_stride + g * N;
+  const float* Cc = args.C + (b * L + t0) * bc_stride + g * N;
 
   double* cum = scratch.cum.data();
   float* dtp = scratch.dtp.data();
@@ -424,7 +430,7 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
   exp_of_differences(cum[n_tok - 1], cum, n_tok, to_end);
 
   for (int64_t j = 0; j < n_tok; ++j) {
-    const float* xj = x + j * row_stride;
+    const float* xj = x + j * x_stride;
     float* o = xdt + j * P;
     float* w = xw + j * P;
     const float d = dtp[j], e = to_end[j];
@@ -513,7 +519,7 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
         acc.accumulate(k_end - i0, block + i0, Q, 1, xdt + i0 * P + j0, P, tail);
         MSSM_UNROLL for (int rr = 0; rr < R; ++rr) {
           const int64_t i = i0 + rr;
-          const float* xi = x + i * row_stride + j0;
+          const float* xi = x + i * x_stride + j0;
           const float* zi = z ? z + i * row_stride + j0 : nullptr;
           float* yi = y + i * row_stride + j0;
           MSSM_UNROLL for (int c = 0; c < V; ++c) {
@@ -580,7 +586,7 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
       for (int64_t j = 0; j <= i; ++j) acc += lseg[i * Q + j] * xdt[j * P + p];
       yi[p] = acc;
     }
-    finish_row(yi, x + i * row_stride, z ? z + i * row_stride : nullptr, Dh, args.D != nullptr, P,
+    finish_row(yi, x + i * x_stride, z ? z + i * row_stride : nullptr, Dh, args.D != nullptr, P,
                scratch.gate.data());
   }
   if (!need_state) return;
@@ -601,6 +607,7 @@ void ssd_chunked(const SsdArgs& args) {
   const int64_t G = args.groups;
   if (G <= 0 || H % G != 0) fail("ssd_chunked: heads must be a multiple of groups");
   if (args.chunk_size <= 0) fail("ssd_chunked: chunk_size must be positive");
+  if (args.x_stride < 0 || args.bc_stride < 0) fail("ssd_chunked: strides must not be negative");
   if (batch <= 0 || H <= 0 || P <= 0 || N <= 0) return;
   const int64_t state_size = N * P;
   const float* const state_in = args.state_in;
@@ -620,7 +627,7 @@ void ssd_chunked(const SsdArgs& args) {
   const int64_t Q = std::min(args.chunk_size, L);
   const int64_t chunks = (L + Q - 1) / Q;
   const int64_t window = std::clamp<int64_t>(kWindowFloats / (batch * G * Q * Q), 1, chunks);
-  const ChunkRun run{args, L, H, P, N, G, Q, H / G};
+  const ChunkRun run{args, L, H, P, N, G, Q, H / G, x_stride_of(args), bc_stride_of(args)};
 
   // Kept by the calling thread from call to call: fresh buffers of this size would cost a page fault
   // per 4 KiB on every call.
@@ -654,15 +661,16 @@ void ssd_chunked(const SsdArgs& args) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / (in_window * G), w = item / G % in_window, g = item % G;
         const int64_t t0 = chunk_start(w);
-        const float* Cc = args.C + ((b * L + t0) * G + g) * N;
-        chunk_scores(Cc, args.B + ((b * L + t0) * G + g) * N, G * N, chunk_length(w), N, Q,
+        const float* Cc = args.C + (b * L + t0) * run.bc_stride + g * N;
+        chunk_scores(Cc, args.B + (b * L + t0) * run.bc_stride + g * N, run.bc_stride, chunk_length(w), N, Q,
                      CB + ((b * window + w) * G + g) * Q * Q, scratch.bt);
 #if MSSM_SSD_BF16
         if (bf16) {  // chunk_scores left Bᵀ of the chunk in scratch.bt ([N, Q])
           const int64_t item_index = (b * window + w) * G + g;
           uint32_t* cp = c_pairs + item_index * Q * n_pairs;
           uint32_t* bp = bt_pairs + item_index * N * q_pairs;
-          for (int64_t i = 0; i < chunk_length(w); ++i) round_pairs(Cc + i * G * N, N, n_pairs, cp + i * n_pairs);
+          for (int64_t i = 0; i < chunk_length(w); ++i)
+            round_pairs(Cc + i * run.bc_stride, N, n_pairs, cp + i * n_pairs);
           for (int64_t n = 0; n < N; ++n) round_pairs(scratch.bt.data() + n * Q, chunk_length(w), q_pairs, bp + n * q_pairs);
         }
 #endif
@@ -726,8 +734,10 @@ void ssd_step(const SsdArgs& args) {
   if (!args.state_out) fail("ssd_step: state_out must be set");
   const int64_t batch = args.batch, H = args.heads, P = args.head_dim, N = args.state, G = args.groups;
   if (G <= 0 || H % G != 0) fail("ssd_step: heads must be a multiple of groups");
+  if (args.x_stride < 0 || args.bc_stride < 0) fail("ssd_step: strides must not be negative");
   if (batch <= 0 || H <= 0 || P <= 0 || N <= 0) return;
   const int64_t heads_per_group = H / G;
+  const int64_t x_stride = x_stride_of(args), bc_stride = bc_stride_of(args);  // between sequences here
 
   parallel_for(batch * H, min_items(P * N), [&](int64_t begin, int64_t end) {
     ChunkScratch& scratch = chunk_scratch();
@@ -736,9 +746,9 @@ void ssd_step(const SsdArgs& args) {
       const int64_t b = item / H, h = item % H, g = h / heads_per_group;
       const float dtp = process_dt(args, args.dt[item], h);
       const float decay = std::exp(dtp * args.A[h]);
-      const float* Bv = args.B + (b * G + g) * N;
-      const float* Cv = args.C + (b * G + g) * N;
-      const float* x = args.x + item * P;
+      const float* Bv = args.B + b * bc_stride + g * N;
+      const float* Cv = args.C + b * bc_stride + g * N;
+      const float* x = args.x + b * x_stride + h * P;
       float* y = args.y + item * P;
       for (int64_t p = 0; p < P; ++p) {
         // s[p, :] = decay·s[p, :] + dt'·x[p]·B;  y[p] = s[p, :]·C

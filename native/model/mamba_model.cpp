@@ -64,8 +64,8 @@ struct Workspace {
   // Residual stream, mixer output and normalised input [rows, d].
   float *residual = nullptr, *hidden = nullptr, *normed = nullptr;
   // Mamba-1: x, z, conv output xc, delta, y [rows, di]; dbc [rows, R + 2N]; dt_low [rows, R]; B, C [rows, N].
-  // Mamba-2: z, x, y, gated-norm output yn [rows, di]; xbc and conv output xc [rows, conv channels];
-  //          B, C [rows, G·N]; dt [rows, H].
+  // Mamba-2: z, y, gated-norm output yn [rows, di]; xbc and conv output xc [rows, conv channels: x,
+  //          B, C side by side]; dt [rows, H].
   float *x = nullptr, *z = nullptr, *xc = nullptr, *delta = nullptr, *y = nullptr, *yn = nullptr;
   float *dbc = nullptr, *dt_low = nullptr, *B = nullptr, *C = nullptr, *xbc = nullptr, *dt = nullptr;
   // Decode: the whole in_proj product [rows, in_proj rows], split afterwards (one product instead of
@@ -84,15 +84,14 @@ struct Workspace {
       int64_t per_row;
     };
     const int64_t in_proj_rows = c.mamba1() ? 2 * di : di + c.conv_channels() + c.num_heads;
-    std::vector<Slot> slots = {{&residual, d}, {&hidden, d},  {&normed, d},          {&x, di},
-                               {&z, di},        {&y, di},       {&proj, in_proj_rows}};
+    std::vector<Slot> slots = {{&residual, d}, {&hidden, d}, {&normed, d},
+                               {&z, di},        {&y, di},      {&proj, in_proj_rows}};
     if (c.mamba1()) {
       const int64_t R = c.time_step_rank;
-      slots.insert(slots.end(), {{&xc, di}, {&delta, di}, {&dbc, R + 2 * N}, {&dt_low, R}, {&B, N}, {&C, N}});
-    } else {
-      const int64_t gn = c.num_groups * N;
-      slots.insert(slots.end(), {{&yn, di}, {&xbc, c.conv_channels()}, {&xc, c.conv_channels()}, {&B, gn},
-                                 {&C, gn}, {&dt, c.num_heads}});
+      slots.insert(slots.end(),
+                   {{&x, di}, {&xc, di}, {&delta, di}, {&dbc, R + 2 * N}, {&dt_low, R}, {&B, N}, {&C, N}});
+    } else {  // the SSD reads x, B and C inside xc
+      slots.insert(slots.end(), {{&yn, di}, {&xbc, c.conv_channels()}, {&xc, c.conv_channels()}, {&dt, c.num_heads}});
     }
     if (!c.moe.layers.empty()) {
       slots.insert(slots.end(), {{&router_logits, c.moe.experts}, {&route_weights, c.moe.top_k}});
@@ -439,9 +438,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
     k.conv1d(xbc, f32(w.conv), f32_or_null(w.conv_bias), conv_in, conv_out, ws.xc, 1, rows, channels,
              c.conv_kernel, true);
   }
-  copy_columns(ws.xc, rows, channels, 0, di, ws.x);
-  copy_columns(ws.xc, rows, channels, di, gn, ws.B);
-  copy_columns(ws.xc, rows, channels, di + gn, gn, ws.C);
+  // x, B and C are read in place from each row of xBC.
   cpu::SsdArgs s;
   s.batch = decode ? rows : 1;
   s.length = decode ? 1 : rows;
@@ -452,11 +449,12 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   s.chunk_size = cpu_ssd_chunk(c);
   // bf16 weights: the chunk products in bf16 too, as the prefill GEMMs around them.
   s.bf16_products = w.in_proj.dtype == DType::bf16;
-  s.x = ws.x;
+  s.x = ws.xc;
+  s.B = ws.xc + di;
+  s.C = ws.xc + di + gn;
+  s.x_stride = s.bc_stride = channels;
   s.dt = dt;
   s.A = f32(w.A);
-  s.B = ws.B;
-  s.C = ws.C;
   s.D = f32(w.D);
   s.z = nullptr;  // the gate is applied by the gated norm below
   s.dt_bias = f32(w.dt_bias);

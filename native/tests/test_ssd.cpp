@@ -569,6 +569,55 @@ void test_bf16_products() {
   }
 }
 
+// x, B and C read in place from wider rows (x_stride, bc_stride), as the model runner passes them
+// inside the conv output's rows [x | B | C | padding]: the same results, bit for bit, as the packed
+// layout, for ssd_chunked (f32 and bf16 products) and for ssd_step (whose stride is between sequences).
+void test_strided_inputs() {
+  Options all;
+  const Shape shapes[] = {{2, 65, 4, 20, 33, 2, 16}, {1, 130, 4, 64, 128, 1, 64}, {3, 1, 3, 5, 7, 3, 8}};
+  uint64_t seed = 7500;
+  for (const Shape& shape : shapes) {
+    const Inputs in = make_inputs(shape, all, ++seed);
+    const Shape& s = in.s;
+    const int64_t tokens = s.batch * s.length, xw = s.heads * s.head_dim, bcw = s.groups * s.state;
+    const int64_t row = xw + 2 * bcw + 3;  // 3 floats of padding, so no stride is a multiple of another
+    std::vector<float> rows((size_t)(tokens * row), NAN);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::memcpy(&rows[(size_t)(t * row)], &in.x[(size_t)(t * xw)], (size_t)xw * sizeof(float));
+      std::memcpy(&rows[(size_t)(t * row + xw)], &in.B[(size_t)(t * bcw)], (size_t)bcw * sizeof(float));
+      std::memcpy(&rows[(size_t)(t * row + xw + bcw)], &in.C[(size_t)(t * bcw)], (size_t)bcw * sizeof(float));
+    }
+    auto strided = [&](cpu::SsdArgs a) {
+      a.x = rows.data();
+      a.B = rows.data() + xw;
+      a.C = rows.data() + xw + bcw;
+      a.x_stride = a.bc_stride = row;
+      return a;
+    };
+    const std::string name = describe(in);
+    for_each_level([&](const cpu::KernelTable& k, const std::string& label) {
+      for (bool bf16 : {false, true}) {
+        std::vector<float> y(in.x.size(), NAN), state(in.state.size(), NAN), y2 = y, state2 = state;
+        cpu::SsdArgs a = args_for(in, y.data(), in.state.data(), state.data());
+        a.bf16_products = bf16;
+        k.ssd_chunked(a);
+        cpu::SsdArgs b = strided(args_for(in, y2.data(), in.state.data(), state2.data()));
+        b.bf16_products = bf16;
+        k.ssd_chunked(b);
+        MSSM_CHECK(y == y2 && state == state2, "%s %s%s: strided x, B, C change ssd_chunked's result", name.c_str(),
+                   label.c_str(), bf16 ? " bf16" : "");
+      }
+      if (s.length == 1) {  // ssd_step: the strides are between sequences
+        std::vector<float> y(in.x.size(), NAN), state(in.state.size(), NAN), y2 = y, state2 = state;
+        k.ssd_step(args_for(in, y.data(), in.state.data(), state.data()));
+        k.ssd_step(strided(args_for(in, y2.data(), in.state.data(), state2.data())));
+        MSSM_CHECK(y == y2 && state == state2, "%s %s: strided x, B, C change ssd_step's result", name.c_str(),
+                   label.c_str());
+      }
+    });
+  }
+}
+
 // The Mamba-1 side of the duality. Run last: selective_scan lives in another kernel file and aborts
 // while it is still a stub.
 void test_duality_with_selective_scan() {
@@ -610,6 +659,7 @@ int main() {
   test_bf16_products();
   std::printf("  %-32s worst RMS err %.3g (tolerance %.0e), worst rel err %.3g (tolerance %.0e)%s\n",
               "bf16 products", worst_bf16_rms(), kBf16Rms, worst_seen(), kBf16Max, failures() > before ? "  FAILED" : "");
+  section("strided x, B, C", test_strided_inputs);
   section("duality: == selective scan", test_duality_with_selective_scan);
   return finish("test_ssd");
 }
