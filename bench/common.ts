@@ -1,5 +1,8 @@
 // Pieces shared by the generation benchmarks: the random models in mamba-130m / mamba2-130m shapes
-// (written as GGUF by mamba-ssm's own writer), the machine's read bandwidth, prompts, and tables.
+// (written as GGUF by mamba-ssm's own writer), the machine's read bandwidth, prompts, the runs of one
+// model file in a child process, and tables.
+import { spawnSync } from "child_process";
+import * as path from "path";
 import { Tensor } from "../lib";
 import { saveCheckpoint } from "../lib/io/checkpoint";
 import { isMatrixWeight } from "../lib/models/config";
@@ -68,4 +71,76 @@ export function formatTable(head: string[], rows: string[][], leftColumns = 2): 
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const fmt = (cells: string[]) => cells.map((c, i) => (i < leftColumns ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
   return [fmt(head), ...rows.map(fmt)].join("\n");
+}
+
+export const repoRoot = path.resolve(__dirname, "..");
+
+/** What a child run does (bench/mamba-run.js for mamba-ssm, bench/peer-llama.mjs for llama.cpp). */
+export interface RunOptions {
+  threads: number;
+  prompt: number;
+  /** Timed evaluations of the prompt (after one untimed), each in a fresh state; the median counts. */
+  prefillReps: number;
+  decode: number;
+  promptIds: number[];
+  batchPrompts: number[][];
+  batchPromptLength: number;
+  batchSteps: number;
+}
+
+/** The runs for a model of `vocab` tokens: a 512-token prompt, 128 decode steps, 16 sequences × 32 steps (quick: smaller). */
+export function runOptions(vocab: number, threads: number, quick: boolean): RunOptions {
+  const prompt = quick ? 128 : 512;
+  const batchPromptLength = quick ? 16 : 64;
+  return {
+    threads,
+    prompt,
+    prefillReps: 3,
+    decode: quick ? 32 : 128,
+    promptIds: promptIds(prompt, vocab),
+    batchPrompts: Array.from({ length: 16 }, (_, b) => promptIds(batchPromptLength, vocab, b + 1)),
+    batchPromptLength,
+    batchSteps: quick ? 8 : 32,
+  };
+}
+
+/** A child run's result: its "RESULT {json}" line. */
+export interface RunResult {
+  prefillTokS: number;
+  decodeTokS: number;
+  batchTokS: number;
+  decodeTokens: number[];
+  batchTokens: number[][];
+  /** mamba-ssm runs: the model's weight bytes and the child's peak RSS. */
+  weightBytes?: number;
+  peakRssMB?: number;
+}
+
+/** Runs `node ...command` and returns its RESULT line; throws with the child's stderr when it has none. */
+export function runChild(command: string[], what: string): RunResult {
+  const r = spawnSync(process.execPath, command, { encoding: "utf8", cwd: repoRoot, maxBuffer: 64 * 2 ** 20 });
+  const line = r.stdout.split("\n").find((l) => l.startsWith("RESULT "));
+  if (!line) throw new Error(`${what} failed (exit ${r.status}):\n${r.stderr.slice(-4000)}`);
+  return JSON.parse(line.slice(7));
+}
+
+/** bench/mamba-run.js on one model file: the compiled package (see compileDist) in plain node. */
+export function runMamba(file: string, o: RunOptions, what: string): RunResult {
+  return runChild([path.join(__dirname, "mamba-run.js"), file, JSON.stringify(o)], what);
+}
+
+/** Compiles lib/ into dist/, which bench/mamba-run.js runs. */
+export function compileDist(bench: string): void {
+  const tsc = spawnSync(process.execPath, [require.resolve("typescript/bin/tsc"), "-p", "tsconfig.json"], { cwd: repoRoot, encoding: "utf8" });
+  if (tsc.status !== 0) throw new Error(`${bench}: compiling lib/ into dist/ failed:\n${tsc.stdout}${tsc.stderr}`);
+}
+
+/** Writes the random model of `arch` in `dtype` to `file` in a child (ts-node) process, as bench/generate.ts --make. */
+export function makeBenchModelFile(arch: Arch, dtype: WeightType, file: string): void {
+  const made = spawnSync(process.execPath, ["-r", "ts-node/register", path.join(__dirname, "generate.ts"), "--make", arch, dtype, file], {
+    encoding: "utf8",
+    cwd: repoRoot,
+    env: { ...process.env, TS_NODE_PROJECT: "tsconfig.test.json", TS_NODE_TRANSPILE_ONLY: "1" },
+  });
+  if (made.status !== 0) throw new Error(`making ${arch} ${dtype} failed:\n${made.stderr}`);
 }

@@ -10,7 +10,7 @@
 //             fraction of the read-bandwidth bound (measured bandwidth / weight bytes per token; the
 //             bandwidth measured again before each repetition)
 //   batch-16  16 sequences (64-token prompts) stepped together, 32 steps (aggregate tokens/s)
-// and the greedy tokens of the two engines are compared. The mamba-ssm side (bench/peer-mamba.js) runs
+// and the greedy tokens of the two engines are compared. The mamba-ssm side (bench/mamba-run.js) runs
 // the compiled package in plain node, as the llama.cpp side (bench/peer-llama.mjs) runs node-llama-cpp. node-llama-cpp is installed on demand into
 // .cache/peer/ (it is not a dependency of the package); --llama-cpp DIR uses an existing install.
 //
@@ -22,30 +22,14 @@ import * as os from "os";
 import * as path from "path";
 import { getThreads, setThreads } from "../lib";
 import { preset } from "../lib/models/init";
-import { ARCHS, Arch, formatTable, makeBenchModel, measureBandwidth, promptIds, WEIGHT_TYPES, WeightType } from "./common";
+import {
+  ARCHS, Arch, compileDist, formatTable, makeBenchModelFile, measureBandwidth, repoRoot, runChild, runMamba, runOptions,
+  RunResult, WEIGHT_TYPES, WeightType,
+} from "./common";
 
 const LLAMA_CPP_VERSION = "3.21.1";
-const repoRoot = path.resolve(__dirname, "..");
 
-interface Options {
-  threads: number;
-  prompt: number;
-  /** Timed evaluations of the prompt (after one untimed), each in a fresh state; the median counts. */
-  prefillReps: number;
-  decode: number;
-  promptIds: number[];
-  batchPrompts: number[][];
-  batchPromptLength: number;
-  batchSteps: number;
-}
-
-interface EngineResult {
-  prefillTokS: number;
-  decodeTokS: number;
-  batchTokS: number;
-  decodeTokens: number[];
-  batchTokens: number[][];
-  weightBytes?: number;
+interface EngineResult extends RunResult {
   /** mamba-ssm runs: the read bandwidth measured just before the run (bytes/s). */
   bandwidth?: number;
 }
@@ -79,13 +63,6 @@ function nodeLlamaCpp(): string {
   return entry;
 }
 
-function runChild(command: string[], env: NodeJS.ProcessEnv, what: string): EngineResult {
-  const r = spawnSync(process.execPath, command, { encoding: "utf8", cwd: repoRoot, env, maxBuffer: 64 * 2 ** 20 });
-  const line = r.stdout.split("\n").find((l) => l.startsWith("RESULT "));
-  if (!line) throw new Error(`${what} failed (exit ${r.status}):\n${r.stderr.slice(-4000)}`);
-  return JSON.parse(line.slice(7));
-}
-
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
@@ -111,54 +88,35 @@ async function main() {
   for (const d of dtypes) if (!WEIGHT_TYPES.includes(d)) throw new Error(`--dtypes: unknown dtype ${d}; expected ${WEIGHT_TYPES.join(", ")}`);
 
   const entry = nodeLlamaCpp();
-  // The mamba-ssm side runs the compiled package (bench/peer-mamba.js): compile it from lib/ now.
-  const tsc = spawnSync(process.execPath, [require.resolve("typescript/bin/tsc"), "-p", "tsconfig.json"], { cwd: repoRoot, encoding: "utf8" });
-  if (tsc.status !== 0) throw new Error(`bench:peer: compiling lib/ into dist/ failed:\n${tsc.stdout}${tsc.stderr}`);
+  // The mamba-ssm side runs the compiled package (bench/mamba-run.js): compile it from lib/ now.
+  compileDist("bench:peer");
   const bandwidth = measureBandwidth();
   for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
 
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-peer-"));
   process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
-  const tsEnv = { ...process.env, TS_NODE_PROJECT: "tsconfig.test.json", TS_NODE_TRANSPILE_ONLY: "1" };
   const results = [];
   for (const arch of archs) {
-    const vocab = preset(arch).vocabSize;
-    const prompt = quick ? 128 : 512;
-    const batchPromptLength = quick ? 16 : 64;
-    const o: Options = {
-      threads,
-      prompt,
-      prefillReps: 3,
-      decode: quick ? 32 : 128,
-      promptIds: promptIds(prompt, vocab),
-      batchPrompts: Array.from({ length: 16 }, (_, b) => promptIds(batchPromptLength, vocab, b + 1)),
-      batchPromptLength,
-      batchSteps: quick ? 8 : 32,
-    };
+    const o = runOptions(preset(arch).vocabSize, threads, quick);
     for (const dtype of dtypes) {
       const file = path.join(scratch, `${arch}-${dtype}.gguf`);
-      const made = spawnSync(process.execPath, ["-r", "ts-node/register", path.join(__dirname, "generate.ts"), "--make", arch, dtype, file], {
-        encoding: "utf8",
-        cwd: repoRoot,
-        env: tsEnv,
-      });
-      if (made.status !== 0) throw new Error(`making ${arch} ${dtype} failed:\n${made.stderr}`);
+      makeBenchModelFile(arch, dtype, file);
       const llama: EngineResult[] = [];
       const mamba: EngineResult[] = [];
       for (let r = 0; r < reps; r++) {
-        const runLlama = () => llama.push(runChild([path.join(__dirname, "peer-llama.mjs"), entry, file, JSON.stringify(o)], process.env, `llama.cpp ${arch} ${dtype}`));
+        const llamaRun = () => llama.push(runChild([path.join(__dirname, "peer-llama.mjs"), entry, file, JSON.stringify(o)], `llama.cpp ${arch} ${dtype}`));
         // The bound a decode is judged by uses the bandwidth measured just before it: this machine's
         // drifts by ±20% within minutes, more than the run-start figure can stand for.
-        const runMamba = () => {
+        const mambaRun = () => {
           const before = measureBandwidth();
-          mamba.push({ ...runChild([path.join(__dirname, "peer-mamba.js"), file, JSON.stringify(o)], process.env, `mamba-ssm ${arch} ${dtype}`), bandwidth: before });
+          mamba.push({ ...runMamba(file, o, `mamba-ssm ${arch} ${dtype}`), bandwidth: before });
         };
         if (r % 2 === 0) {
-          runLlama();
-          runMamba();
+          llamaRun();
+          mambaRun();
         } else {
-          runMamba();
-          runLlama();
+          mambaRun();
+          llamaRun();
         }
         process.stderr.write(`${arch} ${dtype} repetition ${r + 1}/${reps} done\n`);
       }

@@ -1,11 +1,12 @@
-// The mamba-ssm side of bench/peer.ts: runs one GGUF file in mamba-ssm and prints one line
-// "RESULT {json}" with prefill, decode and 16-sequence decode speeds and the greedy tokens: the same
-// work as bench/peer-llama.mjs. Plain JavaScript on the compiled package (dist/, which `npm install`
-// and `npm run build:ts` write), like the llama.cpp side: under ts-node the TypeScript compiler's heap
-// kept V8's garbage-collector threads busy on the two cores the steps run on (mamba2-130m q8_0 decode
-// about 4.8-5.7 ms a step there, 3.7-3.9 ms in plain node).
+// Runs one GGUF file in mamba-ssm and prints one line "RESULT {json}": prefill, decode and
+// 16-sequence decode speeds, the greedy tokens, the weight bytes and the process's peak RSS. The
+// mamba-ssm side of bench/peer.ts (the same work as bench/peer-llama.mjs) and the child of
+// bench/generate.ts. Plain JavaScript on the compiled package (dist/, which `npm install` and
+// `npm run build:ts` write): under ts-node the TypeScript compiler's heap kept V8's garbage-collector
+// threads busy on the two cores the steps run on (mamba2-130m q8_0 decode about 4.8-5.7 ms a step
+// there, 3.7-3.9 ms in plain node).
 //
-//   node bench/peer-mamba.js <model.gguf> <json options>
+//   node bench/mamba-run.js <model.gguf> <json options>
 "use strict";
 const { loadModel, setThreads } = require("..");
 
@@ -79,6 +80,7 @@ async function main() {
     decodeTokens,
     batchTokens,
     weightBytes,
+    peakRssMB: process.resourceUsage().maxRSS / 1024,
   };
   process.stdout.write(`RESULT ${JSON.stringify(result)}\n`);
 }
