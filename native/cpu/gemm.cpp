@@ -582,15 +582,19 @@ constexpr int64_t decode_max_rows() {
 #endif
   return T == DType::q8_0 ? 12 : 8;
 }
+// step: matmul_step's products (q8_0: int8 on the decode path, bf16 on the prefill path).
 template <DType T>
 void matmul_typed(const float* x, const void* w_any, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                  bool int8) {
+                  bool step) {
   const uint8_t* w = static_cast<const uint8_t*>(w_any);
   if (M <= kDirectMaxRows || (K < kPanelMinDepth ? M <= kDirectMaxRowsShallow : M <= decode_max_rows<T>())) {
-    decode<T>(x, w, bias, y, M, N, K, int8);
+    decode<T>(x, w, bias, y, M, N, K, step);
     return;
   }
-  gemm_prefill(x, w, T, bias, y, M, N, K);
+  if (step)
+    gemm_step(x, w, T, bias, y, M, N, K);
+  else
+    gemm_prefill(x, w, T, bias, y, M, N, K);
 }
 
 void quantize_q8_0(const float* src, BlockQ8_0* dst, int64_t blocks) {
@@ -674,7 +678,7 @@ void matmul_q8_0_int8(const float* x, const void* w_any, const float* bias, floa
 
 namespace {
 void matmul_any(const float* x, const void* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
-                int64_t K, bool int8) {
+                int64_t K, bool step) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m)
@@ -682,15 +686,15 @@ void matmul_any(const float* x, const void* w, DType w_dtype, const float* bias,
     return;
   }
   switch (w_dtype) {
-    case DType::f32: matmul_typed<DType::f32>(x, w, bias, y, M, N, K, int8); return;
-    case DType::f16: matmul_typed<DType::f16>(x, w, bias, y, M, N, K, int8); return;
-    case DType::bf16: matmul_typed<DType::bf16>(x, w, bias, y, M, N, K, int8); return;
+    case DType::f32: matmul_typed<DType::f32>(x, w, bias, y, M, N, K, step); return;
+    case DType::f16: matmul_typed<DType::f16>(x, w, bias, y, M, N, K, step); return;
+    case DType::bf16: matmul_typed<DType::bf16>(x, w, bias, y, M, N, K, step); return;
     case DType::q8_0:
       if (K % kQ8BlockSize != 0) {
         std::fprintf(stderr, "mamba-ssm: matmul: q8_0 weights need K %% 32 == 0 (K = %lld)\n", (long long)K);
         std::abort();
       }
-      matmul_typed<DType::q8_0>(x, w, bias, y, M, N, K, int8);
+      matmul_typed<DType::q8_0>(x, w, bias, y, M, N, K, step);
       return;
     default: break;
   }

@@ -220,6 +220,10 @@ constexpr int64_t kMinWorkPerThread = 1 << 16;
 // y[M,N] = x[M,K] · W[N,K]ᵀ (+ bias) for many rows of x (gemm_prefill.cpp).
 void gemm_prefill(const float* x, const uint8_t* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
                   int64_t K);
+// As gemm_prefill, for the many rows of a decode step (matmul_step): at the avx512bf16 level q8_0
+// weights are rounded to bf16 and multiplied by x rounded to bf16; other dtypes as gemm_prefill.
+void gemm_step(const float* x, const uint8_t* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
+               int64_t K);
 
 }  // namespace gemm_detail
 }  // namespace mssm::cpu::MSSM_LEVEL

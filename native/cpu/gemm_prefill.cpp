@@ -20,7 +20,12 @@
 //    Rounding x to bf16 (8 significant bits: a relative error of at most 2⁻⁸ per element) is the one
 //    change to the numerics: about 1.7e-3 of the output RMS for random data (test_gemm_prefill.cpp
 //    bounds it), the same order as storing the weights in bf16 already costs.
+//  - bf16 × bf16 from q8_0 weights (gemm_step, avx512bf16 level: the many-row products of a decode
+//    step, whose few-row q8_0 products already quantise x to int8): each weight q·d is rounded to bf16
+//    as it is copied or packed, then as above. Prefill keeps q8_0 products in f32.
 #include "gemm_common.h"
+
+#include <vector>
 
 namespace mssm::cpu::MSSM_LEVEL {
 namespace gemm_detail {
@@ -476,6 +481,37 @@ void copy_weight_rows_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int6
   }
 }
 
+// q8_0 row `row` of W, values [k0, k0 + kc) (k0 and kc multiples of 32), dequantised and rounded to
+// bf16 (nearest even) into out.
+void q8_0_row_to_bf16(const uint8_t* w, int64_t row_bytes, int64_t row, int64_t k0, int64_t kc, uint16_t* out) {
+  const BlockQ8_0* blocks = reinterpret_cast<const BlockQ8_0*>(w + row * row_bytes) + k0 / kQ8BlockSize;
+  for (int64_t b = 0; b < kc / kQ8BlockSize; ++b) {
+    const __m512 d = _mm512_set1_ps(f16_to_f32(blocks[b].d));
+    const __m128i* q = reinterpret_cast<const __m128i*>(blocks[b].qs);
+    const __m512 lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
+    const __m512 hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))));
+    _mm512_storeu_si512(out + b * kQ8BlockSize, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// As copy_weight_rows_bf16, from q8_0 weights.
+void copy_weight_rows_q8_0_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t available, int nb, int64_t k0,
+                                int64_t kc, uint32_t* strip) {
+  for (int j = 0; j < nb; ++j)
+    q8_0_row_to_bf16(w, row_bytes, n0 + std::min<int64_t>(j, available - 1), k0, kc,
+                     reinterpret_cast<uint16_t*>(strip + j * kColumnsStrideBf16));
+}
+
+// As pack_weights_bf16, from q8_0 weights: the panel's rows go through bf16 rows first.
+void pack_weights_q8_0_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t count, int64_t k0, int64_t kc,
+                            uint32_t* packed) {
+  static thread_local std::vector<uint16_t> rows;
+  if ((int64_t)rows.size() < count * kc) rows.resize((size_t)(count * kc));
+  for (int64_t j = 0; j < count; ++j) q8_0_row_to_bf16(w, row_bytes, n0 + j, k0, kc, rows.data() + j * kc);
+  pack_weights_bf16(reinterpret_cast<const uint8_t*>(rows.data()), kc * (int64_t)sizeof(uint16_t), 0, count, 0, kc,
+                    packed);
+}
+
 template <int VM, int NB, int H>
 void columns_kernel_bf16(const uint32_t* xt, const uint32_t* ws, int64_t pairs, float* y, int64_t ldy, int64_t rows,
                          int64_t cols, bool first, const float* bias, const char* ahead) {
@@ -581,6 +617,18 @@ struct Bf16Math {
   static constexpr ColumnsKernel<uint32_t> wide = &columns_kernel_bf16<1, kColumnsWide, 16>;
   static constexpr ColumnsKernel<uint32_t> narrow = &columns_kernel_bf16<2, kColumnsNarrow, 32>;
   static constexpr ColumnsKernel<uint32_t> narrow_half = &columns_kernel_bf16<1, kColumnsNarrow, 32>;
+};
+
+// bf16 × bf16 arithmetic on q8_0 weights, rounded to bf16 as they are packed or copied (gemm_step).
+struct Q8Bf16Math : Bf16Math {
+  static void pack_rows_w(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t count, int64_t k0, int64_t kc,
+                          uint32_t* packed) {
+    pack_weights_q8_0_bf16(w, row_bytes, n0, count, k0, kc, packed);
+  }
+  static void copy_columns_w(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t available, int nb, int64_t k0,
+                             int64_t kc, uint32_t* strip) {
+    copy_weight_rows_q8_0_bf16(w, row_bytes, n0, available, nb, k0, kc, strip);
+  }
 };
 #endif
 
@@ -715,6 +763,17 @@ void gemm_prefill_typed(const float* x, const uint8_t* w, const float* bias, flo
 }
 
 }  // namespace
+
+void gemm_step(const float* x, const uint8_t* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
+               int64_t K) {
+#if defined(__AVX512BF16__)
+  if (w_dtype == DType::q8_0) {
+    gemm_parallel<Q8Bf16Math>(x, w, Format<DType::q8_0>::row_bytes(K), bias, y, M, N, K);
+    return;
+  }
+#endif
+  gemm_prefill(x, w, w_dtype, bias, y, M, N, K);
+}
 
 void gemm_prefill(const float* x, const uint8_t* w, DType w_dtype, const float* bias, float* y, int64_t M, int64_t N,
                   int64_t K) {

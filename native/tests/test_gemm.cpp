@@ -65,15 +65,19 @@ struct Shape {
 //  - int8 × int8: q8_0 weights with the few rows of x of the decode path's direct form (up to 4, and
 //    up to 8 when K < 256) through matmul_step, or through gemm_detail::matmul_q8_0_int8.
 //    x is quantised too, per block of 32 with d = max|x| / 127, so y carries its rounding to 8 bits.
+//  - bf16 × bf16 from q8_0: q8_0 weights with more rows than the decode path takes (12, or 8 when
+//    K < 256) through matmul_step: each weight q·d and x rounded to bf16, so y carries both roundings.
 // The error in y[m,n] is then Σ_k W[n,k]·δx[m,k], so it is judged relative to the size of the terms,
 // s[m,n] = sqrt(Σ_k (x[m,k]·W[n,k])²) (for zero-mean inputs, the RMS of y without bias): the RMS over
 // outputs of |error| / s (over 16 outputs or more; fewer say little about an RMS) and the largest.
 // Measured over the shapes here, int8: RMS up to 7.6e-3, largest 3.2e-2; bf16: RMS up to 2.1e-3,
-// largest 8.6e-3. The bounds are 1.6–1.9× that.
-enum class Products { f32, int8_x, bf16_x };
+// largest 8.6e-3; bf16 w and x: RMS up to 3.0e-3, largest 1.1e-2. The bounds are 1.6–2.2× that.
+enum class Products { f32, int8_x, bf16_x, bf16_wx };
 constexpr double kInt8RmsBound = 1.2e-2, kInt8MaxBound = 5e-2;
 constexpr double kBf16RmsBound = 4e-3, kBf16MaxBound = 1.6e-2;
-// Below this the int8 form cannot have run (its error is that of 8-bit activations).
+constexpr double kBf16WxRmsBound = 6e-3, kBf16WxMaxBound = 2.4e-2;
+// Below this the int8 form (or bf16 w and x) cannot have run (its error is that of 8-bit activations,
+// or of bf16 weights and activations).
 constexpr double kInt8MinRms = 1e-4;
 
 // What matmul (step: matmul_step) multiplies at level t.
@@ -81,6 +85,7 @@ Products products(const cpu::KernelTable& t, DType dtype, int64_t M, int64_t K, 
   if (std::string(t.level) != "avx512bf16") return Products::f32;
   if (dtype == DType::bf16 && M > (K < 256 ? 8 : 6)) return Products::bf16_x;
   if (step && dtype == DType::q8_0 && M <= (K < 256 ? 8 : 4)) return Products::int8_x;
+  if (step && dtype == DType::q8_0 && M > (K < 256 ? 8 : 12)) return Products::bf16_wx;
   return Products::f32;
 }
 
@@ -122,17 +127,19 @@ void check_matmul(const std::string& what, Products kind, const float* y, const 
     return;
   }
   const auto [rms_error, max_error] = term_relative_errors(y, want, x, w, M, N, K);
-  const bool int8 = kind == Products::int8_x;
-  const double rms_bound = int8 ? kInt8RmsBound : kBf16RmsBound, max_bound = int8 ? kInt8MaxBound : kBf16MaxBound;
+  const bool int8 = kind == Products::int8_x, wx = kind == Products::bf16_wx;
+  const double rms_bound = int8 ? kInt8RmsBound : wx ? kBf16WxRmsBound : kBf16RmsBound;
+  const double max_bound = int8 ? kInt8MaxBound : wx ? kBf16WxMaxBound : kBf16MaxBound;
+  const char* name = int8 ? "int8" : wx ? "bf16 w and" : "bf16";
   MSSM_CHECK((rms_error <= rms_bound || M * N < 16) && max_error <= max_bound,
-             "%s: %s x: RMS error %.3g (bound %.3g), largest %.3g (bound %.3g) of the terms' size", what.c_str(),
-             int8 ? "int8" : "bf16", rms_error, rms_bound, max_error, max_bound);
+             "%s: %s x: RMS error %.3g (bound %.3g), largest %.3g (bound %.3g) of the terms' size", what.c_str(), name,
+             rms_error, rms_bound, max_error, max_bound);
   // (Over 16 outputs or more: a single output's error may be near zero by chance.)
-  if (int8)
-    MSSM_CHECK(rms_error >= kInt8MinRms || M * N < 16, "%s: RMS error %.3g: the int8 path did not run", what.c_str(),
-               rms_error);
+  if (int8 || wx)
+    MSSM_CHECK(rms_error >= kInt8MinRms || M * N < 16, "%s: RMS error %.3g: the %s path did not run", what.c_str(),
+               rms_error, name);
   if (std::getenv("MSSM_PRINT_ROUNDED_X"))
-    std::printf("%s x %s: rms %.3g max %.3g\n", int8 ? "int8" : "bf16", what.c_str(), rms_error, max_error);
+    std::printf("%s x %s: rms %.3g max %.3g\n", name, what.c_str(), rms_error, max_error);
 }
 
 void test_matmul() {
