@@ -582,7 +582,8 @@ constexpr int64_t decode_max_rows() {
 #endif
   return T == DType::q8_0 ? 12 : 8;
 }
-// step: matmul_step's products (q8_0: int8 on the decode path, bf16 on the prefill path).
+// step: matmul_step's products (q8_0 at avx512bf16: int8 x in the few-row forms, bf16 w and x in the
+// many-row path).
 template <DType T>
 void matmul_typed(const float* x, const void* w_any, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                   bool step) {

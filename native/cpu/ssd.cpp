@@ -395,7 +395,7 @@ void chunk_step(const ChunkRun& run, int64_t b, int64_t h, int64_t t0, int64_t n
   (void)c_pairs;  // read only where bf16 products are compiled in
   (void)bt_pairs;
   const SsdArgs& args = run.args;
-  const int64_t L = run.L, H = run.H, P = run.P, N = run.N, G = run.G, Q = run.Q;
+  const int64_t L = run.L, H = run.H, P = run.P, N = run.N, Q = run.Q;
   const int64_t g = h / run.heads_per_group;
   const int64_t row_stride = H * P;          // between tokens in z and y
   const int64_t x_stride = run.x_stride;     // between tokens in x
