@@ -4,19 +4,12 @@
 // bench/generate.ts. Plain JavaScript on the compiled package (dist/, which `npm install` and
 // `npm run build:ts` write): under ts-node the TypeScript compiler's heap kept V8's garbage-collector
 // threads busy on the two cores the steps run on (mamba2-130m q8_0 decode about 4.8-5.7 ms a step
-// there, 3.7-3.9 ms in plain node).
+// there, 3.7-3.9 ms in plain node). Greedy tokens come from the package's native argmax (ops.argmax),
+// as llama.cpp's side picks them in its native sampler.
 //
 //   node bench/mamba-run.js <model.gguf> <json options>
 "use strict";
-const { loadModel, setThreads } = require("..");
-
-/** Index of the largest of the `vocab` logits of row `row`. */
-function argmax(logits, row, vocab) {
-  const data = logits.data;
-  let best = row * vocab;
-  for (let i = best + 1; i < (row + 1) * vocab; i++) if (data[i] > data[best]) best = i;
-  return best - row * vocab;
-}
+const { loadModel, ops, setThreads } = require("..");
 
 function median(values) {
   const sorted = [...values].sort((a, b) => a - b);
@@ -28,7 +21,6 @@ async function main() {
   const o = JSON.parse(optionsJson);
   setThreads(o.threads);
   const model = await loadModel(file);
-  const vocab = model.config.vocabSize;
 
   // The prompt once untimed, then prefillReps timed runs, each in a fresh state: the median counts.
   let state;
@@ -50,7 +42,7 @@ async function main() {
   t0 = performance.now();
   for (let i = 0; i < o.decode; i++) {
     const logits = await model.step(state, [token]);
-    token = argmax(logits, 0, vocab);
+    token = ops.argmax(logits)[0];
     logits.dispose();
     decodeTokens.push(token);
   }
@@ -65,7 +57,7 @@ async function main() {
   t0 = performance.now();
   for (let s = 0; s < o.batchSteps; s++) {
     const logits = await model.step(state, tokens);
-    tokens = tokens.map((_, b) => argmax(logits, b, vocab));
+    tokens = Array.from(ops.argmax(logits));
     logits.dispose();
     tokens.forEach((t, b) => batchTokens[b].push(t));
   }
