@@ -51,16 +51,19 @@ Cached g_cache[kCacheSlots];
 int g_cached = 0;
 size_t g_cached_bytes = 0;
 
+// Removes slot i (g_cache_mu held) and returns its mapping.
+void* remove_slot(int i) {
+  void* p = g_cache[i].p;
+  g_cached_bytes -= g_cache[i].size;
+  for (int j = i; j + 1 < g_cached; ++j) g_cache[j] = g_cache[j + 1];
+  --g_cached;
+  return p;
+}
+
 void* take_cached(size_t size) {
   std::lock_guard<std::mutex> lock(g_cache_mu);
-  for (int i = g_cached - 1; i >= 0; --i) {
-    if (g_cache[i].size != size) continue;
-    void* p = g_cache[i].p;
-    for (int j = i; j + 1 < g_cached; ++j) g_cache[j] = g_cache[j + 1];
-    --g_cached;
-    g_cached_bytes -= size;
-    return p;
-  }
+  for (int i = g_cached - 1; i >= 0; --i)
+    if (g_cache[i].size == size) return remove_slot(i);
   return nullptr;
 }
 
@@ -69,10 +72,8 @@ bool keep(void* p, size_t size) {
   if (size > kCacheMaxMapping) return false;
   std::lock_guard<std::mutex> lock(g_cache_mu);
   while (g_cached > 0 && (g_cached == kCacheSlots || g_cached_bytes + size > kCacheMaxTotal)) {
-    munmap(g_cache[0].p, g_cache[0].size);
-    g_cached_bytes -= g_cache[0].size;
-    for (int j = 0; j + 1 < g_cached; ++j) g_cache[j] = g_cache[j + 1];
-    --g_cached;
+    const size_t oldest = g_cache[0].size;
+    munmap(remove_slot(0), oldest);
   }
   g_cache[g_cached++] = {p, size};
   g_cached_bytes += size;

@@ -35,8 +35,6 @@ constexpr int64_t kBlock = 64;
 constexpr int64_t kSeqBlock = 512;
 constexpr int64_t kTokens = 64;
 
-// y for `lanes` channels (≤ ldw) of one token: taps[k] points at the channel block of xp row t+k
-// (null: a zero row), weights is [K][ldw].
 // U whole vectors of channels from j: conv_block's body.
 template <int U>
 inline void conv_vectors(const float* const* taps, const float* weights, int64_t ldw, const float* bias, float* y,
@@ -51,6 +49,8 @@ inline void conv_vectors(const float* const* taps, const float* weights, int64_t
   for (int u = 0; u < U; ++u) vstore(y + j + u * kWidth, silu ? vsilu(acc[u]) : acc[u]);
 }
 
+// y for `lanes` channels (≤ ldw) of one token: taps[k] points at the channel block of xp row t+k
+// (null: a zero row), weights is [K][ldw].
 inline void conv_block(const float* const* taps, const float* weights, int64_t ldw, const float* bias, float* y,
                        int64_t kernel, int64_t lanes, bool silu) {
   int64_t j = 0;

@@ -481,16 +481,14 @@ void copy_weight_rows_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int6
   }
 }
 
-// q8_0 row `row` of W, values [k0, k0 + kc) (k0 and kc multiples of 32), dequantised and rounded to
-// bf16 (nearest even) into out.
+// q8_0 row `row` of W, values [k0, k0 + kc) (k0 and kc multiples of 32), decoded as every f32 path
+// decodes them (Format::load) and rounded to bf16 (nearest even) into out.
 void q8_0_row_to_bf16(const uint8_t* w, int64_t row_bytes, int64_t row, int64_t k0, int64_t kc, uint16_t* out) {
-  const BlockQ8_0* blocks = reinterpret_cast<const BlockQ8_0*>(w + row * row_bytes) + k0 / kQ8BlockSize;
-  for (int64_t b = 0; b < kc / kQ8BlockSize; ++b) {
-    const __m512 d = _mm512_set1_ps(f16_to_f32(blocks[b].d));
-    const __m128i* q = reinterpret_cast<const __m128i*>(blocks[b].qs);
-    const __m512 lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
-    const __m512 hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))));
-    _mm512_storeu_si512(out + b * kQ8BlockSize, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  static_assert(kQ8BlockSize == 2 * kLanes, "a q8_0 block decodes to two registers");
+  for (int64_t k = 0; k < kc; k += kQ8BlockSize) {
+    vfloat v[2];
+    Format<DType::q8_0>::load(w + row * row_bytes, k0 + k, v);
+    _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
   }
 }
 

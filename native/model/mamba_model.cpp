@@ -4,8 +4,9 @@
 // the scans are the chunked / sequential kernels; a long sequence is cut into segments with the states
 // carried from one to the next. Decode runs B sequences of one token each: every projection is one
 // matmul with M = B (the weights are read once for the batch) and the scans are the one-step kernels.
-// A step's products go through matmul_step, whose q8_0 products quantise the activations to 8 bits
-// at levels with int8 products (VNNI); a prefill's never do.
+// A step's products go through matmul_step, whose q8_0 products round the activations at the
+// avx512bf16 level (to int8 for a few sequences, to bf16 with the weights for many; kernels.h); a
+// prefill's never do.
 #include "mamba_model.h"
 
 #include <algorithm>
@@ -340,7 +341,7 @@ void Model::mixer_mamba1(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const auto& k = kernels();
   const Config& c = config_;
   const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, R = c.time_step_rank;
-  const auto matmul = decode ? k.matmul_step : k.matmul;  // (q8_0 products of a step quantise x to int8)
+  const auto matmul = decode ? k.matmul_step : k.matmul;  // (a step's q8_0 products round x: see the top)
   // xz = hn·W_inᵀ (+b). Prefill: the x rows and the z rows of W_in as two products, so x and z land
   // packed. Decode: one product; with one row its x and z halves are already packed.
   const float* x = ws.x;
@@ -404,7 +405,7 @@ void Model::mixer_mamba2(Workspace& ws, const LayerWeights& w, int64_t rows, boo
   const Config& c = config_;
   const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, H = c.num_heads;
   const int64_t gn = c.num_groups * N, channels = c.conv_channels();
-  const auto matmul = decode ? k.matmul_step : k.matmul;  // (q8_0 products of a step quantise x to int8)
+  const auto matmul = decode ? k.matmul_step : k.matmul;  // (a step's q8_0 products round x: see the top)
   // zxbcdt = hn·W_inᵀ (+b). Prefill: the z, xBC and dt row blocks of W_in as three products, so each
   // lands packed. Decode: one product; with one row its parts are already packed.
   const float* z = ws.z;

@@ -3,7 +3,6 @@
 // without dispose()), and free() detaches it, which frees the block at once and leaves every view of it
 // empty rather than dangling. The bytes are reported to V8 so its heuristics see the real footprint.
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
