@@ -1,16 +1,16 @@
 // Memory for large buffers that are reused from call to call (a model's scratch, a trainer's
-// activations): 64-byte aligned, contents uninitialised. From 2 MiB up the memory is mapped directly
-// and transparent huge pages are asked for, so that touching it the first time takes one fault per
-// 2 MiB rather than per 4 KiB (in this project's VMs a 4 KiB fault costs several microseconds: a
-// first 512-token prefill spent a third of its time faulting in its scratch), and walking it misses
-// the TLB less.
+// activations, a decode step's logits): 64-byte aligned, contents uninitialised. From 128 KiB up the
+// memory is mapped directly and kept for reuse once freed. From 2 MiB up transparent huge pages are
+// asked for, so that touching it the first time takes one fault per 2 MiB rather than per 4 KiB (in
+// this project's VMs a 4 KiB fault costs several microseconds: a first 512-token prefill spent a third
+// of its time faulting in its scratch), and walking it misses the TLB less.
 #pragma once
 #include <cstddef>
 
 namespace mssm {
 
-// The mappings start on a 2 MiB boundary. Freed ones are kept for reuse, a few and up to a bound
-// (large_alloc.cpp), because mapping afresh costs a fault per page touched.
+// Mappings from 2 MiB up start on a 2 MiB boundary. Freed ones are kept for reuse, a few and up to a
+// bound (large_alloc.cpp), because mapping afresh costs a fault per page touched.
 //
 // Never null: throws std::bad_alloc when the memory cannot be had.
 void* large_alloc(size_t bytes);

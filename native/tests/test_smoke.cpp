@@ -105,6 +105,21 @@ int main() {
     d[bytes] = 1;
     large_free(d, bytes + ((size_t)1 << 20));
     large_free(c, bytes);
+    // Mid-size buffers (a step's logits) are mapped and reused too, without the 2 MiB alignment.
+    const size_t logits = 50280 * sizeof(float);
+    uint8_t* f = static_cast<uint8_t*>(large_alloc_zeroed(logits));
+    std::memset(f, 3, logits);
+    large_free(f, logits);
+    uint8_t* kept = static_cast<uint8_t*>(large_alloc(logits));
+    MSSM_CHECK(kept == f && kept[1000] == 3, "a freed mid-size mapping is kept and reused, not mapped afresh");
+    large_free(kept, logits);
+    uint8_t* g = static_cast<uint8_t*>(large_alloc_zeroed(logits));
+    MSSM_CHECK(g == f, "a freed mid-size mapping is reused for the same size");
+    nonzero = 0;
+    for (size_t i = 0; i < logits; ++i) nonzero += g[i] != 0;
+    MSSM_CHECK(nonzero == 0 && ((uintptr_t)g & 63) == 0, "a reused mid-size zeroed buffer is aligned and zero (%lld)",
+               (long long)nonzero);
+    large_free(g, logits);
     // Small buffers come from the heap, zeroed on request.
     uint8_t* e = static_cast<uint8_t*>(large_alloc_zeroed(1000));
     nonzero = 0;
