@@ -2,7 +2,8 @@
 // nothing is downloaded): prefill tokens/s (512-token prompt: after a warm-up with it, the median of 3
 // runs), decode tokens/s (128 tokens, batch 1), aggregate decode tokens/s for 16 sequences, and peak
 // RSS, at f32, bf16 and q8_0. Decode speed is also given as a fraction of the read-bandwidth bound
-// (weight bytes per token / the bandwidth measured just before that configuration). Each
+// (weight bytes per token / the higher of the bandwidths measured just before and just after that
+// configuration). Each
 // configuration runs in its own plain-node process on the compiled package (bench/mamba-run.js, as
 // bench:peer's mamba-ssm side), so its peak RSS is its own.
 //
@@ -53,12 +54,15 @@ async function main() {
       const file = path.join(scratch, `${arch}-${dtype}.gguf`);
       try {
         makeBenchModelFile(arch, dtype, file);
-        // This machine's bandwidth drifts by ±20% within minutes: each configuration is judged by the
-        // figure measured just before it.
-        const bandwidth = measureBandwidth();
+        // This machine's bandwidth drifts by ±20% within minutes, and more in slow spells: each
+        // configuration is judged by the higher of the figures measured just before and just after it
+        // (the stricter bound).
+        const before = measureBandwidth();
         // The 1 GiB buffer is unmapped by its finaliser on a later turn of the event loop.
         for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
         const r = runMamba(file, o, `bench ${arch} ${dtype}`);
+        const bandwidth = Math.max(before, measureBandwidth());
+        for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
         const bound = bandwidth / r.weightBytes!;
         results.push({
           model: arch,
@@ -89,7 +93,7 @@ async function main() {
   );
   console.log(
     `mamba-ssm generation benchmark — ${threads} threads; prompt ${o.prompt} (median of ${o.prefillReps} after a warm-up), decode ${o.decode}, ` +
-      `batch ${batch}×${o.batchSteps} steps${quick ? " (quick)" : ""}; read bandwidth measured before each configuration`,
+      `batch ${batch}×${o.batchSteps} steps${quick ? " (quick)" : ""}; read bandwidth measured before and after each configuration (the higher counts)`,
   );
   console.log(formatTable(head, rows));
   console.log("(of bound = decode / (bandwidth / weight bytes), with the GB/s of that row)");
