@@ -1,8 +1,10 @@
 #include "threadpool.h"
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -40,7 +42,9 @@ class Pool {
   }
   int size() const { return n_; }
 
-  void run(int64_t count, int64_t min_chunk, RangeFn fn, void* ctx) {
+  // Split into parts of at least min_chunk rows; chunk > 0: the parts are taken chunk by chunk, and
+  // a thread that runs out takes the others' (parallel_for_dynamic).
+  void run(int64_t count, int64_t min_chunk, int64_t chunk, RangeFn fn, void* ctx) {
     if (min_chunk < 1) min_chunk = 1;
     int64_t parts = count / min_chunk;
     if (parts > n_) parts = n_;
@@ -53,6 +57,14 @@ class Pool {
     ctx_ = ctx;
     count_ = count;
     parts_ = (int)parts;
+    chunk_ = chunk;
+    if (chunk > 0) {
+      // Each part starts as the static split's share, in chunks; its owner takes them from the front,
+      // a thread that ran out of its own takes them from the back.
+      const int64_t chunks = (count + chunk - 1) / chunk;
+      for (int i = 0; i < parts_; ++i)
+        ranges_[i].v.store(pack(chunks * i / parts_, chunks * (i + 1) / parts_), std::memory_order_relaxed);
+    }
     // Every worker acknowledges every job, idle ones too: the next job may only overwrite these
     // fields once no worker can still be reading them for this one.
     pending_.store(n_ - 1, std::memory_order_relaxed);
@@ -63,7 +75,10 @@ class Pool {
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
     t_in_worker = true;
     t_index = 0;
-    fn(ctx, 0, count / parts);
+    if (chunk > 0)
+      run_chunks(0);
+    else
+      fn(ctx, 0, count / parts);
     t_in_worker = false;
     // Spin briefly for the other parts, then yield: when the machine has more runnable threads than
     // cores, a worker may need this core to finish.
@@ -105,12 +120,38 @@ class Pool {
       }
       seen = g;
       if (stop_) return;
-      if (index < parts_) {
+      if (chunk_ > 0) {
+        if (index < parts_) run_chunks(index);
+      } else if (index < parts_) {
         int64_t begin = count_ * index / parts_;
         int64_t end = count_ * (index + 1) / parts_;
         fn_(ctx_, begin, end);
       }
       pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  // A part's chunks [lo, hi) in one word, so that its owner and a thief agree on who takes the last.
+  static uint64_t pack(int64_t lo, int64_t hi) { return (uint64_t)lo << 32 | (uint64_t)hi; }
+  static int64_t lo_of(uint64_t r) { return (int64_t)(r >> 32); }
+  static int64_t hi_of(uint64_t r) { return (int64_t)(r & 0xffffffffu); }
+
+  void run_chunk(int64_t c) { fn_(ctx_, c * chunk_, std::min(count_, (c + 1) * chunk_)); }
+
+  // Part `own`'s chunks from the front, then the other parts' from the back. The owner's word stays
+  // in its cache until a thief comes, so a chunk costs an uncontended compare-exchange.
+  void run_chunks(int own) {
+    std::atomic<uint64_t>& mine = ranges_[own].v;
+    for (uint64_t r = mine.load(std::memory_order_relaxed); lo_of(r) < hi_of(r);) {
+      if (mine.compare_exchange_weak(r, pack(lo_of(r) + 1, hi_of(r)), std::memory_order_relaxed))
+        run_chunk(lo_of(r));
+    }
+    for (int k = 1; k < parts_; ++k) {
+      std::atomic<uint64_t>& theirs = ranges_[(own + k) % parts_].v;
+      for (uint64_t r = theirs.load(std::memory_order_relaxed); lo_of(r) < hi_of(r);) {
+        if (theirs.compare_exchange_weak(r, pack(lo_of(r), hi_of(r) - 1), std::memory_order_relaxed))
+          run_chunk(hi_of(r) - 1);
+      }
     }
   }
 
@@ -126,6 +167,11 @@ class Pool {
   void* ctx_ = nullptr;
   int64_t count_ = 0;
   int parts_ = 0;
+  int64_t chunk_ = 0;
+  struct alignas(64) Range {  // one cache line each
+    std::atomic<uint64_t> v{0};
+  };
+  std::unique_ptr<Range[]> ranges_{new Range[n_]};  // per part of a chunked job: chunks not yet taken
 };
 
 std::mutex g_pool_mu;
@@ -169,7 +215,14 @@ void set_num_threads(int n) {
 
 void parallel_for_raw(int64_t count, int64_t min_chunk, RangeFn fn, void* ctx) {
   if (count <= 0) return;
-  pool().run(count, min_chunk, fn, ctx);
+  pool().run(count, min_chunk, 0, fn, ctx);
+}
+
+void parallel_for_dynamic_raw(int64_t count, int64_t min_chunk, int64_t chunk, RangeFn fn, void* ctx) {
+  if (count <= 0) return;
+  // Chunk indices are kept in 32 bits.
+  chunk = std::max<int64_t>({chunk, 1, (count >> 31) + 1});
+  pool().run(count, min_chunk, chunk, fn, ctx);
 }
 
 int thread_index() { return t_index; }

@@ -246,6 +246,18 @@ void direct_rows(const Dots& dots, const float* bias, float* y, int64_t N, int64
   }
 }
 
+// direct_rows over all N rows on the pool: each thread's share in chunks of about kDirectChunkBytes
+// of weights (whole groups of kLanes rows), and a thread that finishes early takes chunks from the
+// other's end. Each row's result is the same whichever thread computes it.
+constexpr int64_t kDirectChunkBytes = 32 << 10;
+
+template <int M, typename Dots>
+void direct_parallel(const Dots& dots, const float* bias, float* y, int64_t N, int64_t row_bytes, int64_t min_rows) {
+  const int64_t chunk = kLanes * std::max<int64_t>(1, kDirectChunkBytes / (kLanes * row_bytes));
+  parallel_for_dynamic(N, min_rows, chunk,
+                       [&](int64_t begin, int64_t end) { direct_rows<M>(dots, bias, y, N, begin, end); });
+}
+
 // ---- Short rows: K a whole number of registers, at most kShortMaxRegisters ----
 // For a short K (dt_proj's rank, 48 in mamba-130m) row_dots' loop and call cost more than its products.
 // Here the rows of x stay in registers and each weight row takes KR loads and products, unrolled; the
@@ -280,7 +292,7 @@ void short_form(const float* x, const uint8_t* w, const float* bias, float* y, i
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < KR; ++v) xv[m][v] = vload(x + (m * KR + v) * kLanes);
   auto dots = [&](int64_t n, vfloat* out) { short_dots<T, M, KR>(xv, w + n * row_bytes, out); };
-  parallel_for(N, min_rows, [&](int64_t begin, int64_t end) { direct_rows<M>(dots, bias, y, N, begin, end); });
+  direct_parallel<M>(dots, bias, y, N, row_bytes, min_rows);
 }
 
 // short_form for KR = K / kLanes known only at run time; false when K is not short.
@@ -504,7 +516,7 @@ void direct_form(const float* x, const uint8_t* w, const float* bias, float* y, 
     static_assert(T == DType::q8_0, "int8 products are for q8_0 weights");
     const QuantizedX qx = quantize_x(x, M, K);
     auto dots = [&](int64_t n, vfloat* out) { direct_tiles_vnni<M>(qx, w + n * row_bytes, out); };
-    parallel_for(N, min_rows, [&](int64_t begin, int64_t end) { direct_rows<M>(dots, bias, y, N, begin, end); });
+    direct_parallel<M>(dots, bias, y, N, row_bytes, min_rows);
     return;
   }
 #endif
@@ -512,7 +524,7 @@ void direct_form(const float* x, const uint8_t* w, const float* bias, float* y, 
     if (short_form_upto<T, M>(K, x, w, bias, y, N, min_rows)) return;
   }
   auto dots = [&](int64_t n, vfloat* out) { direct_tiles<T, M>(x, K, w + n * row_bytes, out); };
-  parallel_for(N, min_rows, [&](int64_t begin, int64_t end) { direct_rows<M>(dots, bias, y, N, begin, end); });
+  direct_parallel<M>(dots, bias, y, N, row_bytes, min_rows);
 }
 
 template <DType T, int MMax, bool Int8 = false>

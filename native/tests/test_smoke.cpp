@@ -1,5 +1,7 @@
 // The core pieces every kernel relies on: dtype conversions, the thread pool, level dispatch, large buffers.
 #include <atomic>
+#include <chrono>
+#include <thread>
 
 #include "../core/dtype.h"
 #include "../core/large_alloc.h"
@@ -59,6 +61,51 @@ int main() {
     }
     MSSM_CHECK(wrong == 0, "threads %d: %lld indices visited other than once in back-to-back small jobs", threads,
                (long long)wrong);
+  }
+  // parallel_for_dynamic: every index once, in whole chunks (the last of the range may be shorter),
+  // whatever the chunk, the minimum share and the thread count.
+  for (int threads : {1, 2, 3, 8}) {
+    set_num_threads(threads);
+    for (int64_t n : {1, 2, 7, 1000, 100003}) {
+      for (int64_t chunk : {1, 3, 64, 5000}) {
+        for (int64_t min_chunk : {1, 100}) {
+          std::vector<std::atomic<int>> seen(n);
+          std::atomic<int64_t> misshapen{0};
+          for (int rep = 0; rep < 5; ++rep) {
+            parallel_for_dynamic(n, min_chunk, chunk, [&](int64_t b, int64_t e) {
+              // A serial run (one part) is handed the whole range at once.
+              const bool whole = b == 0 && e == n;
+              if (!whole && (b % chunk != 0 || (e != std::min(n, b + chunk)))) misshapen.fetch_add(1);
+              for (int64_t i = b; i < e; ++i) seen[i].fetch_add(1);
+            });
+          }
+          int64_t wrong = 0;
+          for (auto& v : seen) wrong += v.load() != 5;
+          MSSM_CHECK(wrong == 0 && misshapen.load() == 0,
+                     "dynamic: threads %d n %lld chunk %lld min %lld: %lld indices not visited 5 times, %lld "
+                     "ranges not one chunk",
+                     threads, (long long)n, (long long)chunk, (long long)min_chunk, (long long)wrong,
+                     (long long)misshapen.load());
+        }
+      }
+    }
+  }
+  // A slow thread is helped: with the calling thread sleeping in each of its chunks, the other takes
+  // most of the chunks (a static split would leave it half). Timing-based, so three tries.
+  {
+    set_num_threads(2);
+    int64_t best = 0;
+    for (int attempt = 0; attempt < 3 && best < 14; ++attempt) {
+      std::atomic<int64_t> by_worker{0};
+      parallel_for_dynamic(20, 1, 1, [&](int64_t b, int64_t e) {
+        if (thread_index() == 0)
+          std::this_thread::sleep_for(std::chrono::milliseconds(3));
+        else
+          by_worker.fetch_add(e - b);
+      });
+      best = std::max(best, by_worker.load());
+    }
+    MSSM_CHECK(best >= 14, "dynamic: the fast thread ran only %lld of 20 chunks while the other slept", (long long)best);
   }
   set_num_threads(default_num_threads());
 
