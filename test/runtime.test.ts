@@ -87,6 +87,51 @@ describe("loading the addon", () => {
     }
   });
 
+  test("npm's install step keeps a local build newer than every native source, and builds otherwise", () => {
+    // A copy of the package's build inputs with the real binary, and a stand-in node-gyp on the PATH
+    // that records being run.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-install-"));
+    try {
+      fs.mkdirSync(path.join(dir, "scripts"));
+      fs.copyFileSync(path.join(root, "scripts", "install.js"), path.join(dir, "scripts", "install.js"));
+      fs.copyFileSync(path.join(root, "binding.gyp"), path.join(dir, "binding.gyp"));
+      fs.mkdirSync(path.join(dir, "native", "cpu"), { recursive: true });
+      const source = path.join(dir, "native", "cpu", "gemm.cpp");
+      fs.writeFileSync(source, "// a source\n");
+      fs.mkdirSync(path.join(dir, "build", "Release"), { recursive: true });
+      const binary = path.join(dir, "build", "Release", "mamba_ssm.node");
+      fs.copyFileSync(path.join(root, "build", "Release", "mamba_ssm.node"), binary);
+      const bin = path.join(dir, "bin");
+      fs.mkdirSync(bin);
+      const marker = path.join(dir, "node-gyp-ran");
+      fs.writeFileSync(path.join(bin, "node-gyp"), `#!/bin/sh\necho "$@" > ${JSON.stringify(marker)}\n`, { mode: 0o755 });
+      const install = (env: NodeJS.ProcessEnv = {}) => {
+        fs.rmSync(marker, { force: true });
+        const r = spawnSync(process.execPath, [path.join(dir, "scripts", "install.js")], {
+          encoding: "utf8",
+          env: { ...process.env, MAMBA_SSM_BUILD_FROM_SOURCE: "", PATH: `${bin}${path.delimiter}${process.env.PATH}`, ...env },
+        });
+        expect(r.status).toBe(0);
+        return { built: fs.existsSync(marker), out: r.stdout };
+      };
+      const past = new Date(Date.now() - 3600e3);
+      fs.utimesSync(source, past, past);
+      fs.utimesSync(path.join(dir, "binding.gyp"), past, past);
+      const kept = install();
+      expect(kept.built).toBe(false);
+      expect(kept.out).toContain("newer than every native source; keeping it");
+      expect(install({ MAMBA_SSM_BUILD_FROM_SOURCE: "1" }).built).toBe(true);
+      const future = new Date(Date.now() + 3600e3);
+      fs.utimesSync(source, future, future);  // a source edited after the build
+      expect(install().built).toBe(true);
+      fs.utimesSync(source, past, past);
+      fs.writeFileSync(binary, "not an addon");  // a build that does not load
+      expect(install().built).toBe(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("a prebuilt binary in prebuilds/<platform>-<arch>/ is loaded before the local build", () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-prebuilt-"));
     try {
