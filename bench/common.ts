@@ -15,18 +15,24 @@ export type WeightType = "f32" | "bf16" | "q8_0";
 export const ARCHS: readonly Arch[] = ["mamba-130m", "mamba2-130m"];
 export const WEIGHT_TYPES: readonly WeightType[] = ["f32", "bf16", "q8_0"];
 
+// The 1 GiB that measureBandwidth reads, kept for the process's later calls: a disposed tensor's memory
+// is released by a finaliser on a later turn of the event loop, so a synchronous loop that measured
+// with a fresh buffer each time held one more GiB per call (a bench:peer run reached 24 GB and swapped).
+let bandwidthBuffer: Tensor | null = null;
+
 /** Read bandwidth in bytes/s: the best of five vectorised sums over 1 GiB, on every pool thread. */
 export function measureBandwidth(): number {
   const bytes = 1 << 30;
-  const t = Tensor.zeros([bytes / 4]);
-  (t.data as Float32Array).fill(1);
+  if (!bandwidthBuffer) {
+    bandwidthBuffer = Tensor.zeros([bytes / 4]);
+    (bandwidthBuffer.data as Float32Array).fill(1);
+  }
   let best = Infinity;
   for (let i = 0; i < 5; i++) {
     const t0 = performance.now();
-    native().readSum({ data: t.buffer(), n: bytes / 4 });
+    native().readSum({ data: bandwidthBuffer.buffer(), n: bytes / 4 });
     best = Math.min(best, performance.now() - t0);
   }
-  t.dispose();
   return bytes / (best / 1000);
 }
 

@@ -91,7 +91,6 @@ async function main() {
   // The mamba-ssm side runs the compiled package (bench/mamba-run.js): compile it from lib/ now.
   compileDist("bench:peer");
   const bandwidth = measureBandwidth();
-  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
 
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-peer-"));
   process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
