@@ -25,18 +25,23 @@ function prebuiltLoads() {
   return false;
 }
 
-// Newest modification time (ms) of the files the addon is built from.
+// Newest modification time (ms) of the files the addon is built from; Infinity when they cannot all
+// be read (then the build runs, and says what is missing).
 function newestSource() {
-  let newest = fs.statSync(path.join(root, "binding.gyp")).mtimeMs;
-  const walk = (dir) => {
-    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
-      const file = path.join(dir, entry.name);
-      if (entry.isDirectory()) walk(file);
-      else newest = Math.max(newest, fs.statSync(file).mtimeMs);
-    }
-  };
-  walk(path.join(root, "native"));
-  return newest;
+  try {
+    let newest = fs.statSync(path.join(root, "binding.gyp")).mtimeMs;
+    const walk = (dir) => {
+      for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+        const file = path.join(dir, entry.name);
+        if (entry.isDirectory()) walk(file);
+        else newest = Math.max(newest, fs.statSync(file).mtimeMs);
+      }
+    };
+    walk(path.join(root, "native"));
+    return newest;
+  } catch {
+    return Infinity;
+  }
 }
 
 // In a clone, `npx mamba-ssm` installs the clone itself into npx's cache (a link to it) and runs this
