@@ -3,9 +3,8 @@
 // runs), decode tokens/s (128 tokens, batch 1), aggregate decode tokens/s for 16 sequences, and peak
 // RSS, at f32, bf16 and q8_0. Decode speed is also given as a fraction of the read-bandwidth bound
 // (weight bytes per token / the higher of the bandwidths measured just before and just after that
-// configuration). Each
-// configuration runs in its own plain-node process on the compiled package (bench/mamba-run.js, as
-// bench:peer's mamba-ssm side), so its peak RSS is its own.
+// configuration). Each configuration runs in its own plain-node process on the compiled package
+// (bench/mamba-run.js, as bench:peer's mamba-ssm side), so its peak RSS is its own.
 //
 //   npm run bench:generate [-- --quick] [-- --threads N]
 // Prints a table and one JSON line. Not part of `npm test`.

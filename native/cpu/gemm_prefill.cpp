@@ -25,8 +25,6 @@
 //    as it is copied or packed, then as above. Prefill keeps q8_0 products in f32.
 #include "gemm_common.h"
 
-#include <vector>
-
 namespace mssm::cpu::MSSM_LEVEL {
 namespace gemm_detail {
 namespace {
@@ -503,11 +501,10 @@ void copy_weight_rows_q8_0_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0,
 // As pack_weights_bf16, from q8_0 weights: the panel's rows go through bf16 rows first.
 void pack_weights_q8_0_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t count, int64_t k0, int64_t kc,
                             uint32_t* packed) {
-  static thread_local std::vector<uint16_t> rows;
-  if ((int64_t)rows.size() < count * kc) rows.resize((size_t)(count * kc));
-  for (int64_t j = 0; j < count; ++j) q8_0_row_to_bf16(w, row_bytes, n0 + j, k0, kc, rows.data() + j * kc);
-  pack_weights_bf16(reinterpret_cast<const uint8_t*>(rows.data()), kc * (int64_t)sizeof(uint16_t), 0, count, 0, kc,
-                    packed);
+  static thread_local Scratch scratch;
+  uint16_t* rows = reinterpret_cast<uint16_t*>(scratch.get((count * kc + 1) / 2));
+  for (int64_t j = 0; j < count; ++j) q8_0_row_to_bf16(w, row_bytes, n0 + j, k0, kc, rows + j * kc);
+  pack_weights_bf16(reinterpret_cast<const uint8_t*>(rows), kc * (int64_t)sizeof(uint16_t), 0, count, 0, kc, packed);
 }
 
 template <int VM, int NB, int H>
