@@ -34,7 +34,7 @@ class Pool {
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
+      stop_.store(true, std::memory_order_release);
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
@@ -119,7 +119,7 @@ class Pool {
         }
       }
       seen = g;
-      if (stop_) return;
+      if (stop_.load(std::memory_order_acquire)) return;
       if (chunk_ > 0) {
         if (index < parts_) run_chunks(index);
       } else if (index < parts_) {
@@ -162,7 +162,7 @@ class Pool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<int> pending_{0};
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};  // read by spinning workers without the lock
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t count_ = 0;

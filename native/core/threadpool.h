@@ -7,6 +7,7 @@
 // A parallel_for called from inside a worker runs serially on that worker.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace mssm {
@@ -30,13 +31,15 @@ void parallel_for_dynamic_raw(int64_t count, int64_t min_chunk, int64_t chunk, R
 
 template <typename F>
 inline void parallel_for_dynamic(int64_t count, int64_t min_chunk, int64_t chunk, F&& fn) {
-  auto thunk = [](void* ctx, int64_t begin, int64_t end) { (*static_cast<F*>(ctx))(begin, end); };
+  using G = std::remove_reference_t<F>;  // F is a reference type when fn is an lvalue
+  auto thunk = [](void* ctx, int64_t begin, int64_t end) { (*static_cast<G*>(ctx))(begin, end); };
   parallel_for_dynamic_raw(count, min_chunk, chunk, thunk, (void*)&fn);
 }
 
 template <typename F>
 inline void parallel_for(int64_t count, int64_t min_chunk, F&& fn) {
-  auto thunk = [](void* ctx, int64_t begin, int64_t end) { (*static_cast<F*>(ctx))(begin, end); };
+  using G = std::remove_reference_t<F>;
+  auto thunk = [](void* ctx, int64_t begin, int64_t end) { (*static_cast<G*>(ctx))(begin, end); };
   parallel_for_raw(count, min_chunk, thunk, (void*)&fn);
 }
 

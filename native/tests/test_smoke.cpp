@@ -34,11 +34,11 @@ int main() {
     set_num_threads(threads);
     for (int64_t n : {1, 2, 7, 1000, 100003}) {
       std::vector<std::atomic<int>> seen(n);
-      for (int rep = 0; rep < 50; ++rep) {
-        parallel_for(n, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) seen[i].fetch_add(1);
-        });
-      }
+      // A named function object (an lvalue) works as well as a temporary one.
+      auto visit = [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) seen[i].fetch_add(1);
+      };
+      for (int rep = 0; rep < 50; ++rep) parallel_for(n, visit);
       int64_t wrong = 0;
       for (auto& s : seen) wrong += s.load() != 50;
       MSSM_CHECK(wrong == 0, "threads %d n %lld: %lld indices not visited 50 times", threads, (long long)n,
