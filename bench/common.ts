@@ -5,7 +5,7 @@ import { spawnSync } from "child_process";
 import * as path from "path";
 import { Tensor } from "../lib";
 import { saveCheckpoint } from "../lib/io/checkpoint";
-import { isMatrixWeight } from "../lib/models/config";
+import { expectedShapes, isMatrixWeight, MambaConfig, stateLayers } from "../lib/models/config";
 import { initWeights, preset } from "../lib/models/init";
 import { native } from "../lib/native";
 import { bytesToByteLevel } from "../lib/tokenizers/byte-level";
@@ -59,6 +59,60 @@ export function makeBenchModel(arch: Arch, dtype: WeightType, file: string): voi
   for (const m of merges) tokens.push(m.replace(" ", ""));
   saveCheckpoint(file, { config, weights, tokenizer: { kind: "gguf", tokens, merges, model: "gpt2" } }, { format: "gguf" });
   for (const t of weights.values()) t.dispose();
+}
+
+/** The median (the mean of the middle two for an even count). */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+/**
+ * Peak FLOP/s: the addon's independent FMA chains (fp32) or bf16 pair dot products into fp32
+ * (VDPBF16PS; 0 where the CPU level has none) on every pool thread, the median of at least five calls
+ * lasting ~0.5 s in all (after two warm-up calls); also the best call.
+ */
+export function measurePeak(kind: "fp32" | "bf16", quick = false): { median: number; best: number } {
+  const iterations = quick ? 2e6 : 1e7;
+  const run = () => (kind === "fp32" ? native().fmaPeak({ iterations }) : native().bf16Peak({ iterations }));
+  run();
+  run();
+  const rates: number[] = [];
+  const start = performance.now();
+  while (rates.length < 5 || performance.now() - start < 500) {
+    const t0 = performance.now();
+    const flops = run();
+    if (flops === 0) return { median: 0, best: 0 };
+    rates.push(flops / ((performance.now() - t0) / 1000));
+  }
+  return { median: median(rates), best: Math.max(...rates) };
+}
+
+/**
+ * FLOPs a prompt token costs in the matrix products of one forward (2 per multiply-add of every
+ * weight matrix but the embedding and the head, which a prefill applies to its last token only; a
+ * mixture-of-experts layer's experts counted top-k of the experts' share).
+ */
+export function prefillMatmulFlops(config: MambaConfig): number {
+  let flops = 0;
+  for (const [name, shape] of expectedShapes(config)) {
+    if (name === "embeddings" || name === "lm_head" || !isMatrixWeight(name)) continue;
+    const share = config.moe && /\.fc[12]$/.test(name) ? config.moe.topK / config.moe.numExperts : 1;
+    flops += 2 * shape.reduce((a, b) => a * b, 1) * share;
+  }
+  return flops;
+}
+
+/**
+ * Bytes of recurrent state a decode step of one sequence reads and writes (the conv window and the
+ * SSM state of every Mamba layer, fp32, once each way): traffic a step adds to its weights'.
+ */
+export function stateTrafficBytes(config: MambaConfig): number {
+  const c = config;
+  const m1 = c.architecture === "mamba1";
+  const convChannels = m1 ? c.intermediateSize : c.intermediateSize + 2 * c.numGroups * c.stateSize;
+  const floats = (c.convKernel - 1) * convChannels + c.intermediateSize * c.stateSize;
+  return 2 * 4 * floats * stateLayers(c);
 }
 
 /** A deterministic prompt of `length` token ids below `vocab` (`salt` makes different prompts). */

@@ -8,8 +8,13 @@
 //             a run of the measured size: the first call of a size pays for touching new memory)
 //   decode    128 single-token steps from the last prompt token, greedy, batch 1 (tokens/s), also as a
 //             fraction of the read-bandwidth bound (measured bandwidth / weight bytes per token; the
-//             higher of the bandwidths measured just before and just after each mamba-ssm run)
+//             higher of the bandwidths measured just before and just after each mamba-ssm run), and
+//             of the bound that also counts the recurrent state a step reads and writes (fp32 conv
+//             window and SSM state: 18.5 MiB each way a token for mamba2-130m, 2.7 MiB for mamba-130m)
 //   batch-16  16 sequences (64-token prompts) stepped together, 32 steps (aggregate tokens/s)
+// and, as a ceiling for prefill, the matrix products' FLOPs per prompt token at the measured peak of
+// the arithmetic they run in (bf16 dot products for BF16 weights where the CPU has them, fp32 FMA
+// otherwise): no prefill can beat it, whatever the scan and the small ops cost.
 // and the greedy tokens of the two engines are compared. The mamba-ssm side (bench/mamba-run.js) runs
 // the compiled package in plain node, as the llama.cpp side (bench/peer-llama.mjs) runs node-llama-cpp. node-llama-cpp is installed on demand into
 // .cache/peer/ (it is not a dependency of the package); --llama-cpp DIR uses an existing install.
@@ -23,8 +28,8 @@ import * as path from "path";
 import { getThreads, setThreads } from "../lib";
 import { preset } from "../lib/models/init";
 import {
-  ARCHS, Arch, compileDist, formatTable, makeBenchModelFile, measureBandwidth, repoRoot, runChild, runMamba, runOptions,
-  RunResult, WEIGHT_TYPES, WeightType,
+  ARCHS, Arch, compileDist, formatTable, makeBenchModelFile, measureBandwidth, measurePeak, median, prefillMatmulFlops,
+  repoRoot, runChild, runMamba, runOptions, RunResult, stateTrafficBytes, WEIGHT_TYPES, WeightType,
 } from "./common";
 
 const LLAMA_CPP_VERSION = "3.21.1";
@@ -63,11 +68,6 @@ function nodeLlamaCpp(): string {
   return entry;
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
-
 /** Length of the common prefix of two token lists, and the fraction of equal positions. */
 function agreement(a: number[], b: number[]): { prefix: number; equal: number } {
   let prefix = 0;
@@ -91,12 +91,15 @@ async function main() {
   // The mamba-ssm side runs the compiled package (bench/mamba-run.js): compile it from lib/ now.
   compileDist("bench:peer");
   const bandwidth = measureBandwidth();
+  const fmaPeak = measurePeak("fp32", quick).median;
+  const bf16Peak = measurePeak("bf16", quick).median;
 
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-peer-"));
   process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
   const results = [];
   for (const arch of archs) {
-    const o = runOptions(preset(arch).vocabSize, threads, quick);
+    const config = preset(arch);
+    const o = runOptions(config.vocabSize, threads, quick);
     for (const dtype of dtypes) {
       const file = path.join(scratch, `${arch}-${dtype}.gguf`);
       makeBenchModelFile(arch, dtype, file);
@@ -134,6 +137,10 @@ async function main() {
       const bounds = mamba.map((x) => x.bandwidth! / x.weightBytes!);
       const bound = median(bounds);
       const ofBound = (rs: EngineResult[]) => median(rs.map((x, i) => x.decodeTokS / bounds[i]));
+      const stateBytes = stateTrafficBytes(config);
+      const ofStateBound = median(mamba.map((x) => x.decodeTokS / (x.bandwidth! / (x.weightBytes! + stateBytes))));
+      const peak = dtype === "bf16" && bf16Peak > 0 ? bf16Peak : fmaPeak;
+      const prefillCeiling = peak / prefillMatmulFlops(config);
       const decodeAgree = agreement(mamba[0].decodeTokens, llama[0].decodeTokens);
       const batchAgree = mamba[0].batchTokens.map((t, b) => agreement(t, llama[0].batchTokens[b]));
       results.push({
@@ -149,6 +156,10 @@ async function main() {
         },
         decodeBoundTokS: +bound.toFixed(1),
         decodeOfBound: { mambaSsm: +ofBound(mamba).toFixed(3), llamaCpp: +ofBound(llama).toFixed(3) },
+        stateTrafficMB: +(stateBytes / 2 ** 20).toFixed(1),
+        decodeOfBoundWithState: +ofStateBound.toFixed(3),
+        prefillCeilingTokS: +prefillCeiling.toFixed(0),
+        prefillOfCeiling: +(m.prefillTokS / prefillCeiling).toFixed(3),
         bandwidthGBs: mamba.map((x) => +(x.bandwidth! / 1e9).toFixed(2)),
         greedy: {
           decodePrefix: decodeAgree.prefix,
@@ -162,10 +173,11 @@ async function main() {
 
   const o = { prompt: quick ? 128 : 512, decode: quick ? 32 : 128, steps: quick ? 8 : 32 };
   console.log(
-    `mamba-ssm vs llama.cpp (node-llama-cpp ${LLAMA_CPP_VERSION}) — ${threads} threads, read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s at the start; ` +
+    `mamba-ssm vs llama.cpp (node-llama-cpp ${LLAMA_CPP_VERSION}) — ${threads} threads, read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s at the start, ` +
+      `peaks ${(fmaPeak / 1e9).toFixed(0)} GFLOP/s fp32 FMA, ${bf16Peak > 0 ? `${(bf16Peak / 1e9).toFixed(0)} GFLOP/s bf16` : "no bf16 dot products"}; ` +
       `prompt ${o.prompt}, decode ${o.decode}, 16 sequences × ${o.steps} steps; median of ${reps}${quick ? " (quick)" : ""}`,
   );
-  const head = ["model", "dtype", "prefill llama.cpp", "prefill mamba-ssm", "×", "decode llama.cpp", "decode mamba-ssm", "×", "of bound", "batch-16 llama.cpp", "batch-16 mamba-ssm", "×", "greedy equal"];
+  const head = ["model", "dtype", "prefill llama.cpp", "prefill mamba-ssm", "×", "of ceiling", "decode llama.cpp", "decode mamba-ssm", "×", "of bound", "+ state", "batch-16 llama.cpp", "batch-16 mamba-ssm", "×", "greedy equal"];
   const rows = results.map((r) =>
     [
       r.model,
@@ -173,10 +185,12 @@ async function main() {
       r.llamaCpp.prefillTokS,
       r.mambaSsm.prefillTokS,
       r.ratio.prefill.toFixed(2),
+      `${(100 * r.prefillOfCeiling).toFixed(0)}% of ${r.prefillCeilingTokS}`,
       r.llamaCpp.decodeTokS,
       r.mambaSsm.decodeTokS,
       r.ratio.decode.toFixed(2),
       `${(100 * r.decodeOfBound.mambaSsm).toFixed(0)}%`,
+      `${(100 * r.decodeOfBoundWithState).toFixed(0)}%`,
       r.llamaCpp.batchTokS,
       r.mambaSsm.batchTokS,
       r.ratio.batch.toFixed(2),
@@ -184,8 +198,8 @@ async function main() {
     ].map(String),
   );
   console.log(formatTable(head, rows));
-  console.log("(tokens/s; × = mamba-ssm / llama.cpp; of bound = decode / (bandwidth / weight bytes), the bandwidth measured around each repetition's mamba-ssm run, the higher of before and after; greedy equal = decode / batch-16 tokens that agree)");
-  console.log(JSON.stringify({ bench: "peer", llamaCpp: LLAMA_CPP_VERSION, threads, bandwidthGBs: +(bandwidth / 1e9).toFixed(2), reps, ...o, results }));
+  console.log("(tokens/s; × = mamba-ssm / llama.cpp; of ceiling = prefill / (peak FLOP/s / matrix-product FLOPs a token); of bound = decode / (bandwidth / weight bytes), the bandwidth measured around each repetition's mamba-ssm run, the higher of before and after; + state = the same with the state a step reads and writes added to the weight bytes; greedy equal = decode / batch-16 tokens that agree)");
+  console.log(JSON.stringify({ bench: "peer", llamaCpp: LLAMA_CPP_VERSION, threads, bandwidthGBs: +(bandwidth / 1e9).toFixed(2), fmaPeakGflops: +(fmaPeak / 1e9).toFixed(1), bf16PeakGflops: +(bf16Peak / 1e9).toFixed(1), reps, ...o, results }));
 }
 
 main().catch((e) => {

@@ -25,10 +25,9 @@ import * as path from "path";
 import { getThreads, setThreads } from "../lib";
 import { MambaConfig } from "../lib/models/config";
 import { initWeights } from "../lib/models/init";
-import { native } from "../lib/native";
 import { trainConfig } from "../lib/training/train";
 import { Trainer } from "../lib/training/trainer";
-import { formatTable, promptIds } from "./common";
+import { formatTable, measurePeak, median, promptIds } from "./common";
 
 const argv = process.argv.slice(2);
 const quick = argv.includes("--quick");
@@ -63,10 +62,6 @@ const PYTHON = "/usr/bin/python3";
 
 const config: MambaConfig = trainConfig({ architecture: arch, hiddenSize: D_MODEL, numLayers: LAYERS, stateSize: STATE });
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-}
 
 function newTrainer(): Trainer {
   const trainer = new Trainer(config, { scanChunk: SCAN_CHUNK });
@@ -88,26 +83,6 @@ function batchOf(batch: number, length: number): { ids: Int32Array; targets: Int
   return { ids, targets };
 }
 
-/**
- * Peak FLOP/s as bench/kernels.ts measures it: the addon's independent FMA chains (fp32) or bf16 pair
- * dot products into fp32 (VDPBF16PS; 0 where the CPU level has none) on every pool thread, the median
- * of at least five calls lasting ~0.5 s in all (after two warm-up calls).
- */
-function measurePeak(kind: "fp32" | "bf16"): { median: number; best: number } {
-  const iterations = quick ? 2e6 : 1e7;
-  const run = () => (kind === "fp32" ? native().fmaPeak({ iterations }) : native().bf16Peak({ iterations }));
-  run();
-  run();
-  const rates: number[] = [];
-  const start = performance.now();
-  while (rates.length < 5 || performance.now() - start < 500) {
-    const t0 = performance.now();
-    const flops = run();
-    if (flops === 0) return { median: 0, best: 0 };
-    rates.push(flops / ((performance.now() - t0) / 1000));
-  }
-  return { median: median(rates), best: Math.max(...rates) };
-}
 
 // ---- 3. memory: one forward + backward at batch 1 in a fresh process ----------------------------
 
@@ -262,9 +237,9 @@ async function main() {
   }
   const fit = memory.length >= 2 ? fitLine(memory.map((m) => m.length), memory.map((m) => m.stepBytes)) : null;
 
-  const peakBefore = measurePeak("fp32");
+  const peakBefore = measurePeak("fp32", quick);
   const fmaPeak = peakBefore.median;
-  const bf16Peak = measurePeak("bf16").median;
+  const bf16Peak = measurePeak("bf16", quick).median;
   const ofBf16 = (flops: number) => (bf16Peak > 0 ? `${((100 * flops) / bf16Peak).toFixed(1)}%` : "n/a");
 
   const trainer = newTrainer();
@@ -294,7 +269,7 @@ async function main() {
   trainer.dispose();
   process.stderr.write(`mamba-ssm: ${full.length} timed steps\n`);
   // Measured again after the steps: on a shared machine the ceiling itself moves (vCPUs sharing a core or not).
-  const peakAfter = measurePeak("fp32");
+  const peakAfter = measurePeak("fp32", quick);
 
   const stepSeconds = median(full);
   const tokensPerSecond = tokens / stepSeconds;
