@@ -5,8 +5,9 @@ import { spawnSync } from "child_process";
 import * as path from "path";
 import { Tensor } from "../lib";
 import { saveCheckpoint } from "../lib/io/checkpoint";
-import { expectedShapes, isMatrixWeight, MambaConfig, stateLayers } from "../lib/models/config";
+import { expectedShapes, isMatrixWeight, MambaConfig } from "../lib/models/config";
 import { initWeights, preset } from "../lib/models/init";
+import { stateShapes } from "../lib/models/state";
 import { native } from "../lib/native";
 import { bytesToByteLevel } from "../lib/tokenizers/byte-level";
 
@@ -108,11 +109,9 @@ export function prefillMatmulFlops(config: MambaConfig): number {
  * SSM state of every Mamba layer, fp32, once each way): traffic a step adds to its weights'.
  */
 export function stateTrafficBytes(config: MambaConfig): number {
-  const c = config;
-  const m1 = c.architecture === "mamba1";
-  const convChannels = m1 ? c.intermediateSize : c.intermediateSize + 2 * c.numGroups * c.stateSize;
-  const floats = (c.convKernel - 1) * convChannels + c.intermediateSize * c.stateSize;
-  return 2 * 4 * floats * stateLayers(c);
+  const { conv, ssm } = stateShapes(config, 1);
+  const floats = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+  return 2 * 4 * (floats(conv) + floats(ssm));
 }
 
 /** A deterministic prompt of `length` token ids below `vocab` (`salt` makes different prompts). */

@@ -108,7 +108,7 @@ async function main() {
       for (let r = 0; r < reps; r++) {
         const llamaRun = () => llama.push(runChild([path.join(__dirname, "peer-llama.mjs"), entry, file, JSON.stringify(o)], `llama.cpp ${arch} ${dtype}`));
         // The bound a decode is judged by uses the bandwidth measured around it: this machine's drifts
-        // by ±20% within minutes (more in slow spells), more than the run-start figure can stand for.
+        // by up to 1.8× within minutes (44–85 GB/s seen), more than the run-start figure can stand for.
         // The higher of the figures just before and just after the run counts (the stricter bound).
         const mambaRun = () => {
           const before = measureBandwidth();

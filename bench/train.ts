@@ -62,7 +62,6 @@ const PYTHON = "/usr/bin/python3";
 
 const config: MambaConfig = trainConfig({ architecture: arch, hiddenSize: D_MODEL, numLayers: LAYERS, stateSize: STATE });
 
-
 function newTrainer(): Trainer {
   const trainer = new Trainer(config, { scanChunk: SCAN_CHUNK });
   const weights = initWeights(config, { seed: 1 });
@@ -82,7 +81,6 @@ function batchOf(batch: number, length: number): { ids: Int32Array; targets: Int
   }
   return { ids, targets };
 }
-
 
 // ---- 3. memory: one forward + backward at batch 1 in a fresh process ----------------------------
 
