@@ -50,7 +50,8 @@
         "native/napi/bench.cpp",
         "native/napi/mapfile.cpp",
         "native/napi/model.cpp",
-        "native/napi/train.cpp"
+        "native/napi/train.cpp",
+        "native/napi/cuda.cpp"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS"],

@@ -4,6 +4,8 @@ import * as fs from "fs";
 import * as path from "path";
 import { packageRoot } from "./native";
 import { cpuInfo, getThreads, setThreads } from "./runtime";
+import { cudaInfo } from "./models/cuda-model";
+import type { Device } from "./models/model";
 import { version } from "./version";
 
 const USAGE = `mamba-ssm ${version}
@@ -13,6 +15,7 @@ Usage:
                                                        without --model, the embedded default model)
       --max-tokens N (128)  --temperature T (0.8)  --top-k K (40)  --top-p P (0.95)  --min-p P (0)
       --repetition-penalty R (1)  --seed S  --stop STRING (repeatable)  --dtype f32|bf16|q8_0  --json
+      --device cpu|cuda|cuda:N (cpu; cuda needs an addon built by npm run build:cuda)
   mamba-ssm train --data FILE --out DIR [options]     train a byte-level model on a text file
       --arch mamba1|mamba2 (mamba1)  --d-model N (128)  --layers N (4)  --state N (16; mamba2 64)
       --expand N (2)  --head-dim N (mamba2, 32)  --config FILE (JSON of those fields)  --init PATH
@@ -24,7 +27,7 @@ Usage:
       writes DIR/model (a checkpoint generate --model reads), DIR/loss.csv and DIR/loss.svg
   mamba-ssm inspect PATH [--json]                      architecture, sizes, dtypes, parameters, memory
   mamba-ssm convert IN OUT --to gguf|safetensors [--dtype f32|f16|bf16|q8_0]
-  mamba-ssm info                                       version, CPU kernel level, threads
+  mamba-ssm info                                       version, CPU kernel level, threads, CUDA
   mamba-ssm --version | --help
 
 Every command takes --threads N. PATH is a Hugging Face or mamba_ssm folder, or a GGUF file.
@@ -102,7 +105,7 @@ async function readStdin(): Promise<string> {
 }
 
 async function generate(p: Parsed): Promise<number> {
-  checkFlags(p, ["model", "max-tokens", "temperature", "top-k", "top-p", "min-p", "repetition-penalty", "seed", "stop", "dtype", "json"]);
+  checkFlags(p, ["model", "max-tokens", "temperature", "top-k", "top-p", "min-p", "repetition-penalty", "seed", "stop", "dtype", "json", "device"]);
   const modelPath = flag(p, "model") ?? DEFAULT_MODEL;
   if (!fs.existsSync(modelPath)) {
     throw new UsageError(
@@ -124,8 +127,10 @@ async function generate(p: Parsed): Promise<number> {
     stop: p.flags.get("stop"),
   };
   const dtype = dtypeFlag(p, ["f32", "bf16", "q8_0"]) as "f32" | "bf16" | "q8_0" | undefined;
+  const device = flag(p, "device") ?? "cpu";
+  if (!/^(cpu|cuda|cuda:\d+)$/.test(device)) throw new UsageError(`--device must be cpu, cuda or cuda:N, got "${device}"`);
   const { loadModel } = await import("./models/model");
-  const model = await loadModel(modelPath, { dtype });
+  const model = await loadModel(modelPath, { dtype, device: device as Device });
   const controller = new AbortController();
   const onSignal = () => controller.abort();
   process.once("SIGINT", onSignal);
@@ -191,7 +196,7 @@ async function inspect(p: Parsed): Promise<number> {
       tokenizer: model.hasTokenizer ? model.tokenizer.constructor.name : null,
       stateBytesPerSequence: (() => {
         const s = model.createState(1);
-        const n = s.conv.byteLength + s.ssm.byteLength;
+        const n = s.byteLength;
         s.dispose();
         return n;
       })(),
@@ -321,10 +326,13 @@ async function trainCommand(p: Parsed): Promise<number> {
 
 function info(): number {
   const cpu = cpuInfo();
+  const cuda = cudaInfo();
+  const gpus = cuda.devices.map((d) => `${d.index}: ${d.name} (sm_${d.computeCapability.replace(".", "")}, ${formatBytes(d.memoryBytes)})`);
   process.stdout.write(
     `mamba-ssm ${version}\n` +
       `cpu level: ${cpu.level} (best ${cpu.best}; supported: ${cpu.supported.join(", ")})\n` +
-      `threads:   ${getThreads()}\n`,
+      `threads:   ${getThreads()}\n` +
+      `cuda:      ${gpus.length ? gpus.join("; ") + (cuda.cublas ? " (cuBLAS)" : "") : `none (${cuda.error})`}\n`,
   );
   return 0;
 }

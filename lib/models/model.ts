@@ -11,14 +11,40 @@ import { StopMatcher } from "../generation/stop";
 import { MambaConfig } from "./config";
 import { ModelState } from "./state";
 import * as nativeModel from "./native-model";
+import { createCudaModel, CudaModel, CudaState, CudaWeightDType, cudaForward, cudaStep, cudaUsable, releaseCudaModel } from "./cuda-model";
+
+/** Where a model runs: the CPU, or an NVIDIA GPU ("cuda" is device 0, "cuda:1" device 1). */
+export type Device = "cpu" | "cuda" | `cuda:${number}`;
 
 export interface LoadModelOptions {
-  /** Convert the matrices at load: "f32", "bf16" or "q8_0" (default: keep the stored dtype). */
+  /**
+   * Convert the matrices at load: "f32", "bf16" or "q8_0" (default: keep the stored dtype). On CUDA
+   * the matrices are f32 or bf16: the default keeps f32 matrices f32 and stores any other as bf16.
+   */
   dtype?: "f32" | "bf16" | "q8_0";
   /** Threads for the kernels (a process-wide setting). */
   threads?: number;
-  /** Only "cpu" in this version. */
-  device?: "cpu" | "cuda";
+  /** "cpu" (default), or "cuda" / "cuda:N" with an addon built by `npm run build:cuda`. */
+  device?: Device;
+}
+
+/** The CUDA device index of a Device string, or null for "cpu"; throws for anything else. */
+function parseDevice(what: string, device: Device | undefined): number | null {
+  if (device === undefined || device === "cpu") return null;
+  if (device === "cuda") return 0;
+  const m = typeof device === "string" ? /^cuda:(\d+)$/.exec(device) : null;
+  if (!m) throw new Error(`${what}: device must be "cpu", "cuda" or "cuda:N", got ${JSON.stringify(device)}`);
+  return Number(m[1]);
+}
+
+/** The dtype of the matrices on CUDA: the one asked for, else f32 when every matrix is f32, else bf16. */
+function cudaWeightDType(what: string, weights: ReadonlyMap<string, Tensor>, dtype: string | undefined): CudaWeightDType {
+  if (dtype === "f32" || dtype === "bf16") return dtype;
+  if (dtype !== undefined) {
+    throw new Error(`${what}: dtype "${dtype}" runs on the CPU only; on device "cuda" the matrices are "f32" or "bf16"`);
+  }
+  for (const t of weights.values()) if (t.shape.length === 2 && t.dtype !== "f32") return "bf16";
+  return "f32";
 }
 
 export interface GenerateOptions {
@@ -80,7 +106,10 @@ export class MambaModel {
   readonly source: string;
   readonly format: string;
   #weights: Map<string, Tensor>;
+  /** Where the model runs. */
+  readonly device: "cpu" | "cuda";
   #handle: nativeModel.NativeModel | null;
+  #cuda: CudaModel | null;
   #tokenizer: Tokenizer | null;
   #tokenizerSource: TokenizerSource | undefined;
   #queue: Promise<unknown> = Promise.resolve();
@@ -93,6 +122,7 @@ export class MambaModel {
     format: string;
     tokenizer: Tokenizer | null;
     tokenizerSource?: TokenizerSource;
+    cuda?: { device: number; weightDType: CudaWeightDType };
   }) {
     this.config = Object.freeze({ ...args.config });
     this.#weights = args.weights;
@@ -100,7 +130,15 @@ export class MambaModel {
     this.format = args.format;
     this.#tokenizer = args.tokenizer;
     this.#tokenizerSource = args.tokenizerSource;
-    this.#handle = nativeModel.createNativeModel(args.config, args.weights);
+    if (args.cuda) {
+      this.device = "cuda";
+      this.#handle = null;
+      this.#cuda = createCudaModel(args.config, args.weights, args.cuda);
+    } else {
+      this.device = "cpu";
+      this.#cuda = null;
+      this.#handle = nativeModel.createNativeModel(args.config, args.weights);
+    }
   }
 
   /**
@@ -110,10 +148,12 @@ export class MambaModel {
   static fromWeights(
     config: MambaConfig,
     weights: Map<string, Tensor>,
-    options: { tokenizer?: Tokenizer | null; source?: string } = {},
+    options: { tokenizer?: Tokenizer | null; source?: string; device?: Device; dtype?: CudaWeightDType } = {},
   ): MambaModel {
     const tokenizer = options.tokenizer !== undefined ? options.tokenizer : config.vocabSize === 256 ? new ByteTokenizer() : null;
-    return new MambaModel({ config, weights, source: options.source ?? "(in memory)", format: "memory", tokenizer });
+    const index = parseDevice("fromWeights", options.device);
+    const cuda = index === null ? undefined : { device: index, weightDType: cudaWeightDType("fromWeights", weights, options.dtype) };
+    return new MambaModel({ config, weights, source: options.source ?? "(in memory)", format: "memory", tokenizer, cuda });
   }
 
   /** The model's tokenizer; byte-level models without one get the 256-byte tokenizer. */
@@ -150,9 +190,14 @@ export class MambaModel {
     return n;
   }
 
-  #live(): { handle: nativeModel.NativeModel; weights: Map<string, Tensor> } {
-    if (!this.#handle) throw new Error(`${this.source}: the model has been disposed`);
-    return { handle: this.#handle, weights: this.#weights };
+  /** Bytes the weights take on the GPU (0 for a model on the CPU). */
+  get deviceWeightBytes(): number {
+    return this.#cuda ? this.#cuda.weightBytes : 0;
+  }
+
+  #live(): { handle: nativeModel.NativeModel | null; cuda: CudaModel | null; weights: Map<string, Tensor> } {
+    if (!this.#handle && !this.#cuda) throw new Error(`${this.source}: the model has been disposed`);
+    return { handle: this.#handle, cuda: this.#cuda, weights: this.#weights };
   }
 
   /** Runs native calls one at a time (they share the model's scratch buffers). */
@@ -199,20 +244,22 @@ export class MambaModel {
    * sequence's end are zero). ids: one sequence (number[] / Int32Array) or a batch of them.
    */
   forward(ids: TokenBatch | readonly number[] | Int32Array): Promise<Tensor> {
-    const { handle } = this.#live();
+    const { handle, cuda } = this.#live();
     const { flat, lengths } = this.#batch("forward", ids);
     const longest = Math.max(...lengths);
     const logits = Tensor.zeros([lengths.length, longest, this.config.vocabSize]);
     return this.#serial(async () => {
-      await nativeModel.forward(handle, { ids: flat, lengths, lastOnly: false, logits });
+      if (cuda) await cudaForward(cuda, { ids: flat, lengths, lastOnly: false, logits, paddedLength: longest });
+      else await nativeModel.forward(handle!, { ids: flat, lengths, lastOnly: false, logits });
       return logits;
     });
   }
 
   /** A zero state for `batch` sequences (the state before any token). */
   createState(batch = 1): ModelState {
-    this.#live();
-    return ModelState.zeros(this.config, batch);
+    const { cuda } = this.#live();
+    if (!cuda) return ModelState.zeros(this.config, batch);
+    return new ModelState(this.config, batch, null, null, undefined, CudaState.create(cuda, batch));
   }
 
   #checkState(what: string, state: ModelState, batch: number) {
@@ -223,6 +270,12 @@ export class MambaModel {
       throw new Error(`${what}: the state belongs to a model of another shape`);
     }
     if (state.batch !== batch) throw new Error(`${what}: the state holds ${state.batch} sequences, ${batch} given`);
+    if (state.device !== this.device) {
+      throw new Error(
+        `${what}: the state lives on device "${state.device}", the model on "${this.device}"; ` +
+          `model.loadState(state.save()) moves a state to the model's device`,
+      );
+    }
   }
 
   /**
@@ -230,14 +283,18 @@ export class MambaModel {
    * last token, [batch, vocab]. The chunked / sequence kernels do the work in one native call.
    */
   prefill(state: ModelState, ids: TokenBatch | readonly number[] | Int32Array): Promise<Tensor> {
-    const { handle } = this.#live();
+    const { handle, cuda } = this.#live();
     const { flat, lengths } = this.#batch("prefill", ids);
     this.#checkState("prefill", state, lengths.length);
     const logits = Tensor.zeros([lengths.length, this.config.vocabSize]);
     return this.#serial(async () => {
-      await nativeModel.forward(handle, {
-        ids: flat, lengths, lastOnly: true, logits, convState: state.conv, ssmState: state.ssm, useInitialState: true,
-      });
+      if (cuda) {
+        await cudaForward(cuda, { ids: flat, lengths, lastOnly: true, logits, state: state.deviceState as CudaState, useInitialState: true });
+      } else {
+        await nativeModel.forward(handle!, {
+          ids: flat, lengths, lastOnly: true, logits, convState: state.conv, ssmState: state.ssm, useInitialState: true,
+        });
+      }
       lengths.forEach((n, i) => (state.positions[i] += n));
       return logits;
     });
@@ -245,20 +302,35 @@ export class MambaModel {
 
   /** One token per sequence through the recurrent form; updates the state; logits [batch, vocab]. */
   step(state: ModelState, ids: readonly number[] | Int32Array): Promise<Tensor> {
-    const { handle } = this.#live();
+    const { handle, cuda } = this.#live();
     const tokens = this.#checkIds("step", ids);
     this.#checkState("step", state, tokens.length);
     const logits = Tensor.zeros([tokens.length, this.config.vocabSize]);
     return this.#serial(async () => {
-      await nativeModel.step(handle, { ids: tokens, convState: state.conv, ssmState: state.ssm, logits });
+      if (cuda) await cudaStep(cuda, { ids: tokens, state: state.deviceState as CudaState, logits });
+      else await nativeModel.step(handle!, { ids: tokens, convState: state.conv, ssmState: state.ssm, logits });
       for (let i = 0; i < tokens.length; i++) state.positions[i] += 1;
       return logits;
     });
   }
 
-  /** A state saved with state.save(). */
+  /** A state saved with state.save(), on the model's device. */
   loadState(data: Uint8Array): ModelState {
-    return ModelState.load(this.config, data);
+    const { cuda } = this.#live();
+    const host = ModelState.load(this.config, data);
+    if (!cuda) return host;
+    try {
+      const device = CudaState.create(cuda, host.batch);
+      try {
+        device.write(host.conv, host.ssm);
+      } catch (e) {
+        device.dispose();
+        throw e;
+      }
+      return new ModelState(this.config, host.batch, null, null, [...host.positions], device);
+    } finally {
+      host.dispose();
+    }
   }
 
   #encode(what: string, prompt: Prompt): number[] {
@@ -355,9 +427,11 @@ export class MambaModel {
 
   /** Frees the weights and the native model now. */
   dispose(): void {
-    if (!this.#handle) return;
-    nativeModel.release(this.#handle);
+    if (!this.#handle && !this.#cuda) return;
+    if (this.#handle) nativeModel.release(this.#handle);
+    if (this.#cuda) releaseCudaModel(this.#cuda);
     this.#handle = null;
+    this.#cuda = null;
     // A weight still pinned by a call in flight is freed once the queued calls have settled.
     const busy = [...this.#weights.values()].filter((t) => {
       try {
@@ -404,8 +478,11 @@ function checkGenerateOptions(options: GenerateOptions) {
  * mamba_ssm folder, or a GGUF file of llama.cpp's mamba / mamba2 architectures.
  */
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<MambaModel> {
-  if (options.device !== undefined && options.device !== "cpu") {
-    throw new Error(`loadModel: device "${options.device}" is not available in this build; use "cpu"`);
+  const index = parseDevice("loadModel", options.device);
+  if (index !== null) {
+    // Before the checkpoint is read: a dtype CUDA cannot run, or no usable device, is refused at once.
+    cudaWeightDType("loadModel", new Map(), options.dtype);
+    cudaUsable("loadModel", index);
   }
   if (options.threads !== undefined) setThreads(options.threads);
   const ckpt = await loadCheckpoint(path, { dtype: options.dtype });
@@ -423,5 +500,6 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
     format: ckpt.format,
     tokenizer,
     tokenizerSource: ckpt.tokenizer,
+    cuda: index === null ? undefined : { device: index, weightDType: cudaWeightDType("loadModel", ckpt.weights, options.dtype) },
   });
 }

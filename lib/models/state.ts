@@ -37,18 +37,36 @@ function fingerprint(config: MambaConfig) {
   };
 }
 
+/** A state held by an accelerator (./cuda-model's CudaState), copied to and from the CPU layout. */
+export interface DeviceState {
+  readonly kind: "cuda";
+  readonly batch: number;
+  readonly disposed: boolean;
+  read(conv: Tensor, ssm: Tensor): void;
+  write(conv: Tensor, ssm: Tensor): void;
+  clone(): DeviceState;
+  dispose(): void;
+}
+
 export class ModelState {
   /** Tokens each sequence has consumed. */
   readonly positions: number[];
+  #conv: Tensor | null;
+  #ssm: Tensor | null;
+  #device: DeviceState | null;
 
-  /** @internal */
+  /** @internal A state in host tensors (conv, ssm), or one held by a device (conv and ssm null). */
   constructor(
     readonly config: MambaConfig,
     readonly batch: number,
-    readonly conv: Tensor,
-    readonly ssm: Tensor,
+    conv: Tensor | null,
+    ssm: Tensor | null,
     positions?: number[],
+    device?: DeviceState,
   ) {
+    this.#conv = conv;
+    this.#ssm = ssm;
+    this.#device = device ?? null;
     this.positions = positions ?? new Array(batch).fill(0);
   }
 
@@ -58,19 +76,80 @@ export class ModelState {
     return new ModelState(config, batch, Tensor.zeros(s.conv), Tensor.zeros(s.ssm));
   }
 
+  /** Where the state lives: "cpu" (host tensors) or "cuda" (the model's GPU). */
+  get device(): "cpu" | "cuda" {
+    return this.#device ? this.#device.kind : "cpu";
+  }
+
+  /** The conv states [layers, batch, K-1, channels] (host states only; toCpu() copies a device state). */
+  get conv(): Tensor {
+    return this.#host("conv").conv;
+  }
+
+  /** The SSM states [layers, batch, ...] (host states only; toCpu() copies a device state). */
+  get ssm(): Tensor {
+    return this.#host("ssm").ssm;
+  }
+
+  /** Bytes the state takes (conv and SSM states, f32). */
+  get byteLength(): number {
+    const s = stateShapes(this.config, this.batch);
+    return (s.conv.reduce((a, b) => a * b, 1) + s.ssm.reduce((a, b) => a * b, 1)) * 4;
+  }
+
+  #host(what: string): { conv: Tensor; ssm: Tensor } {
+    if (this.#device) {
+      throw new Error(`state.${what}: the state lives on the GPU (device "${this.#device.kind}"); state.toCpu() copies it into host tensors`);
+    }
+    return { conv: this.#conv!, ssm: this.#ssm! };
+  }
+
+  /** @internal The device's state, for the model's calls (null for a host state). */
+  get deviceState(): DeviceState | null {
+    return this.#device;
+  }
+
+  /** The state in host tensors: a copy (a device state is copied from the device). */
+  toCpu(): ModelState {
+    if (!this.#device) return this.clone();
+    const s = stateShapes(this.config, this.batch);
+    const conv = Tensor.zeros(s.conv);
+    const ssm = Tensor.zeros(s.ssm);
+    try {
+      this.#device.read(conv, ssm);
+    } catch (e) {
+      conv.dispose();
+      ssm.dispose();
+      throw e;
+    }
+    return new ModelState(this.config, this.batch, conv, ssm, [...this.positions]);
+  }
+
+  /** An independent copy on the same device. */
   clone(): ModelState {
-    return new ModelState(this.config, this.batch, this.conv.clone(), this.ssm.clone(), [...this.positions]);
+    if (this.#device) return new ModelState(this.config, this.batch, null, null, [...this.positions], this.#device.clone());
+    const { conv, ssm } = this.#host("clone");
+    return new ModelState(this.config, this.batch, conv.clone(), ssm.clone(), [...this.positions]);
   }
 
   /** The state as bytes: a header naming the model's sizes, then the f32 conv and SSM states. */
   save(): Buffer {
+    if (this.#device) {
+      const host = this.toCpu();
+      try {
+        return host.save();
+      } finally {
+        host.dispose();
+      }
+    }
+    const { conv, ssm } = this.#host("save");
     const header = Buffer.from(
       JSON.stringify({ format: MAGIC, model: fingerprint(this.config), batch: this.batch, positions: this.positions }),
       "utf8",
     );
     const length = Buffer.alloc(4);
     length.writeUInt32LE(header.length);
-    return Buffer.concat([Buffer.from(MAGIC, "ascii"), length, header, Buffer.from(this.conv.bytes()), Buffer.from(this.ssm.bytes())]);
+    return Buffer.concat([Buffer.from(MAGIC, "ascii"), length, header, Buffer.from(conv.bytes()), Buffer.from(ssm.bytes())]);
   }
 
   /** Reads a state written by save(); its sizes must match the model's. */
@@ -113,11 +192,15 @@ export class ModelState {
   }
 
   dispose(): void {
-    this.conv.dispose();
-    this.ssm.dispose();
+    if (this.#device) {
+      this.#device.dispose();
+      return;
+    }
+    this.#conv!.dispose();
+    this.#ssm!.dispose();
   }
 
   get disposed(): boolean {
-    return this.conv.disposed;
+    return this.#device ? this.#device.disposed : this.#conv!.disposed;
   }
 }

@@ -86,6 +86,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mssm::napi::register_mapfile(env, exports);
   mssm::napi::register_model(env, exports);
   mssm::napi::register_train(env, exports);
+  mssm::napi::register_cuda(env, exports);
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;
 }

@@ -7,11 +7,15 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "core/dtype.h"
 
 namespace mssm::model {
 struct Config;
+struct Weight;
 }
 
 namespace mssm::napi {
@@ -135,8 +139,30 @@ void register_bench(Napi::Env env, Napi::Object exports);
 void register_mapfile(Napi::Env env, Napi::Object exports);
 void register_model(Napi::Env env, Napi::Object exports);
 void register_train(Napi::Env env, Napi::Object exports);
+void register_cuda(Napi::Env env, Napi::Object exports);
 
 // A model configuration object (the fields of lib/models/config.ts), checked; errors name the field.
 model::Config read_model_config(const Args& args, Napi::Value value);
+// A weights object {name: {buffer, dtype, shape, byteOffset?}}, checked; `buffers` receives each
+// weight's ArrayBuffer (to keep referenced while the weights are read).
+std::unordered_map<std::string, model::Weight> read_model_weights(
+    const Args& args, Napi::Env env, Napi::Value value, std::vector<std::pair<std::string, Napi::ArrayBuffer>>* buffers);
+// The array argument `name` of sequence lengths, each >= 1, at least one.
+std::vector<int64_t> read_lengths(const Args& args, const char* name);
+// The common arguments of a prefill: lengths, lastOnly, paddedLength (checked against the longest
+// sequence; 0 when absent or lastOnly), useInitialState, segmentTokens (0: the runner's default) and
+// the ids (Σ lengths, checked against the vocabulary); logit_rows is what the logits must hold.
+struct ForwardRequest {
+  std::vector<int32_t> ids;
+  std::vector<int64_t> lengths;
+  bool last_only = false;
+  bool use_initial_state = false;
+  int64_t padded_length = 0;
+  int64_t logit_rows = 0;
+  int64_t segment_tokens = 0;
+};
+ForwardRequest read_forward_request(const Args& args, int64_t vocab);
+// `count` token ids copied out of the ArrayBuffer argument "ids", each checked to lie in [0, vocab).
+std::vector<int32_t> read_token_ids(const Args& args, int64_t count, int64_t vocab);
 
 }  // namespace mssm::napi

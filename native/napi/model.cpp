@@ -223,6 +223,22 @@ model::Weight read_weight(const Args& args, Napi::Env env, const std::string& na
   return w;
 }
 
+// The weights object {name: {buffer, dtype, shape, byteOffset?}}; `buffers` gets each weight's ArrayBuffer.
+std::unordered_map<std::string, model::Weight> read_weights(const Args& a, Napi::Env env, Napi::Value value,
+                                                            std::vector<std::pair<std::string, Napi::ArrayBuffer>>* buffers) {
+  if (!value.IsObject()) a.fail("weights must be an object of {name: {buffer, dtype, shape}}");
+  Napi::Object weights = value.As<Napi::Object>();
+  Napi::Array names = weights.GetPropertyNames();
+  std::unordered_map<std::string, model::Weight> table;
+  for (uint32_t i = 0; i < names.Length(); ++i) {
+    std::string name = names.Get(i).ToString().Utf8Value();
+    Napi::ArrayBuffer buffer;
+    table[name] = read_weight(a, env, name, weights.Get(name), &buffer);
+    buffers->emplace_back(name, buffer);
+  }
+  return table;
+}
+
 ModelHandle* unwrap_model(const Args& args, Napi::Env env, Napi::Value value) {
   if (!value.IsObject()) args.fail("model must be a model handle from modelCreate");
   bool tagged = false;
@@ -245,16 +261,10 @@ Napi::Value ModelCreate(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Args a(info, "modelCreate");
     model::Config config = read_config(a, a.get("config"));
-    Napi::Value weights_value = a.get("weights");
-    if (!weights_value.IsObject()) a.fail("weights must be an object of {name: {buffer, dtype, shape}}");
-    Napi::Object weights = weights_value.As<Napi::Object>();
-    Napi::Array names = weights.GetPropertyNames();
-    std::unordered_map<std::string, model::Weight> table;
+    std::vector<std::pair<std::string, Napi::ArrayBuffer>> buffers;
+    std::unordered_map<std::string, model::Weight> table = read_weights(a, env, a.get("weights"), &buffers);
     auto handle = std::make_unique<ModelHandle>();
-    for (uint32_t i = 0; i < names.Length(); ++i) {
-      std::string name = names.Get(i).ToString().Utf8Value();
-      Napi::ArrayBuffer buffer;
-      table[name] = read_weight(a, env, name, weights.Get(name), &buffer);
+    for (auto& [name, buffer] : buffers) {
       handle->weights.emplace_back(name, Napi::Persistent(buffer.As<Napi::Object>()));
       pin_buffer(buffer.Data());
       handle->pinned.push_back(buffer.Data());
@@ -363,19 +373,6 @@ int64_t checked_mul(const Args& a, int64_t x, int64_t y) {
   return x * y;
 }
 
-// ids copied out of the caller's buffer and checked against the vocabulary before queueing.
-std::vector<int32_t> read_ids(const Args& a, int64_t count, int64_t vocab) {
-  const int32_t* ids = a.i32("ids", count);
-  std::vector<int32_t> out(ids, ids + count);
-  for (int64_t i = 0; i < count; ++i) {
-    if (out[i] < 0 || out[i] >= vocab) {
-      a.fail("token id " + std::to_string(out[i]) + " at position " + std::to_string(i) +
-             " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
-    }
-  }
-  return out;
-}
-
 Napi::Value ModelForward(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Napi::Env env = info.Env();
@@ -383,48 +380,25 @@ Napi::Value ModelForward(const Napi::CallbackInfo& info) {
     ModelHandle* handle = unwrap_model(a, env, a.get("model"));
     const model::Model& m = *handle->model;
     const int64_t vocab = m.config().vocab_size;
-    Napi::Value lengths_value = a.get("lengths");
-    if (!lengths_value.IsArray()) a.fail("lengths must be an array of sequence lengths");
-    Napi::Array lengths_array = lengths_value.As<Napi::Array>();
-    Fields lf(a, lengths_array, "lengths");
-    std::vector<int64_t> lengths;
-    int64_t total = 0;
-    for (uint32_t i = 0; i < lengths_array.Length(); ++i) {
-      lengths.push_back(lf.integer(std::to_string(i).c_str(), 1, kMaxDim));
-      total += lengths.back();
-      if (total > kMaxDim) a.fail("sizes overflow");
-    }
-    const int64_t sequences = (int64_t)lengths.size();
-    if (sequences == 0) a.fail("lengths must hold at least one sequence");
-    const bool last_only = a.boolean("lastOnly", false);
-    const bool use_initial = a.boolean("useInitialState", false);
-    int64_t longest = 0;
-    for (int64_t n : lengths) longest = std::max(longest, n);
-    const int64_t padded = a.is_null("paddedLength") ? 0 : a.integer("paddedLength", 1, kMaxDim);
-    if (padded > 0 && longest > padded) {
-      a.fail("paddedLength " + std::to_string(padded) + " is shorter than the longest sequence (" +
-             std::to_string(longest) + " tokens)");
-    }
-    const int64_t logit_rows = last_only ? sequences : padded > 0 ? checked_mul(a, sequences, padded) : total;
-    float* logits = a.f32_out("logits", checked_mul(a, logit_rows, vocab));
+    ForwardRequest r = read_forward_request(a, vocab);
+    const int64_t sequences = (int64_t)r.lengths.size();
+    float* logits = a.f32_out("logits", checked_mul(a, r.logit_rows, vocab));
     float* conv = a.f32_out("convState", m.conv_state_floats(sequences), true);
     float* ssm = a.f32_out("ssmState", m.ssm_state_floats(sequences), true);
     if ((conv == nullptr) != (ssm == nullptr)) a.fail("convState and ssmState go together: give both or neither");
-    if (use_initial && !conv) a.fail("useInitialState needs convState and ssmState");
-    const int64_t segment = a.is_null("segmentTokens") ? 0 : a.integer("segmentTokens", 1, kMaxDim);
-    std::vector<int32_t> ids = read_ids(a, total, vocab);
+    if (r.use_initial_state && !conv) a.fail("useInitialState needs convState and ssmState");
 
     auto* worker = new ModelWorker(env, "modelForward", a.get("model").As<Napi::Object>(), handle);
-    worker->ids = std::move(ids);
-    worker->lengths = std::move(lengths);
+    worker->ids = std::move(r.ids);
+    worker->lengths = std::move(r.lengths);
     worker->forward.sequences = sequences;
-    worker->forward.last_only = last_only;
+    worker->forward.last_only = r.last_only;
     worker->forward.logits = logits;
     worker->forward.conv_state = conv;
     worker->forward.ssm_state = ssm;
-    worker->forward.use_initial_state = use_initial;
-    worker->forward.segment_tokens = segment;
-    worker->forward.padded_length = last_only ? 0 : padded;
+    worker->forward.use_initial_state = r.use_initial_state;
+    worker->forward.segment_tokens = r.segment_tokens;
+    worker->forward.padded_length = r.padded_length;
     return worker->start(a);
   });
 }
@@ -448,7 +422,7 @@ Napi::Value ModelStep(const Napi::CallbackInfo& info) {
     float* conv = a.f32_out("convState", m.conv_state_floats(batch));
     float* ssm = a.f32_out("ssmState", m.ssm_state_floats(batch));
     float* logits = a.f32_out("logits", checked_mul(a, batch, vocab));
-    std::vector<int32_t> ids = read_ids(a, batch, vocab);
+    std::vector<int32_t> ids = read_token_ids(a, batch, vocab);
 
     auto* worker = new ModelWorker(env, "modelStep", a.get("model").As<Napi::Object>(), handle);
     worker->step = true;
@@ -508,6 +482,63 @@ Napi::Value ModelRelease(const Napi::CallbackInfo& info) {
 }  // namespace
 
 model::Config read_model_config(const Args& args, Napi::Value value) { return read_config(args, value); }
+
+std::unordered_map<std::string, model::Weight> read_model_weights(
+    const Args& args, Napi::Env env, Napi::Value value, std::vector<std::pair<std::string, Napi::ArrayBuffer>>* buffers) {
+  return read_weights(args, env, value, buffers);
+}
+
+std::vector<int64_t> read_lengths(const Args& a, const char* name) {
+  Napi::Value value = a.get(name);
+  if (!value.IsArray()) a.fail(std::string(name) + " must be an array of sequence lengths");
+  Napi::Array array = value.As<Napi::Array>();
+  Fields f(a, array, name);
+  std::vector<int64_t> lengths;
+  int64_t total = 0;
+  for (uint32_t i = 0; i < array.Length(); ++i) {
+    lengths.push_back(f.integer(std::to_string(i).c_str(), 1, kMaxDim));
+    total += lengths.back();
+    if (total > kMaxDim) a.fail("sizes overflow");
+  }
+  if (lengths.empty()) a.fail(std::string(name) + " must hold at least one sequence");
+  return lengths;
+}
+
+ForwardRequest read_forward_request(const Args& a, int64_t vocab) {
+  ForwardRequest r;
+  r.lengths = read_lengths(a, "lengths");
+  int64_t total = 0, longest = 0;
+  for (int64_t n : r.lengths) {
+    total += n;
+    longest = std::max(longest, n);
+  }
+  const int64_t sequences = (int64_t)r.lengths.size();
+  r.last_only = a.boolean("lastOnly", false);
+  r.use_initial_state = a.boolean("useInitialState", false);
+  const int64_t padded = a.is_null("paddedLength") ? 0 : a.integer("paddedLength", 1, kMaxDim);
+  if (padded > 0 && longest > padded) {
+    a.fail("paddedLength " + std::to_string(padded) + " is shorter than the longest sequence (" +
+           std::to_string(longest) + " tokens)");
+  }
+  r.padded_length = r.last_only ? 0 : padded;
+  r.logit_rows = r.last_only ? sequences : padded > 0 ? checked_mul(a, sequences, padded) : total;
+  checked_mul(a, r.logit_rows, vocab);
+  r.segment_tokens = a.is_null("segmentTokens") ? 0 : a.integer("segmentTokens", 1, kMaxDim);
+  r.ids = read_token_ids(a, total, vocab);
+  return r;
+}
+
+std::vector<int32_t> read_token_ids(const Args& a, int64_t count, int64_t vocab) {
+  const int32_t* ids = a.i32("ids", count);
+  std::vector<int32_t> out(ids, ids + count);
+  for (int64_t i = 0; i < count; ++i) {
+    if (out[i] < 0 || out[i] >= vocab) {
+      a.fail("token id " + std::to_string(out[i]) + " at position " + std::to_string(i) +
+             " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    }
+  }
+  return out;
+}
 
 void register_model(Napi::Env env, Napi::Object exports) {
   exports.Set("modelCreate", Napi::Function::New(env, ModelCreate, "modelCreate"));

@@ -1,0 +1,241 @@
+// Models on the GPU from TypeScript (lib/models/cuda-model.ts over native/napi/cuda.cpp).
+//
+// Every run checks what needs no GPU: cudaInfo() says why no device is usable, and loading a model on
+// "cuda" then fails with that reason; bad device strings and dtypes are refused by name. The cases
+// that need a GPU (an addon built by `npm run build:cuda`, loaded with MAMBA_SSM_BINARY=<path to its
+// mamba_ssm.node>, on a machine with an NVIDIA GPU and driver) are skipped with a message otherwise,
+// and fail instead under MAMBA_SSM_REQUIRE_GPU=1.
+// They compare the GPU model with the CPU model on the same weights: fp32 matrices within 1e-3 of
+// the logits (relative, floor 1: the GPU sums in other orders), bf16 matrices within 3e-2; and on the
+// GPU alone, prefill + steps against one forward, batched against single steps, saved, reloaded and
+// cloned states, and states moved between the devices.
+import * as path from "path";
+import { cudaInfo, initWeights, loadModel, MambaModel, Tensor } from "../lib";
+import type { MambaConfig } from "../lib";
+import { maxRelError } from "./reference";
+
+const info = cudaInfo();
+const gpu = info.devices.length > 0;
+const gpuTest = gpu ? test : test.skip;
+const noGpuTest = gpu ? test.skip : test;
+if (!gpu) {
+  // Shown once in the test output, so a run on a GPU machine that skipped these by mistake is visible.
+  process.stdout.write(`cuda.test.ts: the GPU cases are skipped: ${info.error}\n`);
+}
+
+const fixture = path.join(__dirname, "fixtures", "models", "mamba1-tiny", "hf");
+
+// Awkward sizes: nothing a multiple of a warp or a tile; Mamba-2 with two groups and a chunk of 16.
+function config(architecture: "mamba1" | "mamba2"): MambaConfig {
+  const m1 = architecture === "mamba1";
+  return {
+    architecture,
+    hiddenSize: m1 ? 37 : 48,
+    numLayers: 3,
+    vocabSize: m1 ? 101 : 97,
+    intermediateSize: m1 ? 74 : 96,
+    stateSize: m1 ? 5 : 12,
+    convKernel: 4,
+    timeStepRank: m1 ? 3 : 0,
+    numHeads: m1 ? 0 : 6,
+    headDim: m1 ? 0 : 16,
+    numGroups: m1 ? 1 : 2,
+    chunkSize: 16,
+    useBias: m1,
+    useConvBias: true,
+    normEps: 1e-5,
+    timeStepLimit: [0, Infinity],
+    normBeforeGate: false,
+    tieEmbeddings: !m1,
+  };
+}
+
+function prompt(n: number, vocab: number, seed: number): number[] {
+  return Array.from({ length: n }, (_, i) => (seed * 31 + i * 17 + ((i * i) % 7)) % vocab);
+}
+
+function values(t: Tensor): Float32Array {
+  return (t.data as Float32Array).slice();
+}
+
+describe("cudaInfo and errors", () => {
+  test("cudaInfo says whether the backend is built and which devices it sees", () => {
+    expect(typeof info.built).toBe("boolean");
+    expect(typeof info.cublas).toBe("boolean");
+    expect(Array.isArray(info.devices)).toBe(true);
+    if (info.devices.length === 0) expect(info.error.length).toBeGreaterThan(0);
+    else expect(info.error).toBe("");
+    if (!info.built) expect(info.error).toMatch(/npm run build:cuda/);
+  });
+
+  // bench/gpu-check.sh sets MAMBA_SSM_REQUIRE_GPU=1: there, skipping the GPU cases is a failure.
+  (process.env.MAMBA_SSM_REQUIRE_GPU === "1" ? test : test.skip)("a GPU is present where one is required", () => {
+    expect(info.error).toBe("");
+    expect(info.devices.length).toBeGreaterThan(0);
+  });
+
+  noGpuTest("loading on cuda without a usable GPU fails with the reason", async () => {
+    await expect(loadModel(fixture, { device: "cuda" })).rejects.toThrow(info.error);
+    await expect(loadModel(fixture, { device: "cuda:1" })).rejects.toThrow(/loadModel: device "cuda"/);
+    const c = config("mamba1");
+    const weights = initWeights(c);
+    expect(() => MambaModel.fromWeights(c, weights, { device: "cuda" })).toThrow(info.error);
+    weights.forEach((t) => t.dispose());
+  });
+
+  test("bad devices and dtypes are refused by name", async () => {
+    await expect(loadModel(fixture, { device: "gpu" as never })).rejects.toThrow(/device must be "cpu", "cuda" or "cuda:N", got "gpu"/);
+    await expect(loadModel(fixture, { device: "cuda", dtype: "q8_0" })).rejects.toThrow(/dtype "q8_0" runs on the CPU only/);
+    const c = config("mamba2");
+    const weights = initWeights(c);
+    expect(() => MambaModel.fromWeights(c, weights, { device: "cuda:x" as never })).toThrow(/device must be/);
+    weights.forEach((t) => t.dispose());
+  });
+
+  test("a CPU state: conv and ssm are its tensors; toCpu() is an independent copy", async () => {
+    const model = await loadModel(fixture);
+    try {
+      expect(model.device).toBe("cpu");
+      const state = model.createState(1);
+      expect(state.device).toBe("cpu");
+      expect(state.byteLength).toBe(state.conv.byteLength + state.ssm.byteLength);
+      await (await model.prefill(state, [1, 2, 3])).dispose();
+      const copy = state.toCpu();
+      expect(values(copy.ssm)).toEqual(values(state.ssm));
+      (copy.ssm.data as Float32Array)[0] += 1;
+      expect(values(copy.ssm)).not.toEqual(values(state.ssm));
+      copy.dispose();
+      state.dispose();
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
+describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => {
+  const c = config(architecture);
+  let cpu: MambaModel;
+  let gpuF32: MambaModel;
+  beforeAll(() => {
+    if (!gpu) return;
+    cpu = MambaModel.fromWeights(c, initWeights(c, { seed: 3 }));
+    gpuF32 = MambaModel.fromWeights(c, initWeights(c, { seed: 3 }), { device: "cuda", dtype: "f32" });
+  });
+  afterAll(() => {
+    cpu?.dispose();
+    gpuF32?.dispose();
+  });
+
+  gpuTest("forward matches the CPU model (fp32 within 1e-3, bf16 within 3e-2)", async () => {
+    expect(gpuF32.device).toBe("cuda");
+    expect(gpuF32.deviceWeightBytes).toBeGreaterThan(0);
+    const batch = [prompt(1, c.vocabSize, 1), prompt(37, c.vocabSize, 2), prompt(13, c.vocabSize, 3)];
+    const want = await cpu.forward(batch);
+    const got = await gpuF32.forward(batch);
+    expect(got.shape).toEqual(want.shape);
+    expect(maxRelError(values(got), values(want), 1)).toBeLessThan(1e-3);
+    // Padding rows past a sequence's end stay zero.
+    const g = got.data as Float32Array;
+    for (let v = 0; v < c.vocabSize; v++) expect(g[(0 * 37 + 5) * c.vocabSize + v]).toBe(0);
+    const bf16 = MambaModel.fromWeights(c, initWeights(c, { seed: 3 }), { device: "cuda", dtype: "bf16" });
+    try {
+      const half = await bf16.forward(batch);
+      expect(maxRelError(values(half), values(want), 1)).toBeLessThan(3e-2);
+      half.dispose();
+    } finally {
+      bf16.dispose();
+    }
+    want.dispose();
+    got.dispose();
+  });
+
+  gpuTest("prefill then steps give the forward's logits; a batch step equals single steps", async () => {
+    const ids = prompt(29, c.vocabSize, 5);
+    const full = await gpuF32.forward(ids);
+    const f = full.data as Float32Array;
+    const V = c.vocabSize;
+    const state = gpuF32.createState(1);
+    expect(state.device).toBe("cuda");
+    expect(() => state.conv).toThrow(/lives on the GPU/);
+    const head = 17;
+    const last = await gpuF32.prefill(state, ids.slice(0, head));
+    expect(maxRelError(values(last), f.subarray((head - 1) * V, head * V), 1)).toBeLessThan(1e-4);
+    last.dispose();
+    for (let t = head; t < ids.length; t++) {
+      const logits = await gpuF32.step(state, [ids[t]]);
+      expect(maxRelError(values(logits), f.subarray(t * V, (t + 1) * V), 1)).toBeLessThan(1e-4);
+      logits.dispose();
+    }
+    expect(state.positions).toEqual([ids.length]);
+    state.dispose();
+    full.dispose();
+
+    // Three sequences stepped together, against each stepped alone.
+    const seqs = [prompt(3, V, 7), prompt(9, V, 8), prompt(1, V, 9)];
+    const together = gpuF32.createState(3);
+    await (await gpuF32.prefill(together, seqs)).dispose();
+    const next = [4, 50 % V, 77 % V];
+    const batched = await gpuF32.step(together, next);
+    for (let s = 0; s < 3; s++) {
+      const alone = gpuF32.createState(1);
+      await (await gpuF32.prefill(alone, [seqs[s]])).dispose();
+      const one = await gpuF32.step(alone, [next[s]]);
+      expect(maxRelError(values(one), (batched.data as Float32Array).subarray(s * V, (s + 1) * V), 1)).toBeLessThan(1e-5);
+      one.dispose();
+      alone.dispose();
+    }
+    batched.dispose();
+    together.dispose();
+  });
+
+  gpuTest("states save, reload, clone and move between the devices", async () => {
+    const ids = prompt(21, c.vocabSize, 11);
+    const state = gpuF32.createState(1);
+    await (await gpuF32.prefill(state, ids)).dispose();
+    const saved = state.save();
+    const reloaded = gpuF32.loadState(saved);
+    expect(reloaded.device).toBe("cuda");
+    expect(reloaded.positions).toEqual([21]);
+    const clone = state.clone();
+    const a = await gpuF32.step(state, [5]);
+    const b = await gpuF32.step(reloaded, [5]);
+    const d = await gpuF32.step(clone, [5]);
+    expect(values(b)).toEqual(values(a));
+    expect(values(d)).toEqual(values(a));
+    // Stepping the original did not move the clone: a second step on each still agrees.
+    const a2 = await gpuF32.step(state, [6]);
+    const d2 = await gpuF32.step(clone, [6]);
+    expect(values(d2)).toEqual(values(a2));
+    // The GPU state continues on the CPU model, and a CPU state on the GPU model.
+    const onCpu = cpu.loadState(state.save());
+    expect(onCpu.device).toBe("cpu");
+    const fromCpu = state.toCpu();
+    const cpuNext = await cpu.step(onCpu, [7]);
+    const cpuNext2 = await cpu.step(fromCpu, [7]);
+    const gpuNext = await gpuF32.step(state, [7]);
+    expect(maxRelError(values(cpuNext), values(gpuNext), 1)).toBeLessThan(1e-3);
+    expect(values(cpuNext2)).toEqual(values(cpuNext));
+    await expect(gpuF32.step(onCpu, [1])).rejects.toThrow(/the state lives on device "cpu", the model on "cuda"/);
+    for (const t of [a, b, d, a2, d2, cpuNext, cpuNext2, gpuNext]) t.dispose();
+    for (const s of [state, reloaded, clone, onCpu, fromCpu]) s.dispose();
+  });
+
+  gpuTest("greedy generation agrees with the CPU model", async () => {
+    const ids = prompt(12, c.vocabSize, 13);
+    const want = await cpu.complete(ids, { temperature: 0, maxTokens: 10, ignoreEos: true });
+    const got = await gpuF32.complete(ids, { temperature: 0, maxTokens: 10, ignoreEos: true });
+    expect(got.tokens).toEqual(want.tokens);
+  });
+});
+
+describe("a disposed GPU model", () => {
+  gpuTest("refuses calls by name", async () => {
+    const c = config("mamba1");
+    const model = MambaModel.fromWeights(c, initWeights(c), { device: "cuda" });
+    const state = model.createState(1);
+    model.dispose();
+    expect(() => model.createState(1)).toThrow(/disposed/);
+    expect(() => model.forward([1, 2])).toThrow(/disposed/);
+    state.dispose();
+  });
+});
