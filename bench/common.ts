@@ -137,6 +137,8 @@ export const repoRoot = path.resolve(__dirname, "..");
 /** What a child run does (bench/mamba-run.js for mamba-ssm, bench/peer-llama.mjs for llama.cpp). */
 export interface RunOptions {
   threads: number;
+  /** loadModel's device ("cpu" when absent). */
+  device?: string;
   prompt: number;
   /** Timed evaluations of the prompt (after one untimed), each in a fresh state; the median counts. */
   prefillReps: number;

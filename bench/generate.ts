@@ -11,7 +11,7 @@
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import { getThreads, setThreads } from "../lib";
+import { cudaInfo, getThreads, setThreads } from "../lib";
 import { preset } from "../lib/models/init";
 import {
   ARCHS, Arch, compileDist, formatTable, makeBenchModel, makeBenchModelFile, measureBandwidth, runMamba, runOptions,
@@ -25,15 +25,18 @@ interface Result {
   prefillTokS: number;
   decodeTokS: number;
   batchDecodeTokS: number;
-  bandwidthGBs: number;
-  decodeBoundTokS: number;
-  decodeOfBound: number;
+  bandwidthGBs: number | null;
+  decodeBoundTokS: number | null;
+  decodeOfBound: number | null;
   peakRssMB: number;
 }
 
 const argv = process.argv.slice(2);
 const quick = argv.includes("--quick");
 const threadsArg = argv.indexOf("--threads");
+const deviceArg = argv.indexOf("--device");
+const device = deviceArg >= 0 ? argv[deviceArg + 1] : "cpu";
+const onGpu = device !== "cpu";
 
 async function main() {
   if (threadsArg >= 0) setThreads(Number(argv[threadsArg + 1]));
@@ -42,24 +45,27 @@ async function main() {
     makeBenchModel(argv[makeIdx + 1] as Arch, argv[makeIdx + 2] as WeightType, argv[makeIdx + 3]);
     return;
   }
+  if (onGpu && cudaInfo().devices.length === 0) {
+    throw new Error(`bench:generate --device ${device}: no usable GPU: ${cudaInfo().error}`);
+  }
   compileDist("bench:generate");
   const threads = getThreads();
   const results: Result[] = [];
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "mamba-ssm-bench-"));
   process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
   for (const arch of ARCHS) {
-    const o = runOptions(preset(arch).vocabSize, threads, quick);
-    for (const dtype of WEIGHT_TYPES) {
+    const o = { ...runOptions(preset(arch).vocabSize, threads, quick), device };
+    for (const dtype of WEIGHT_TYPES.filter((d) => !onGpu || d !== "q8_0")) {
       const file = path.join(scratch, `${arch}-${dtype}.gguf`);
       try {
         makeBenchModelFile(arch, dtype, file);
         // This machine's bandwidth drifts by up to 1.8× within minutes (44–85 GB/s seen): each
         // configuration is judged by the higher of the figures measured just before and just after it
         // (the stricter bound).
-        const before = measureBandwidth();
+        const before = onGpu ? 0 : measureBandwidth();
         const r = runMamba(file, o, `bench ${arch} ${dtype}`);
-        const bandwidth = Math.max(before, measureBandwidth());
-        const bound = bandwidth / r.weightBytes!;
+        const bandwidth = onGpu ? null : Math.max(before, measureBandwidth());
+        const bound = bandwidth === null ? null : bandwidth / r.weightBytes!;
         results.push({
           model: arch,
           dtype,
@@ -67,9 +73,9 @@ async function main() {
           prefillTokS: +r.prefillTokS.toFixed(1),
           decodeTokS: +r.decodeTokS.toFixed(2),
           batchDecodeTokS: +r.batchTokS.toFixed(1),
-          bandwidthGBs: +(bandwidth / 1e9).toFixed(2),
-          decodeBoundTokS: +bound.toFixed(1),
-          decodeOfBound: +(r.decodeTokS / bound).toFixed(3),
+          bandwidthGBs: bandwidth === null ? null : +(bandwidth / 1e9).toFixed(2),
+          decodeBoundTokS: bound === null ? null : +bound.toFixed(1),
+          decodeOfBound: bound === null ? null : +(r.decodeTokS / bound).toFixed(3),
           peakRssMB: +r.peakRssMB!.toFixed(0),
         });
         process.stderr.write(`done ${arch} ${dtype}\n`);
@@ -85,15 +91,20 @@ async function main() {
   const batch = o.batchPrompts.length;
   const head = ["model", "dtype", "weights MB", "prefill tok/s", "decode tok/s", "of bound", "bound tok/s", "GB/s", `batch-${batch} tok/s`, "peak RSS MB"];
   const rows = results.map((r) =>
-    [r.model, r.dtype, r.weightMB, r.prefillTokS, r.decodeTokS, `${(100 * r.decodeOfBound).toFixed(0)}%`, r.decodeBoundTokS, r.bandwidthGBs, r.batchDecodeTokS, r.peakRssMB].map(String),
+    [
+      r.model, r.dtype, r.weightMB, r.prefillTokS, r.decodeTokS,
+      r.decodeOfBound === null ? "-" : `${(100 * r.decodeOfBound).toFixed(0)}%`, r.decodeBoundTokS ?? "-", r.bandwidthGBs ?? "-",
+      r.batchDecodeTokS, r.peakRssMB,
+    ].map(String),
   );
   console.log(
-    `mamba-ssm generation benchmark — ${threads} threads; prompt ${o.prompt} (median of ${o.prefillReps} after a warm-up), decode ${o.decode}, ` +
-      `batch ${batch}×${o.batchSteps} steps${quick ? " (quick)" : ""}; read bandwidth measured before and after each configuration (the higher counts)`,
+    `mamba-ssm generation benchmark — ${onGpu ? `on ${device}` : `${threads} threads`}; prompt ${o.prompt} (median of ${o.prefillReps} after a warm-up), decode ${o.decode}, ` +
+      `batch ${batch}×${o.batchSteps} steps${quick ? " (quick)" : ""}` +
+      (onGpu ? "" : "; read bandwidth measured before and after each configuration (the higher counts)"),
   );
   console.log(formatTable(head, rows));
-  console.log("(of bound = decode / (bandwidth / weight bytes), with the GB/s of that row)");
-  console.log(JSON.stringify({ bench: "generate", threads, prompt: o.prompt, decode: o.decode, batch, batchSteps: o.batchSteps, results }));
+  if (!onGpu) console.log("(of bound = decode / (bandwidth / weight bytes), with the GB/s of that row)");
+  console.log(JSON.stringify({ bench: "generate", device, threads, prompt: o.prompt, decode: o.decode, batch, batchSteps: o.batchSteps, results }));
 }
 
 main().catch((e) => {

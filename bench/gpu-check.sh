@@ -11,7 +11,8 @@
 # With Node (on PATH, at $NODE, or carried as .node-bin/node.xz) and the project's node_modules (present,
 # or carried as .node-bin/node_modules.tar.xz; scripts/gpu-carry.sh makes both files), the same build
 # also makes the Node addon with the CUDA backend (build-gpu/mamba_ssm.node), and jest runs
-# test/cuda.test.ts against it: the GPU model against the CPU model from TypeScript.
+# test/cuda.test.ts against it: the GPU model against the CPU model from TypeScript; then
+# `bench/generate.ts --device cuda --quick` times generation from Node on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-build-gpu/logs}"
@@ -68,6 +69,8 @@ fi
 if [ ${#ADDON_FLAGS[@]} -gt 0 ]; then
   step jest-cuda env MAMBA_SSM_BINARY=build-gpu/mamba_ssm.node "$NODE_BIN" --expose-gc node_modules/jest/bin/jest.js \
     --verbose test/cuda.test.ts
+  step bench-generate-cuda env MAMBA_SSM_BINARY=build-gpu/mamba_ssm.node TS_NODE_PROJECT=tsconfig.test.json \
+    TS_NODE_TRANSPILE_ONLY=1 timeout 600 "$NODE_BIN" -r ts-node/register bench/generate.ts --device cuda --quick
 fi
 for bench in ${GPU_CHECK_BENCHES-bench_cuda bench_cuda_model}; do
   step "$bench" timeout 300 "build-gpu/native/cuda/$bench"

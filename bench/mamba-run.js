@@ -33,7 +33,7 @@ async function main() {
   const [file, optionsJson] = process.argv.slice(2);
   const o = JSON.parse(optionsJson);
   setThreads(o.threads);
-  const model = await loadModel(file);
+  const model = await loadModel(file, { device: o.device ?? "cpu" });
 
   // The prompt once untimed, then prefillReps timed runs, each in a fresh state: the median counts.
   let state;
@@ -76,7 +76,8 @@ async function main() {
   }
   const batchMs = performance.now() - t0;
   state.dispose();
-  const weightBytes = model.weightBytes;
+  // On a GPU, what a step reads is the weights there (bf16 or f32, whatever the file holds).
+  const weightBytes = model.device === "cuda" ? model.deviceWeightBytes : model.weightBytes;
   model.dispose();
   const result = {
     prefillTokS: (1000 * o.prompt) / prefillMs,

@@ -5,14 +5,18 @@
 // that need a GPU (an addon built by `npm run build:cuda`, loaded with MAMBA_SSM_BINARY=<path to its
 // mamba_ssm.node>, on a machine with an NVIDIA GPU and driver) are skipped with a message otherwise,
 // and fail instead under MAMBA_SSM_REQUIRE_GPU=1.
-// They compare the GPU model with the CPU model on the same weights: fp32 matrices within 1e-3 of
-// the logits (relative, floor 1: the GPU sums in other orders), bf16 matrices within 3e-2; and on the
-// GPU alone, prefill + steps against one forward, batched against single steps, saved, reloaded and
-// cloned states, and states moved between the devices.
+// They compare the GPU model with the CPU model on the same weight values, as
+// native/cuda/tests/test_cuda_model.cpp does, relative to |want| + 0.1·RMS(want): f32 matrices within
+// 1e-3 (the GPU sums in other orders, and its Mamba-2 prefill runs the SSD on bf16 tensor cores with
+// split operands, about 1e-4 of the output's scale), bf16 matrices within 1e-3 of the CPU model on the
+// same bf16 weights at the baseline CPU level (which multiplies them with exact f32 activations).
+// On the GPU alone: prefill + steps against one forward, batched against single steps, saved,
+// reloaded and cloned states, states moved between the devices, and greedy tokens.
 import * as path from "path";
-import { cudaInfo, initWeights, loadModel, MambaModel, Tensor } from "../lib";
+import { cpuInfo, cudaInfo, initWeights, loadModel, MambaModel, ops, setCpuLevel, Tensor } from "../lib";
 import type { MambaConfig } from "../lib";
-import { maxRelError } from "./reference";
+import { isMatrixWeight } from "../lib/models/config";
+import { maxRelError, rmsOf } from "./reference";
 
 const info = cudaInfo();
 const gpu = info.devices.length > 0;
@@ -56,6 +60,11 @@ function prompt(n: number, vocab: number, seed: number): number[] {
 
 function values(t: Tensor): Float32Array {
   return (t.data as Float32Array).slice();
+}
+
+/** Largest error relative to |want| + 0.1·RMS(want) (the native CUDA tests' measure). */
+function relError(got: ArrayLike<number>, want: ArrayLike<number>): number {
+  return maxRelError(got, want, 0.1 * rmsOf(want));
 }
 
 describe("cudaInfo and errors", () => {
@@ -126,27 +135,47 @@ describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => 
     gpuF32?.dispose();
   });
 
-  gpuTest("forward matches the CPU model (fp32 within 1e-3, bf16 within 3e-2)", async () => {
+  gpuTest("forward matches the CPU model on the same weight values (1e-3)", async () => {
     expect(gpuF32.device).toBe("cuda");
     expect(gpuF32.deviceWeightBytes).toBeGreaterThan(0);
     const batch = [prompt(1, c.vocabSize, 1), prompt(37, c.vocabSize, 2), prompt(13, c.vocabSize, 3)];
     const want = await cpu.forward(batch);
     const got = await gpuF32.forward(batch);
     expect(got.shape).toEqual(want.shape);
-    expect(maxRelError(values(got), values(want), 1)).toBeLessThan(1e-3);
+    expect(relError(values(got), values(want))).toBeLessThan(1e-3);
     // Padding rows past a sequence's end stay zero.
     const g = got.data as Float32Array;
-    for (let v = 0; v < c.vocabSize; v++) expect(g[(0 * 37 + 5) * c.vocabSize + v]).toBe(0);
-    const bf16 = MambaModel.fromWeights(c, initWeights(c, { seed: 3 }), { device: "cuda", dtype: "bf16" });
-    try {
-      const half = await bf16.forward(batch);
-      expect(maxRelError(values(half), values(want), 1)).toBeLessThan(3e-2);
-      half.dispose();
-    } finally {
-      bf16.dispose();
-    }
+    for (let v = 0; v < c.vocabSize; v++) expect(g[5 * c.vocabSize + v]).toBe(0);
     want.dispose();
     got.dispose();
+
+    // bf16 matrices: against the CPU model on the same bf16 weights, at the baseline level.
+    const bf16Weights = () => {
+      const w = initWeights(c, { seed: 3 });
+      for (const [name, t] of w) {
+        if (isMatrixWeight(name)) {
+          w.set(name, t.to("bf16"));
+          t.dispose();
+        }
+      }
+      return w;
+    };
+    const level = cpuInfo().level;
+    const cpuBf16 = MambaModel.fromWeights(c, bf16Weights());
+    const gpuBf16 = MambaModel.fromWeights(c, bf16Weights(), { device: "cuda" });
+    try {
+      setCpuLevel("baseline");
+      const want16 = await cpuBf16.forward(batch);
+      setCpuLevel(level);
+      const got16 = await gpuBf16.forward(batch);
+      expect(relError(values(got16), values(want16))).toBeLessThan(1e-3);
+      want16.dispose();
+      got16.dispose();
+    } finally {
+      setCpuLevel(level);
+      cpuBf16.dispose();
+      gpuBf16.dispose();
+    }
   });
 
   gpuTest("prefill then steps give the forward's logits; a batch step equals single steps", async () => {
@@ -157,13 +186,15 @@ describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => 
     const state = gpuF32.createState(1);
     expect(state.device).toBe("cuda");
     expect(() => state.conv).toThrow(/lives on the GPU/);
+    // Mamba-2's prefill SSD (bf16 tensor cores, split operands) against its fp32 step: 1e-3.
+    const tol = architecture === "mamba1" ? 1e-4 : 1e-3;
     const head = 17;
     const last = await gpuF32.prefill(state, ids.slice(0, head));
-    expect(maxRelError(values(last), f.subarray((head - 1) * V, head * V), 1)).toBeLessThan(1e-4);
+    expect(relError(values(last), f.subarray((head - 1) * V, head * V))).toBeLessThan(tol);
     last.dispose();
     for (let t = head; t < ids.length; t++) {
       const logits = await gpuF32.step(state, [ids[t]]);
-      expect(maxRelError(values(logits), f.subarray(t * V, (t + 1) * V), 1)).toBeLessThan(1e-4);
+      expect(relError(values(logits), f.subarray(t * V, (t + 1) * V))).toBeLessThan(tol);
       logits.dispose();
     }
     expect(state.positions).toEqual([ids.length]);
@@ -180,7 +211,7 @@ describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => 
       const alone = gpuF32.createState(1);
       await (await gpuF32.prefill(alone, [seqs[s]])).dispose();
       const one = await gpuF32.step(alone, [next[s]]);
-      expect(maxRelError(values(one), (batched.data as Float32Array).subarray(s * V, (s + 1) * V), 1)).toBeLessThan(1e-5);
+      expect(relError(values(one), (batched.data as Float32Array).subarray(s * V, (s + 1) * V))).toBeLessThan(1e-5);
       one.dispose();
       alone.dispose();
     }
@@ -213,18 +244,34 @@ describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => 
     const cpuNext = await cpu.step(onCpu, [7]);
     const cpuNext2 = await cpu.step(fromCpu, [7]);
     const gpuNext = await gpuF32.step(state, [7]);
-    expect(maxRelError(values(cpuNext), values(gpuNext), 1)).toBeLessThan(1e-3);
+    expect(relError(values(gpuNext), values(cpuNext))).toBeLessThan(1e-3);
     expect(values(cpuNext2)).toEqual(values(cpuNext));
-    await expect(gpuF32.step(onCpu, [1])).rejects.toThrow(/the state lives on device "cpu", the model on "cuda"/);
+    expect(() => gpuF32.step(onCpu, [1])).toThrow(/the state lives on device "cpu", the model on "cuda"/);
     for (const t of [a, b, d, a2, d2, cpuNext, cpuNext2, gpuNext]) t.dispose();
     for (const s of [state, reloaded, clone, onCpu, fromCpu]) s.dispose();
   });
 
-  gpuTest("greedy generation agrees with the CPU model", async () => {
+  gpuTest("greedy generation agrees with the CPU model where the choice is clear", async () => {
     const ids = prompt(12, c.vocabSize, 13);
-    const want = await cpu.complete(ids, { temperature: 0, maxTokens: 10, ignoreEos: true });
-    const got = await gpuF32.complete(ids, { temperature: 0, maxTokens: 10, ignoreEos: true });
-    expect(got.tokens).toEqual(want.tokens);
+    const n = 10;
+    const want = await cpu.complete(ids, { temperature: 0, maxTokens: n, ignoreEos: true });
+    const got = await gpuF32.complete(ids, { temperature: 0, maxTokens: n, ignoreEos: true });
+    expect(got.tokens.length).toBe(n);
+    // The tokens agree up to the first position whose top two CPU logits are closer than the
+    // runners' differences (1e-3 of the scale); past such a near tie the sequences may part.
+    const logits = await cpu.forward([...ids, ...want.tokens]);
+    const L = logits.data as Float32Array;
+    const V = c.vocabSize;
+    for (let i = 0; i < n; i++) {
+      const row = L.subarray((ids.length - 1 + i) * V, (ids.length + i) * V);
+      const sorted = [...row].sort((x, y) => y - x);
+      if (sorted[0] - sorted[1] < 1e-3 * (Math.abs(sorted[0]) + 0.1 * rmsOf(row))) break;
+      expect([i, got.tokens[i]]).toEqual([i, want.tokens[i]]);
+      const rowTensor = Tensor.from(row.slice(), [1, V]);
+      expect(want.tokens[i]).toBe(ops.argmax(rowTensor)[0]);
+      rowTensor.dispose();
+    }
+    logits.dispose();
   });
 });
 

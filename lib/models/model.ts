@@ -8,7 +8,7 @@ import { Sampler } from "../ops/sampling";
 import type { Tokenizer } from "../tokenizers";
 import { ByteTokenizer, loadTokenizerFor, StreamDecoder } from "../tokenizers";
 import { StopMatcher } from "../generation/stop";
-import { MambaConfig } from "./config";
+import { isMatrixWeight, MambaConfig } from "./config";
 import { ModelState } from "./state";
 import * as nativeModel from "./native-model";
 import { createCudaModel, CudaModel, CudaState, CudaWeightDType, cudaForward, cudaStep, cudaUsable, releaseCudaModel } from "./cuda-model";
@@ -43,7 +43,7 @@ function cudaWeightDType(what: string, weights: ReadonlyMap<string, Tensor>, dty
   if (dtype !== undefined) {
     throw new Error(`${what}: dtype "${dtype}" runs on the CPU only; on device "cuda" the matrices are "f32" or "bf16"`);
   }
-  for (const t of weights.values()) if (t.shape.length === 2 && t.dtype !== "f32") return "bf16";
+  for (const [name, t] of weights) if (isMatrixWeight(name) && t.dtype !== "f32") return "bf16";
   return "f32";
 }
 
