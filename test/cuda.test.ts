@@ -11,7 +11,8 @@
 // split operands, about 1e-4 of the output's scale), bf16 matrices within 1e-3 of the CPU model on the
 // same bf16 weights at the baseline CPU level (which multiplies them with exact f32 activations).
 // On the GPU alone: prefill + steps against one forward, batched against single steps, saved,
-// reloaded and cloned states, states moved between the devices, and greedy tokens.
+// reloaded and cloned states, states moved between the devices, and greedy tokens; and a
+// mixture-of-experts model against the CPU model.
 import * as path from "path";
 import { cpuInfo, cudaInfo, initWeights, loadModel, MambaModel, ops, setCpuLevel, Tensor } from "../lib";
 import type { MambaConfig } from "../lib";
@@ -272,6 +273,41 @@ describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => 
       rowTensor.dispose();
     }
     logits.dispose();
+  });
+});
+
+describe("a mixture-of-experts model on the GPU", () => {
+  gpuTest("matches the CPU model, prefill and steps", async () => {
+    const c: MambaConfig = {
+      ...config("mamba1"),
+      numLayers: 4,
+      moe: { layers: [1, 3], numExperts: 4, topK: 2, hiddenSize: 24, scoring: "softmax", renormalize: true, activation: "silu", bias: true },
+    };
+    const cpuMoe = MambaModel.fromWeights(c, initWeights(c, { seed: 5 }));
+    const gpuMoe = MambaModel.fromWeights(c, initWeights(c, { seed: 5 }), { device: "cuda", dtype: "f32" });
+    try {
+      const ids = prompt(40, c.vocabSize, 17);
+      const want = await cpuMoe.forward(ids);
+      const got = await gpuMoe.forward(ids);
+      expect(relError(values(got), values(want))).toBeLessThan(1e-3);
+      const a = cpuMoe.createState(1), b = gpuMoe.createState(1);
+      await (await cpuMoe.prefill(a, ids)).dispose();
+      await (await gpuMoe.prefill(b, ids)).dispose();
+      for (const token of [3, 9, 27]) {
+        const x = await cpuMoe.step(a, [token]);
+        const y = await gpuMoe.step(b, [token]);
+        expect(relError(values(y), values(x))).toBeLessThan(1e-3);
+        x.dispose();
+        y.dispose();
+      }
+      a.dispose();
+      b.dispose();
+      want.dispose();
+      got.dispose();
+    } finally {
+      cpuMoe.dispose();
+      gpuMoe.dispose();
+    }
   });
 });
 

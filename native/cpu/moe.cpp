@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../core/threadpool.h"
+#include "moe_topk.h"
 
 namespace mssm::cpu::MSSM_LEVEL {
 namespace {
@@ -79,34 +80,9 @@ void moe_route(const float* logits, int64_t tokens, int64_t experts, int64_t top
       } else {
         for (int64_t e = 0; e < experts; ++e) scores[e] = 1.0f / (1.0f + std::exp(-row[e]));
       }
-      // Insertion into a descending list of k: a later expert must be strictly larger to pass an
-      // earlier one, which is the lower-index-first rule for ties.
-      float* w = weights + t * top_k;
-      int32_t* chosen = indices + t * top_k;
-      int64_t filled = 0;
-      for (int64_t e = 0; e < experts; ++e) {
-        const float s = scores[e];
-        if (filled == k && !(s > w[k - 1])) continue;
-        int64_t j = filled < k ? filled++ : k - 1;
-        while (j > 0 && s > w[j - 1]) {
-          w[j] = w[j - 1];
-          chosen[j] = chosen[j - 1];
-          --j;
-        }
-        w[j] = s;
-        chosen[j] = (int32_t)e;
-      }
-      if (renormalize) {
-        float sum = 0.0f;
-        for (int64_t j = 0; j < k; ++j) sum += w[j];
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < k; ++j) w[j] *= inv;
-      }
-      // top_k > experts: the slots beyond E carry no weight (index 0, weight 0).
-      for (int64_t j = k; j < top_k; ++j) {
-        w[j] = 0.0f;
-        chosen[j] = 0;
-      }
+      TopK<float> top{weights + t * top_k, indices + t * top_k, k};
+      for (int64_t e = 0; e < experts; ++e) top.insert(scores[e], (int32_t)e);
+      top.finish(top_k, renormalize);
     }
   });
   if (counts) {

@@ -43,4 +43,9 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks of a grid-stride loop over `total` elements (at least 1, capped where more add nothing).
+inline unsigned grid_for(int64_t total, int threads = 256) {
+  return (unsigned)(total <= 0 ? 1 : min64(ceil_div(total, threads), 65535 * 8));
+}
+
 }  // namespace mssm::cuda::detail

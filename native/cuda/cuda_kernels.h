@@ -55,6 +55,17 @@ Status ssd_chunked(const cpu::SsdArgs& args, SsdMath math, void* workspace, cuda
 // One token (length must be 1, state_out set).
 Status ssd_step(const cpu::SsdArgs& args, cudaStream_t stream);
 
+// ---- Mixture of experts -------------------------------------------------------------------------
+// cpu::KernelTable::moe_route without the counts: logits [tokens, experts] → weights and indices
+// [tokens, top_k] (device memory; one thread per token, so experts in the tens, not thousands).
+Status moe_route(const float* logits, int64_t tokens, int64_t experts, int64_t top_k, cpu::MoeScoring scoring,
+                 bool renormalize, float* weights, int32_t* indices, cudaStream_t stream);
+// Device scratch moe_experts needs (bytes).
+size_t moe_experts_workspace_bytes(int64_t tokens, int64_t top_k, int64_t dim, int64_t hidden, int64_t experts);
+// cpu::KernelTable::moe_experts on the device: every pointer of args device memory, fc1 and fc2 f32 or
+// bf16, at most 65535 experts. Grouping, products and combine stay in stream order (no host sync).
+Status moe_experts(const cpu::MoeExpertsArgs& args, void* workspace, cudaStream_t stream);
+
 // ---- Norms --------------------------------------------------------------------------------------
 // cpu::KernelTable::rmsnorm: out = rmsnorm(x (+ residual)) · weight; residual_out gets x + residual.
 // out and residual_out may alias x or residual.

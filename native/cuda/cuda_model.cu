@@ -10,6 +10,8 @@
 //            scan / state update with the z gate and the dt bias + softplus       selective_scan.cu
 //   Mamba-2: x, B, C split out of the conv output; ssd_chunked / ssd_step; gated rmsnorm   ssd.cu
 //   out_proj
+// A mixture-of-experts layer instead: rmsnorm, router GEMM, moe_route, moe_experts (moe.cu); it keeps
+// no state, so the states are indexed by Mamba layer (Config::state_index).
 // then the final rmsnorm and lm_head. Everything runs on the runner's stream.
 #include "cuda_model.h"
 
@@ -22,6 +24,7 @@
 
 #include "cpu/kernels.h"
 #include "cuda_common.cuh"
+#include "gemm.cuh"
 
 #ifdef MSSM_HAVE_CUBLAS
 #include <cublas_v2.h>
@@ -30,6 +33,8 @@
 namespace mssm::cuda {
 
 using detail::ceil_div;
+using detail::grid_for;
+using detail::to_f32;
 
 bool have_cublas() {
 #ifdef MSSM_HAVE_CUBLAS
@@ -42,16 +47,11 @@ bool have_cublas() {
 namespace {
 
 constexpr int64_t kDefaultSegment = 4096;
-constexpr int64_t kCublasMinRows = 32;  // GEMMs of fewer rows use the weight-streaming kernel
+#ifdef MSSM_HAVE_CUBLAS
+constexpr int64_t kCublasMinRows = detail::kSkinnyMaxRows;  // fewer rows: the weight-streaming kernel
+#endif
 
 // ---- small kernels ------------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // out[i, :] = table[ids[i], :] as f32. One block-stride loop over count·dim elements.
 template <typename T>
@@ -101,123 +101,6 @@ __global__ void split_bf16_kernel(const float* x, int64_t ldx, __nv_bfloat16* ou
 }
 #endif
 
-unsigned grid_for(int64_t total, int threads = 256) {
-  return (unsigned)std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, threads), 65535 * 8));
-}
-
-// ---- GEMM: y[M,N] (row stride ldy) = x[M,K] (row stride ldx) · W[N,K]ᵀ (+ bias) ---------------------
-
-// Few rows (decode): one warp per output feature n streams W's row n once (16-byte loads when aligned)
-// and keeps up to kRowTile row sums in registers; more rows loop over row tiles (W's row then comes
-// from L1/L2).
-constexpr int kSkinnyWarps = 8, kRowTile = 8;
-
-template <typename T, bool kVector>
-__global__ void __launch_bounds__(32 * kSkinnyWarps)
-    gemm_skinny_kernel(const float* __restrict__ x, int64_t ldx, const T* __restrict__ W, const float* bias,
-                       float* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
-  const int lane = threadIdx.x % 32;
-  const int64_t n = (int64_t)blockIdx.x * kSkinnyWarps + threadIdx.x / 32;
-  if (n >= N) return;
-  const T* w = W + n * K;
-  constexpr int V = 16 / sizeof(T);  // elements of one 16-byte load
-  for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-    float acc[kRowTile];
-#pragma unroll
-    for (int j = 0; j < kRowTile; ++j) acc[j] = 0.0f;
-    if (kVector) {
-      for (int64_t k = (int64_t)lane * V; k < K; k += 32 * V) {
-        float wv[V];
-        if constexpr (sizeof(T) == 2) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(w + k);
-          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-          for (int e = 0; e < V; ++e) wv[e] = __bfloat162float(h[e]);
-        } else {
-          const float4 raw = *reinterpret_cast<const float4*>(w + k);
-          wv[0] = raw.x, wv[1] = raw.y, wv[2] = raw.z, wv[3] = raw.w;
-        }
-#pragma unroll
-        for (int j = 0; j < kRowTile; ++j) {
-          if (m0 + j < M) {
-            const float* xr = x + (m0 + j) * ldx + k;
-#pragma unroll
-            for (int e = 0; e < V; e += 4) {
-              const float4 xv = *reinterpret_cast<const float4*>(xr + e);
-              acc[j] = fmaf(wv[e], xv.x, acc[j]);
-              acc[j] = fmaf(wv[e + 1], xv.y, acc[j]);
-              acc[j] = fmaf(wv[e + 2], xv.z, acc[j]);
-              acc[j] = fmaf(wv[e + 3], xv.w, acc[j]);
-            }
-          }
-        }
-      }
-    } else {
-      for (int64_t k = lane; k < K; k += 32) {
-        const float wv = to_f32(w[k]);
-#pragma unroll
-        for (int j = 0; j < kRowTile; ++j)
-          if (m0 + j < M) acc[j] = fmaf(wv, x[(m0 + j) * ldx + k], acc[j]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kRowTile; ++j) {
-      float v = acc[j];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == 0 && m0 + j < M) y[(m0 + j) * ldy + n] = v + (bias ? bias[n] : 0.0f);
-    }
-  }
-}
-
-// Many rows (prefill without cuBLAS): 64×64 output tiles, 16-deep K steps through shared memory,
-// 256 threads each owning a 4×4 block of outputs (rows ty + 16i, columns tx + 16j).
-constexpr int kTile = 64, kTileK = 16;
-
-template <typename T>
-__global__ void __launch_bounds__(256)
-    gemm_tiled_kernel(const float* __restrict__ x, int64_t ldx, const T* __restrict__ W, const float* bias, float* y,
-                      int64_t ldy, int64_t M, int64_t N, int64_t K) {
-  __shared__ float xs[kTileK][kTile + 4];
-  __shared__ float ws[kTileK][kTile + 4];
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t m0 = (int64_t)blockIdx.y * kTile, n0 = (int64_t)blockIdx.x * kTile;
-  float acc[4][4] = {};
-  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int idx = tid + i * 256, r = idx / kTileK, kk = idx % kTileK;
-      const int64_t k = k0 + kk;
-      const int64_t m = m0 + r, n = n0 + r;
-      xs[kk][r] = (m < M && k < K) ? x[m * ldx + k] : 0.0f;
-      ws[kk][r] = (n < N && k < K) ? to_f32(W[n * K + k]) : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i], b[i] = ws[kk][tx + 16 * i];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t m = m0 + ty + 16 * i;
-    if (m >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n = n0 + tx + 16 * j;
-      if (n < N) y[m * ldy + n] = acc[i][j] + (bias ? bias[n] : 0.0f);
-    }
-  }
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // A matrix on the device: [rows, cols] row-major, bf16 or f32.
 struct DevMatrix {
@@ -233,6 +116,9 @@ struct DevLayer {
   const float *norm = nullptr, *in_proj_bias = nullptr, *conv = nullptr, *conv_bias = nullptr, *dt_bias = nullptr,
               *A = nullptr, *D = nullptr, *ssm_norm = nullptr, *out_proj_bias = nullptr;
   DevMatrix in_proj, x_proj, dt_proj, out_proj;
+  // A mixture-of-experts block: router [E, d]; fc1 [E, 2H, d] and fc2 [E, d, H] (rows: all but the last dim).
+  const float *router_bias = nullptr, *fc1_bias = nullptr, *fc2_bias = nullptr;
+  DevMatrix router, fc1, fc2;
 };
 
 // Device scratch for `rows` rows (the Workspace of mamba_model.cpp), one allocation.
@@ -246,6 +132,10 @@ struct DevWorkspace {
   int32_t* ids = nullptr;        // [rows]
   void* ssd_work = nullptr;
   size_t ssd_bytes = 0;
+  // MoE blocks: router logits [rows, E], the routing (weights, indices [rows, k]), moe_experts' scratch.
+  float *router_logits = nullptr, *route_weights = nullptr;
+  int32_t* route_indices = nullptr;
+  void* moe_work = nullptr;
 
   ~DevWorkspace() {
     if (block) cudaFree(block);
@@ -271,6 +161,12 @@ struct DevWorkspace {
                                  {(void**)&B, 4 * gn}, {(void**)&C, 4 * gn}, {(void**)&dt, 4 * c.num_heads}});
     }
     if (need_x16) slots.push_back({(void**)&x16, 4 * std::max({d, di, c.time_step_rank})});
+    size_t moe_bytes = 0;
+    if (!c.moe.layers.empty()) {
+      slots.insert(slots.end(), {{(void**)&router_logits, 4 * c.moe.experts}, {(void**)&route_weights, 4 * c.moe.top_k},
+                                 {(void**)&route_indices, 4 * c.moe.top_k}});
+      moe_bytes = (moe_experts_workspace_bytes(n_rows, c.moe.top_k, d, c.moe.hidden, c.moe.experts) + 255) / 256 * 256;
+    }
     int64_t total = 0;
     for (const Slot& s : slots) total += (s.bytes * n_rows + 255) / 256 * 256;
     ssd_bytes = 0;
@@ -280,13 +176,14 @@ struct DevWorkspace {
       a.groups = c.num_groups;
       ssd_bytes = (ssd_chunked_workspace_bytes(a) + 255) / 256 * 256;
     }
-    MSSM_CUDA_TRY(op, cudaMalloc(&block, total + ssd_bytes + 256));
+    MSSM_CUDA_TRY(op, cudaMalloc(&block, total + ssd_bytes + moe_bytes + 256));
     char* base = static_cast<char*>(block);
     for (const Slot& s : slots) {
       *s.target = base;
       base += (s.bytes * n_rows + 255) / 256 * 256;
     }
     ssd_work = ssd_bytes ? base : nullptr;
+    moe_work = moe_bytes ? base + ssd_bytes : nullptr;
     rows = n_rows;
     return {};
   }
@@ -349,7 +246,9 @@ struct CudaModel::Impl {
   }
 
   Status upload_matrix(const model::Weight& w, DevMatrix* out, int64_t& bytes) {
-    const int64_t rows = w.shape[0], cols = w.shape[1], n = rows * cols;
+    int64_t n = 1;
+    for (int64_t s : w.shape) n *= s;
+    const int64_t cols = w.shape.back(), rows = cols ? n / cols : 0;
     const bool bf16 = opt.weights == WeightDType::bf16;
     void* p = nullptr;
     const int64_t size = n * (bf16 ? 2 : 4);
@@ -383,12 +282,12 @@ struct CudaModel::Impl {
   // ---- enqueue helpers ----------------------------------------------------------------------------
   Status gemm(const float* x, int64_t ldx, const DevMatrix& W, int64_t first_row, int64_t N, const float* bias,
               float* y, int64_t ldy, int64_t M, DevWorkspace& ws) {
-    const char* op = "model gemm";
     const int64_t K = W.cols;
     if (M == 0 || N == 0) return {};
     const void* w = W.row(first_row);
 #ifdef MSSM_HAVE_CUBLAS
     if (cublas_on && M >= kCublasMinRows) {
+      const char* op = "model gemm";
       const float one = 1.0f, zero = 0.0f;
       cublasStatus_t st;
       if (W.bf16) {
@@ -419,35 +318,7 @@ struct CudaModel::Impl {
 #else
     (void)ws;
 #endif
-    if (M < kCublasMinRows) {
-      const unsigned blocks = (unsigned)ceil_div(N, kSkinnyWarps);
-      const int V = W.bf16 ? 8 : 4;
-      const bool vec = K % V == 0 && ldx % 4 == 0 && aligned16(x) && aligned16(w);
-      if (W.bf16) {
-        auto* wp = static_cast<const __nv_bfloat16*>(w);
-        if (vec)
-          gemm_skinny_kernel<__nv_bfloat16, true><<<blocks, 32 * kSkinnyWarps, 0, stream>>>(x, ldx, wp, bias, y, ldy, M,
-                                                                                           N, K);
-        else
-          gemm_skinny_kernel<__nv_bfloat16, false><<<blocks, 32 * kSkinnyWarps, 0, stream>>>(x, ldx, wp, bias, y, ldy,
-                                                                                            M, N, K);
-      } else {
-        auto* wp = static_cast<const float*>(w);
-        if (vec)
-          gemm_skinny_kernel<float, true><<<blocks, 32 * kSkinnyWarps, 0, stream>>>(x, ldx, wp, bias, y, ldy, M, N, K);
-        else
-          gemm_skinny_kernel<float, false><<<blocks, 32 * kSkinnyWarps, 0, stream>>>(x, ldx, wp, bias, y, ldy, M, N, K);
-      }
-      return detail::check_launch(op);
-    }
-    if (ceil_div(M, kTile) > 65535) return detail::error(op, "too many rows");
-    const dim3 grid((unsigned)ceil_div(N, kTile), (unsigned)ceil_div(M, kTile));
-    if (W.bf16)
-      gemm_tiled_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(x, ldx, static_cast<const __nv_bfloat16*>(w), bias,
-                                                                 y, ldy, M, N, K);
-    else
-      gemm_tiled_kernel<float><<<grid, 256, 0, stream>>>(x, ldx, static_cast<const float*>(w), bias, y, ldy, M, N, K);
-    return detail::check_launch(op);
+    return detail::builtin_gemm(x, ldx, w, W.bf16, bias, y, ldy, M, N, K, stream);
   }
 
   Status split(const float* src, int64_t rows, int64_t width, std::initializer_list<std::pair<float*, int64_t>> parts,
@@ -558,9 +429,37 @@ struct CudaModel::Impl {
     return gemm(ws.yn, di, w.out_proj, 0, d, w.out_proj_bias, ws.hidden, d, rows, ws);
   }
 
-  // conv/ssm: base pointers; layer i of this pass's first sequence at base + (i·batch + index)·floats.
-  Status run_layers(DevWorkspace& ws, int64_t rows, bool decode, bool read_state, float* conv, float* ssm,
-                    int64_t batch, int64_t index) {
+  // A mixture-of-experts block on ws.normed into ws.hidden (model::Model::moe_block's steps).
+  Status moe_block(DevWorkspace& ws, const DevLayer& w, int64_t rows) {
+    const model::MoeConfig& m = c.moe;
+    const int64_t d = c.hidden_size;
+    MSSM_STATUS_TRY(gemm(ws.normed, d, w.router, 0, m.experts, w.router_bias, ws.router_logits, m.experts, rows, ws));
+    MSSM_STATUS_TRY(moe_route(ws.router_logits, rows, m.experts, m.top_k, m.scoring, m.renormalize, ws.route_weights,
+                              ws.route_indices, stream));
+    cpu::MoeExpertsArgs e;
+    e.tokens = rows;
+    e.dim = d;
+    e.hidden = m.hidden;
+    e.experts = m.experts;
+    e.top_k = m.top_k;
+    e.x = ws.normed;
+    e.fc1 = w.fc1.ptr;
+    e.fc1_dtype = w.fc1.bf16 ? DType::bf16 : DType::f32;
+    e.fc1_bias = w.fc1_bias;
+    e.fc2 = w.fc2.ptr;
+    e.fc2_dtype = w.fc2.bf16 ? DType::bf16 : DType::f32;
+    e.fc2_bias = w.fc2_bias;
+    e.activation = m.activation;
+    e.indices = ws.route_indices;
+    e.weights = ws.route_weights;
+    e.out = ws.hidden;
+    return moe_experts(e, ws.moe_work, stream);
+  }
+
+  // Every layer over `rows` rows. The states of this pass's sequence: Mamba layer l (state_index) at
+  // conv + l·conv_batch·floats and ssm + l·ssm_batch·floats (the pointers already at the sequence).
+  Status run_layers(DevWorkspace& ws, int64_t rows, bool decode, bool read_state, float* conv, int64_t conv_batch,
+                    float* ssm, int64_t ssm_batch) {
     const int64_t d = c.hidden_size;
     for (int64_t i = 0; i < c.num_layers; ++i) {
       const DevLayer& w = layers[i];
@@ -569,8 +468,13 @@ struct CudaModel::Impl {
       } else {
         MSSM_STATUS_TRY(rmsnorm(ws.hidden, ws.residual, w.norm, ws.normed, ws.residual, rows, d, c.norm_eps, stream));
       }
-      float* cs = conv + (i * batch + index) * c.conv_state_floats();
-      float* ss = ssm + (i * batch + index) * c.ssm_state_floats();
+      if (c.is_moe_layer(i)) {
+        MSSM_STATUS_TRY(moe_block(ws, w, rows));
+        continue;
+      }
+      const int64_t l = c.state_index(i);
+      float* cs = conv + l * conv_batch * c.conv_state_floats();
+      float* ss = ssm + l * ssm_batch * c.ssm_state_floats();
       const float* cin = read_state ? cs : nullptr;
       const float* sin = read_state ? ss : nullptr;
       MSSM_STATUS_TRY(c.mamba1() ? mixer_mamba1(ws, w, rows, decode, cin, cs, sin, ss)
@@ -585,7 +489,7 @@ struct CudaModel::Impl {
     MSSM_CUDA_TRY("model step", cudaMemcpyAsync(ws.ids, slot.host_ids, batch * sizeof(int32_t),
                                                 cudaMemcpyHostToDevice, stream));
     MSSM_STATUS_TRY(embed(ws.ids, ws.residual, batch));
-    MSSM_STATUS_TRY(run_layers(ws, batch, true, true, conv, ssm, batch, 0));
+    MSSM_STATUS_TRY(run_layers(ws, batch, true, true, conv, batch, ssm, batch));
     MSSM_STATUS_TRY(rmsnorm(ws.hidden, ws.residual, norm_f, ws.normed, nullptr, batch, c.hidden_size, c.norm_eps,
                             stream));
     return gemm(ws.normed, c.hidden_size, lm_head, 0, c.vocab_size, nullptr, logits, c.vocab_size, batch, ws);
@@ -604,9 +508,6 @@ Status CudaModel::create(const model::Config& config, const std::unordered_map<s
   } catch (const std::exception& e) {
     return detail::error(op, e.what());
   }
-  if (!config.moe.layers.empty())
-    return detail::error(op, "mixture-of-experts layers (config.moe) run on the CPU only; load this model with "
-                             "device \"cpu\"");
   if (options.gemm == GemmBackend::cublas && !have_cublas())
     return detail::error(op, "GemmBackend::cublas asked for, but this build has no cuBLAS");
   int count = 0;
@@ -662,6 +563,15 @@ Status CudaModel::create(const model::Config& config, const std::unordered_map<s
     const std::string p = "layers." + std::to_string(i) + ".";
     DevLayer& l = im.layers[i];
     MSSM_STATUS_TRY(im.upload_vector(get(p + "norm"), &l.norm, bytes));
+    if (config.is_moe_layer(i)) {
+      MSSM_STATUS_TRY(im.upload_matrix(get(p + "router"), &l.router, bytes));
+      MSSM_STATUS_TRY(im.upload_vector(get(p + "router_bias"), &l.router_bias, bytes));
+      MSSM_STATUS_TRY(im.upload_matrix(get(p + "fc1"), &l.fc1, bytes));
+      MSSM_STATUS_TRY(im.upload_vector(get(p + "fc1_bias"), &l.fc1_bias, bytes));
+      MSSM_STATUS_TRY(im.upload_matrix(get(p + "fc2"), &l.fc2, bytes));
+      MSSM_STATUS_TRY(im.upload_vector(get(p + "fc2_bias"), &l.fc2_bias, bytes));
+      continue;
+    }
     MSSM_STATUS_TRY(im.upload_matrix(get(p + "in_proj"), &l.in_proj, bytes));
     MSSM_STATUS_TRY(im.upload_vector(get(p + "in_proj_bias"), &l.in_proj_bias, bytes));
     MSSM_STATUS_TRY(im.upload_vector(get(p + "conv"), &l.conv, bytes));
@@ -728,9 +638,9 @@ Status CudaModel::forward(const ForwardArgs& a) {
   const bool own_conv = !a.conv_state, own_ssm = !a.ssm_state;
   if ((own_conv || own_ssm) && !im.own_state_ok) {
     im.own_state.assign(2, nullptr);
-    MSSM_CUDA_TRY(op, cudaMalloc(&im.own_state[0], c.num_layers * c.conv_state_floats() * 4));
+    MSSM_CUDA_TRY(op, cudaMalloc(&im.own_state[0], std::max<int64_t>(1, c.state_layers() * c.conv_state_floats()) * 4));
     im.allocations.push_back(im.own_state[0]);
-    MSSM_CUDA_TRY(op, cudaMalloc(&im.own_state[1], c.num_layers * c.ssm_state_floats() * 4));
+    MSSM_CUDA_TRY(op, cudaMalloc(&im.own_state[1], std::max<int64_t>(1, c.state_layers() * c.ssm_state_floats()) * 4));
     im.allocations.push_back(im.own_state[1]);
     im.own_state_ok = 1;
   }
@@ -749,25 +659,11 @@ Status CudaModel::forward(const ForwardArgs& a) {
       MSSM_CUDA_TRY(op, cudaMemcpyAsync(ws.ids, a.ids + start + offset, rows * sizeof(int32_t),
                                         cudaMemcpyHostToDevice, im.stream));
       MSSM_STATUS_TRY(im.embed(ws.ids, ws.residual, rows));
-      // Layer i of sequence s: base + (i·batch + index)·floats, for each state its own (batch, index).
+      // Mamba layer l of sequence s: base + (l·batch + index)·floats, for each state its own (batch, index).
       // (The id copy is stream-ordered: the next segment's copy waits for this one's kernels.)
       float* conv_base = conv + conv_index * c.conv_state_floats();
       float* ssm_base = ssm + ssm_index * c.ssm_state_floats();
-      for (int64_t i = 0; i < c.num_layers; ++i) {
-        const DevLayer& w = im.layers[i];
-        if (i == 0) {
-          MSSM_STATUS_TRY(rmsnorm(ws.residual, nullptr, w.norm, ws.normed, nullptr, rows, d, c.norm_eps, im.stream));
-        } else {
-          MSSM_STATUS_TRY(
-              rmsnorm(ws.hidden, ws.residual, w.norm, ws.normed, ws.residual, rows, d, c.norm_eps, im.stream));
-        }
-        float* cs = conv_base + i * conv_batch * c.conv_state_floats();
-        float* ss = ssm_base + i * ssm_batch * c.ssm_state_floats();
-        const float* cin = read_state ? cs : nullptr;
-        const float* sin = read_state ? ss : nullptr;
-        MSSM_STATUS_TRY(c.mamba1() ? im.mixer_mamba1(ws, w, rows, false, cin, cs, sin, ss)
-                                   : im.mixer_mamba2(ws, w, rows, false, cin, cs, sin, ss));
-      }
+      MSSM_STATUS_TRY(im.run_layers(ws, rows, false, read_state, conv_base, conv_batch, ssm_base, ssm_batch));
       const bool last_segment = offset + rows == length;
       if (a.last_only) {
         if (last_segment) {

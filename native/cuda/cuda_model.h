@@ -18,6 +18,10 @@
 // models' logits by up to 15% of their RMS on the H200), else a tiled fp32 kernel of this library
 // (ModelOptions::gemm).
 //
+// Mixture-of-experts layers (config.moe) run on the device too: the router through the GEMM above, the
+// routing, grouping and experts through moe.cu (the experts' products always with the library's own
+// grouped kernels, f32 or bf16 weights as the rest).
+//
 // Layouts and state layout are the CPU runner's. Pointers named "device" are device memory; host
 // arrays are marked as such. All calls run on the runner's own stream and return when the results
 // are on the device (they synchronise the stream), so the caller may read them at once.
@@ -106,8 +110,9 @@ class CudaModel {
   // Turn graph use on or off (benchmarks); graphs already made are kept.
   void set_use_graphs(bool on) { options_.use_graphs = on; }
 
-  int64_t conv_state_floats(int64_t batch) const { return config_.num_layers * batch * config_.conv_state_floats(); }
-  int64_t ssm_state_floats(int64_t batch) const { return config_.num_layers * batch * config_.ssm_state_floats(); }
+  // The states cover the Mamba layers only (state_layers(): mixture-of-experts blocks keep none).
+  int64_t conv_state_floats(int64_t batch) const { return config_.state_layers() * batch * config_.conv_state_floats(); }
+  int64_t ssm_state_floats(int64_t batch) const { return config_.state_layers() * batch * config_.ssm_state_floats(); }
 
   struct Impl;
 

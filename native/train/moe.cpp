@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "../core/threadpool.h"
+#include "../cpu/moe_topk.h"
 #include "ops.h"
 
 namespace mssm::train {
@@ -95,32 +96,9 @@ void route(const MoeShape& s, const T* logits, MoeSaved<T>& saved) {
       } else {
         for (int64_t e = 0; e < E; ++e) p[e] = T(1) / (T(1) + std::exp(-row[e]));
       }
-      // Insertion into a descending list: a later expert must be strictly larger to pass an earlier one.
-      T* w = weights + t * K;
-      int32_t* chosen = indices + t * K;
-      int64_t filled = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        const T v = p[e];
-        if (filled == k && !(v > w[k - 1])) continue;
-        int64_t j = filled < k ? filled++ : k - 1;
-        while (j > 0 && v > w[j - 1]) {
-          w[j] = w[j - 1];
-          chosen[j] = chosen[j - 1];
-          --j;
-        }
-        w[j] = v;
-        chosen[j] = (int32_t)e;
-      }
-      if (s.renormalize) {
-        T sum = 0;
-        for (int64_t j = 0; j < k; ++j) sum += w[j];
-        const T inv = T(1) / sum;
-        for (int64_t j = 0; j < k; ++j) w[j] *= inv;
-      }
-      for (int64_t j = k; j < K; ++j) {
-        w[j] = 0;
-        chosen[j] = -1;
-      }
+      cpu::TopK<T> top{weights + t * K, indices + t * K, k};
+      for (int64_t e = 0; e < E; ++e) top.insert(p[e], (int32_t)e);
+      top.finish(K, s.renormalize, -1);
     }
   });
 }

@@ -1,6 +1,7 @@
 // The CUDA model runner (cuda_model.h) against the CPU runner (model/mamba_model.h) on tiny random
 // models of both architectures with awkward sizes (Mamba-1: d 37, d_inner 74, N 5, dt rank 7, biases,
-// untied head; Mamba-2: d 48, 6 heads × 16, 2 groups, N 12, tied). For each host weight dtype and
+// untied head; Mamba-2: d 48, 6 heads × 16, 2 groups, N 12, tied), each also with mixture-of-experts
+// blocks among its layers (moe.cu's routing, grouped expert products and combine). For each host weight dtype and
 // upload choice: a prefill of 3 sequences (lengths 1, 45, 70; all logits and the states; the GPU in
 // segments of 40 tokens so states carry between segments, rows >= 32 through the tiled / cuBLAS GEMM
 // and the 1-token sequence through the weight-streaming one), a last-only prefill, then 4 decode steps
@@ -50,7 +51,7 @@ std::unordered_map<std::string, std::vector<float>> random_weights(const model::
     };
     std::vector<float> v;
     if (spec.matrix) {
-      const float scale = name == "embeddings" ? 1.0f : 1.0f / std::sqrt((float)spec.shape[1]);
+      const float scale = name == "embeddings" ? 1.0f : 1.0f / std::sqrt((float)spec.shape.back());
       v = rng.normals(n, scale);
     } else if (ends("norm") || ends("norm_f")) {
       v = rng.uniforms(n, 0.5f, 1.5f);
@@ -78,7 +79,7 @@ HostWeights host_weights(const model::Config& c, const std::unordered_map<std::s
   for (const auto& spec : model::expected_weights(c)) {
     const std::vector<float>& v = f32.at(spec.name);
     DType t = spec.matrix ? dtype : DType::f32;
-    if (t == DType::q8_0 && spec.shape[1] % kQ8BlockSize != 0) t = DType::f32;
+    if (t == DType::q8_0 && spec.shape.back() % kQ8BlockSize != 0) t = DType::f32;
     const int64_t n = (int64_t)v.size(), bytes = dtype_bytes(t, n);
     std::vector<uint8_t>& buf = h.storage[spec.name];
     buf.resize(bytes);
@@ -247,7 +248,23 @@ int main() {
     cases.push_back({"bf16->bf16 cublas", DType::bf16, DType::bf16, WeightDType::bf16, GemmBackend::cublas,
                      SsdMath::bf16_tensor, 1e-3});
   }
-  for (const auto& [name, cfg] : {std::pair<const char*, model::Config>{"mamba1", m1}, {"mamba2", m2}}) {
+  // Mixture-of-experts blocks between (Mamba-1) and before (Mamba-2) the mixers: the states then skip
+  // them. Mamba-1: 4 experts, top-2 softmax renormalised, silu, biases; Mamba-2: 3 experts, top-1
+  // sigmoid, gelu_tanh. Decode at batch 3 runs the grouped skinny product, batch 33 the tiled one.
+  model::Config m1moe = m1;
+  m1moe.num_layers = 4;
+  m1moe.moe.layers = {1, 3};
+  m1moe.moe.experts = 4, m1moe.moe.top_k = 2, m1moe.moe.hidden = 24, m1moe.moe.bias = true;
+  m1moe.moe.scoring = cpu::MoeScoring::softmax, m1moe.moe.renormalize = true, m1moe.moe.activation = cpu::Activation::silu;
+  model::Config m2moe = m2;
+  m2moe.num_layers = 3;
+  m2moe.moe.layers = {0};
+  m2moe.moe.experts = 3, m2moe.moe.top_k = 1, m2moe.moe.hidden = 40, m2moe.moe.bias = false;
+  m2moe.moe.scoring = cpu::MoeScoring::sigmoid, m2moe.moe.renormalize = false;
+  m2moe.moe.activation = cpu::Activation::gelu_tanh;
+
+  for (const auto& [name, cfg] : {std::pair<const char*, model::Config>{"mamba1", m1}, {"mamba2", m2},
+                                  {"mamba1-moe", m1moe}, {"mamba2-moe", m2moe}}) {
     const auto f32 = random_weights(cfg, rng);
     for (const Case& k : cases) run_case(name, cfg, f32, k, rng);
   }

@@ -1,0 +1,248 @@
+// Mixture-of-experts blocks on the device (cuda_kernels.h): the router's top-k, the grouping of
+// (token, slot) pairs by expert, the experts' GLU MLPs as grouped products, and the weighted combine.
+// Everything stays on the device and in stream order (no host sync, no allocation), so a decode step
+// with MoE layers is captured in a CUDA graph like any other.
+//
+// The grouping follows the CPU kernel (native/cpu/moe.cpp): a counting sort of the pairs in (token,
+// slot) order, so each expert's rows, and every later sum, come in the same order whatever the
+// launch shape. Expert e's rows are [offsets[e], offsets[e + 1]) of the gathered activations; the
+// grouped GEMM (gemm.cuh) reads those bounds on the device. Pairs whose index lies outside [0, E)
+// contribute nothing; top_k > E gives the extra slots index 0 and weight 0 (as the CPU router does),
+// so expert 0 may then hold a token more than once.
+#include "cuda_common.cuh"
+#include "cuda_kernels.h"
+#include "cpu/moe_topk.h"
+#include "gemm.cuh"
+
+namespace mssm::cuda {
+namespace {
+
+using detail::ceil_div;
+using detail::grid_for;
+
+// One thread per token: scores (softmax or sigmoid) in the CPU router's form, then its choice of the
+// top k (cpu/moe_topk.h).
+__global__ void route_kernel(const float* logits, int64_t tokens, int64_t experts, int64_t top_k, bool softmax,
+                             bool renormalize, float* weights, int32_t* indices) {
+  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const float* row = logits + t * experts;
+  const int64_t k = detail::min64(top_k, experts);
+  float m = 0.0f, inv = 1.0f;
+  if (softmax) {
+    m = row[0];
+    for (int64_t e = 1; e < experts; ++e) m = row[e] > m ? row[e] : m;
+    float sum = 0.0f;
+    for (int64_t e = 0; e < experts; ++e) sum += expf(row[e] - m);
+    inv = 1.0f / sum;
+  }
+  cpu::TopK<float> top{weights + t * top_k, indices + t * top_k, k};
+  for (int64_t e = 0; e < experts; ++e)
+    top.insert(softmax ? expf(row[e] - m) * inv : 1.0f / (1.0f + expf(-row[e])), (int32_t)e);
+  top.finish(top_k, renormalize);
+}
+
+constexpr int kGroupThreads = 256;
+
+// Block e walks the tokens in order, kGroupThreads at a time, and ranks the pairs routed to e with a
+// block-wide exclusive scan of each token's count of them. count pass (place = false): offsets[e + 1]
+// = the count. place pass: pair[offsets[e] + rank] = p and position[p] = offsets[e] + rank.
+__global__ void __launch_bounds__(kGroupThreads)
+    group_kernel(const int32_t* indices, int64_t tokens, int64_t top_k, int64_t* offsets, int64_t* pair,
+                 int64_t* position, bool place) {
+  const int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  constexpr int kWarps = kGroupThreads / 32;
+  __shared__ long long warp_sums[kWarps];
+  __shared__ long long base;
+  if (threadIdx.x == 0) base = place ? offsets[e] : 0;
+  __syncthreads();
+  for (int64_t t0 = 0; t0 < tokens; t0 += kGroupThreads) {
+    const int64_t t = t0 + threadIdx.x;
+    long long c = 0;
+    if (t < tokens)
+      for (int64_t slot = 0; slot < top_k; ++slot) c += indices[t * top_k + slot] == e;
+    long long incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const long long v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      long long s = lane < kWarps ? warp_sums[lane] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const long long v = __shfl_up_sync(0xffffffffu, s, o);
+        if (lane >= o) s += v;
+      }
+      if (lane < kWarps) warp_sums[lane] = s;
+    }
+    __syncthreads();
+    const long long first = base + incl - c + (warp > 0 ? warp_sums[warp - 1] : 0);
+    if (place && c > 0) {
+      long long r = first;
+      for (int64_t slot = 0; slot < top_k; ++slot) {
+        const int64_t p = t * top_k + slot;
+        if (indices[p] == e) {
+          pair[r] = p;
+          position[p] = r;
+          ++r;
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == kGroupThreads - 1) base = first + c;
+    __syncthreads();
+  }
+  if (!place && threadIdx.x == 0) offsets[e + 1] = base;
+}
+
+// offsets[0] = 0 and the counts in offsets[1..E] become running sums (one thread: E is small).
+__global__ void prefix_kernel(int64_t* offsets, int64_t experts) {
+  offsets[0] = 0;
+  for (int64_t e = 0; e < experts; ++e) offsets[e + 1] += offsets[e];
+}
+
+__global__ void fill_kernel(int64_t* p, int64_t n, int64_t value) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    p[i] = value;
+}
+
+// gathered[r] = x[token of pair[r]] for the rows that exist (r < offsets[E]).
+__global__ void gather_kernel(const float* x, const int64_t* pair, const int64_t* offsets, int64_t experts,
+                              int64_t top_k, int64_t dim, int64_t max_rows, float* gathered) {
+  const int64_t rows = offsets[experts], total = max_rows * dim;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / dim;
+    if (r < rows) gathered[i] = x[(pair[r] / top_k) * dim + i % dim];
+  }
+}
+
+// The CPU kernel's activations (moe.cpp: silu; exact gelu; gelu with the tanh approximation).
+__device__ __forceinline__ float activate(float a, cpu::Activation activation) {
+  switch (activation) {
+    case cpu::Activation::silu:
+      return a / (1.0f + expf(-a));
+    case cpu::Activation::gelu:
+      return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
+    case cpu::Activation::gelu_tanh:
+      return 0.5f * a * (1.0f + tanhf(0.79788456080286536f * (a + 0.044715f * a * a * a)));
+  }
+  return a;
+}
+
+// glu[r, i] = act(h[r, i]) · h[r, H + i] for h = fc1_out [rows, 2H].
+__global__ void glu_kernel(const float* h, const int64_t* offsets, int64_t experts, int64_t hidden, int64_t max_rows,
+                           cpu::Activation activation, float* glu) {
+  const int64_t rows = offsets[experts], total = max_rows * hidden;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / hidden, j = i % hidden;
+    if (r < rows) glu[i] = activate(h[r * 2 * hidden + j], activation) * h[r * 2 * hidden + hidden + j];
+  }
+}
+
+// out[t] = Σ_slot weights[t, slot] · expert_out[position[t, slot]], in slot order, from zero.
+__global__ void combine_kernel(const float* expert_out, const int64_t* position, const float* weights, int64_t tokens,
+                               int64_t top_k, int64_t dim, float* out) {
+  const int64_t total = tokens * dim;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = i / dim, j = i % dim;
+    float o = 0.0f;
+    for (int64_t slot = 0; slot < top_k; ++slot) {
+      const int64_t r = position[t * top_k + slot];
+      if (r >= 0) o += weights[t * top_k + slot] * expert_out[r * dim + j];
+    }
+    out[i] = o;
+  }
+}
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// The workspace's parts, in order (moe_experts_workspace_bytes sums them).
+struct MoeWork {
+  int64_t* offsets;
+  int64_t* pair;
+  int64_t* position;
+  float *gathered, *fc1_out, *glu, *expert_out;
+};
+
+size_t carve(void* base, int64_t tokens, int64_t top_k, int64_t dim, int64_t hidden, int64_t experts, MoeWork* w) {
+  const int64_t pairs = tokens * top_k;
+  const size_t sizes[] = {align256((size_t)(experts + 1) * 8), align256((size_t)pairs * 8), align256((size_t)pairs * 8),
+                          align256((size_t)(pairs * dim) * 4), align256((size_t)(pairs * 2 * hidden) * 4),
+                          align256((size_t)(pairs * hidden) * 4), align256((size_t)(pairs * dim) * 4)};
+  size_t total = 0;
+  void* parts[7];
+  for (int i = 0; i < 7; ++i) {
+    parts[i] = base ? static_cast<char*>(base) + total : nullptr;
+    total += sizes[i];
+  }
+  if (w) {
+    w->offsets = static_cast<int64_t*>(parts[0]);
+    w->pair = static_cast<int64_t*>(parts[1]);
+    w->position = static_cast<int64_t*>(parts[2]);
+    w->gathered = static_cast<float*>(parts[3]);
+    w->fc1_out = static_cast<float*>(parts[4]);
+    w->glu = static_cast<float*>(parts[5]);
+    w->expert_out = static_cast<float*>(parts[6]);
+  }
+  return total;
+}
+
+}  // namespace
+
+Status moe_route(const float* logits, int64_t tokens, int64_t experts, int64_t top_k, cpu::MoeScoring scoring,
+                 bool renormalize, float* weights, int32_t* indices, cudaStream_t stream) {
+  if (tokens <= 0 || experts <= 0 || top_k <= 0) return {};
+  route_kernel<<<(unsigned)ceil_div(tokens, 128), 128, 0, stream>>>(
+      logits, tokens, experts, top_k, scoring == cpu::MoeScoring::softmax, renormalize, weights, indices);
+  return detail::check_launch("moe_route");
+}
+
+size_t moe_experts_workspace_bytes(int64_t tokens, int64_t top_k, int64_t dim, int64_t hidden, int64_t experts) {
+  return carve(nullptr, tokens, top_k, dim, hidden, experts, nullptr);
+}
+
+Status moe_experts(const cpu::MoeExpertsArgs& a, void* workspace, cudaStream_t stream) {
+  const char* op = "moe_experts";
+  const int64_t T = a.tokens, D = a.dim, H = a.hidden, E = a.experts, k = a.top_k;
+  if (T <= 0 || D <= 0) return {};
+  if (H <= 0 || E <= 0 || k <= 0) return detail::error(op, "hidden, experts and top_k must be at least 1");
+  for (DType t : {a.fc1_dtype, a.fc2_dtype})
+    if (t != DType::f32 && t != DType::bf16)
+      return detail::error(op, std::string("expert weights must be f32 or bf16 on the device, got ") + dtype_name(t));
+  if (!workspace) return detail::error(op, "a workspace of moe_experts_workspace_bytes() is required");
+  if (E > 65535) return detail::error(op, std::to_string(E) + " experts exceed the grid's 65535");
+  MoeWork w;
+  carve(workspace, T, k, D, H, E, &w);
+  const int64_t pairs = T * k;
+  // Each token sends at most one pair to an expert, except the zero-weight slots past E (top_k > E),
+  // which all go to expert 0.
+  const int64_t max_rows = k > E ? T * (k - E + 1) : T;
+
+  fill_kernel<<<grid_for(pairs), 256, 0, stream>>>(w.position, pairs, -1);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  group_kernel<<<(unsigned)E, kGroupThreads, 0, stream>>>(a.indices, T, k, w.offsets, w.pair, w.position, false);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  prefix_kernel<<<1, 1, 0, stream>>>(w.offsets, E);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  group_kernel<<<(unsigned)E, kGroupThreads, 0, stream>>>(a.indices, T, k, w.offsets, w.pair, w.position, true);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  gather_kernel<<<grid_for(pairs * D), 256, 0, stream>>>(a.x, w.pair, w.offsets, E, k, D, pairs, w.gathered);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+
+  const bool bf16_1 = a.fc1_dtype == DType::bf16, bf16_2 = a.fc2_dtype == DType::bf16;
+  detail::GemmGroups g1{w.offsets, 2 * H * D, 2 * H};
+  MSSM_STATUS_TRY(detail::builtin_gemm(w.gathered, D, a.fc1, bf16_1, a.fc1_bias, w.fc1_out, 2 * H, max_rows, 2 * H, D,
+                                       stream, g1, E));
+  glu_kernel<<<grid_for(pairs * H), 256, 0, stream>>>(w.fc1_out, w.offsets, E, H, pairs, a.activation, w.glu);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  detail::GemmGroups g2{w.offsets, D * H, D};
+  MSSM_STATUS_TRY(
+      detail::builtin_gemm(w.glu, H, a.fc2, bf16_2, a.fc2_bias, w.expert_out, D, max_rows, D, H, stream, g2, E));
+  combine_kernel<<<grid_for(T * D), 256, 0, stream>>>(w.expert_out, w.position, a.weights, T, k, D, a.out);
+  return detail::check_launch(op);
+}
+
+}  // namespace mssm::cuda
