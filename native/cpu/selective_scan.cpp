@@ -119,12 +119,15 @@ inline void vsoftplus(vec* v) {
 }
 #endif
 
-// v ·= silu(z) = z / (1 + exp(-z))
+// v ·= silu(z) = z / (1 + exp(-z)), with z raised to -88 first: below that exp(-z) overflows to ∞,
+// and the reciprocal's Newton step would turn 1/∞ into NaN (∞·0). silu(-88) is -5e-37, so the gate
+// of any z ≤ -88 is that tiny value instead of the true one, nearer 0.
 template <int U>
 inline void vgate(vec* v, const vec* z) {
-  vec e[U];
-  for (int u = 0; u < U; ++u) e[u] = vexp(vmul(z[u], vset(-1.0f)));
-  for (int u = 0; u < U; ++u) v[u] = vmul(v[u], vmul(z[u], vrecip(vadd(vset(1.0f), e[u]))));
+  vec zc[U], e[U];
+  for (int u = 0; u < U; ++u) zc[u] = vmax(z[u], vset(-88.0f));
+  for (int u = 0; u < U; ++u) e[u] = vexp(vmul(zc[u], vset(-1.0f)));
+  for (int u = 0; u < U; ++u) v[u] = vmul(v[u], vmul(zc[u], vrecip(vadd(vset(1.0f), e[u]))));
 }
 
 // Loads/stores `lanes` ≤ kWidth floats; missing lanes read as 0.

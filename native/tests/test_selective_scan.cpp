@@ -301,6 +301,37 @@ void test_exp_and_softplus() {
   });
 }
 
+// The gate y ·= silu(z) over z in [-30, 30] and far below (where exp(-z) overflows): with one state
+// index, A = 0, B = 0, C = 1 and state_in = 1, y = silu(z). Every level, the sequence form and the
+// step; within 1e-6 relative plus 1e-36 absolute (z ≤ -88 may gate to silu(-88) ≈ -5e-37), and never
+// NaN.
+void test_gate() {
+  std::vector<float> z;
+  for (int i = 0; i <= 600; ++i) z.push_back(-30.0f + 0.1f * (float)i);
+  for (float f : {-87.0f, -88.0f, -88.5f, -88.8f, -89.5f, -95.0f, -100.0f, -150.0f, -1e4f, -3e38f}) z.push_back(f);
+  const int64_t count = (int64_t)z.size();
+  std::vector<float> ones(count, 1.0f), zeros(count, 0.0f), y(count);
+  for_each_level([&](const cpu::KernelTable& k, const std::string& label) {
+    for (bool step : {false, true}) {
+      cpu::SelectiveScanArgs a;
+      a.channels = count, a.state = 1;
+      a.u = ones.data(), a.delta = ones.data(), a.A = zeros.data(), a.B = zeros.data(), a.C = ones.data();
+      std::vector<float> state(ones);
+      a.state_in = state.data(), a.state_out = step ? state.data() : nullptr, a.z = z.data(), a.y = y.data();
+      std::fill(y.begin(), y.end(), NAN);
+      step ? k.selective_state_update(a) : k.selective_scan(a);
+      int bad = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        const double want = z[i] > -1e4f ? (double)z[i] / (1.0 + std::exp(-(double)z[i])) : 0.0;
+        if (!(std::fabs(y[i] - want) <= 1e-6 * std::fabs(want) + 1e-36) && bad++ < 3)
+          std::fprintf(stderr, "  %s %s: silu(%.9g) = %.9g, want %.9g\n", label.c_str(), step ? "step" : "scan",
+                       z[i], y[i], want);
+      }
+      MSSM_CHECK(bad == 0, "%s %s: the gate is off at %d arguments", label.c_str(), step ? "step" : "scan", bad);
+    }
+  });
+}
+
 // The comparison can fail: a 1e-4 relative error in one element, or a scan that forgets the
 // state between tokens (decay 0), must exceed the tolerance.
 void test_comparison_catches_errors(const std::vector<Case>& cases) {
@@ -325,6 +356,7 @@ int main() {
   std::vector<Case> cases = make_cases();
   test_comparison_catches_errors(cases);
   test_exp_and_softplus();
+  test_gate();
   test_sequence_form(cases);
   std::printf("  sequence form: worst rel err %.3g (tolerance %.0e)\n", worst_seen(), kRel);
   worst_seen() = 0;
