@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "train/ops.h"
 
 namespace mssm::cuda {
 
@@ -65,6 +66,18 @@ size_t moe_experts_workspace_bytes(int64_t tokens, int64_t top_k, int64_t dim, i
 // cpu::KernelTable::moe_experts on the device: every pointer of args device memory, fc1 and fc2 f32 or
 // bf16, at most 65535 experts. Grouping, products and combine stay in stream order (no host sync).
 Status moe_experts(const cpu::MoeExpertsArgs& args, void* workspace, cudaStream_t stream);
+
+// ---- Training: the selective scan with recomputation (native/train/ops.h, T = float) -------------
+// The forward: y and the state at the start of each chunk of args.chunk tokens, boundary [batch]
+// [⌈length/chunk⌉][channels][state]. The backward: the gradients of ScanGrads (du, ddelta, dB, dC, dz
+// overwritten; dA, dD, ddelta_bias accumulated into), recomputing each chunk's states from boundary.
+// Every pointer device memory; state ≤ 256. dB, dC, dA, dD and ddelta_bias are sums of atomic
+// additions (their rounding order varies from run to run).
+Status scan_train_forward(const train::ScanArgs& args, const train::ScanTensors<float>& t, float* y, float* boundary,
+                          cudaStream_t stream);
+size_t scan_train_backward_workspace_bytes(const train::ScanArgs& args);
+Status scan_train_backward(const train::ScanArgs& args, const train::ScanTensors<float>& t, const float* boundary,
+                           const float* dy, const train::ScanGrads<float>& grads, void* workspace, cudaStream_t stream);
 
 // ---- Norms --------------------------------------------------------------------------------------
 // cpu::KernelTable::rmsnorm: out = rmsnorm(x (+ residual)) · weight; residual_out gets x + residual.

@@ -1,0 +1,130 @@
+// The selective scan for training on the device (scan_train.cu) against the CPU trainer's double
+// forward and backward (native/train/ops.h, themselves checked against finite differences in
+// test_train_ops): y and the chunk-boundary states, then every gradient, on shapes with state sizes in
+// each of the kernel's register layouts (N ≤ 32, 64, 128, 256), groups, chunks that do and do not
+// divide the length, a one-token sequence, the dt clamp, no softplus, and D, z and delta_bias each
+// present or absent. The (+=) gradients start from a random prefill, which must survive.
+// Tolerances: y and boundary 1e-5 relative to |want| + 1e-4·RMS(want) (float against double, one pass);
+// gradients 1e-4 in the norm measure of test_train_ops (‖got − want‖ / ‖want‖), its limit for the CPU's
+// own float backward against the double one.
+#include <functional>
+
+#include "test_cuda_util.h"
+#include "tests/train_test_util.h"
+#include "train/ops.h"
+
+using namespace mssm;
+using namespace mssm::test;
+
+namespace {
+
+struct Shape {
+  int64_t batch, length, channels, state, groups, chunk;
+  bool softplus;
+  double dt_min, dt_max;
+  bool has_D, has_z, has_bias;
+};
+
+FVec to_float(const Vec& v) { return FVec(v.begin(), v.end()); }
+Vec to_double(const FVec& v) { return Vec(v.begin(), v.end()); }
+
+void run(Rng& rng, const Shape& s) {
+  train::ScanArgs a;
+  a.batch = s.batch, a.length = s.length, a.channels = s.channels, a.state = s.state, a.groups = s.groups;
+  a.chunk = s.chunk, a.softplus = s.softplus, a.dt_min = s.dt_min, a.dt_max = s.dt_max;
+  const int64_t BLD = s.batch * s.length * s.channels, BLGN = s.batch * s.length * s.groups * s.state;
+  const int64_t DN = s.channels * s.state, chunks = (s.length + s.chunk - 1) / s.chunk;
+  const int64_t boundary_n = s.batch * chunks * DN;
+  // Float inputs (what the device gets); the reference computes in double from the same values.
+  const FVec u = rng.normals(BLD), B = rng.normals(BLGN), C = rng.normals(BLGN), D = rng.normals(s.channels);
+  const FVec delta = s.softplus ? rng.uniforms(BLD, -3.0f, 1.0f) : rng.uniforms(BLD, 0.05f, 1.0f);
+  const FVec A = rng.uniforms(DN, -2.0f, -0.05f), z = rng.normals(BLD, 1.5f), bias = rng.uniforms(s.channels, -0.5f, 0.5f);
+  const FVec dy = rng.normals(BLD);
+  const Vec u64(to_double(u)), B64(to_double(B)), C64(to_double(C)), D64(to_double(D)), delta64(to_double(delta)),
+      A64(to_double(A)), z64(to_double(z)), bias64(to_double(bias)), dy64(to_double(dy));
+
+  train::ScanTensors<double> rt;
+  rt.u = u64.data(), rt.delta = delta64.data(), rt.A = A64.data(), rt.B = B64.data(), rt.C = C64.data();
+  rt.D = s.has_D ? D64.data() : nullptr;
+  rt.z = s.has_z ? z64.data() : nullptr;
+  rt.delta_bias = s.has_bias ? bias64.data() : nullptr;
+  Vec y_ref(BLD), boundary_ref(boundary_n);
+  train::scan_forward<double>(a, rt, y_ref.data(), boundary_ref.data());
+  // (+=) gradients start from the same random prefill on both sides.
+  const FVec dA0 = rng.normals(DN), dD0 = rng.normals(s.channels), db0 = rng.normals(s.channels);
+  Vec r_du(BLD), r_ddelta(BLD), r_dA(to_double(dA0)), r_dB(BLGN), r_dC(BLGN), r_dD(to_double(dD0)), r_dz(BLD),
+      r_db(to_double(db0));
+  train::ScanGrads<double> rg;
+  rg.du = r_du.data(), rg.ddelta = r_ddelta.data(), rg.dA = r_dA.data(), rg.dB = r_dB.data(), rg.dC = r_dC.data();
+  rg.dD = s.has_D ? r_dD.data() : nullptr;
+  rg.dz = s.has_z ? r_dz.data() : nullptr;
+  rg.ddelta_bias = s.has_bias ? r_db.data() : nullptr;
+  train::scan_backward<double>(a, rt, boundary_ref.data(), dy64.data(), rg);
+
+  DeviceBuffer gu(u), gdelta(delta), gA(A), gB(B), gC(C), gD(D), gz(z), gbias(bias), gdy(dy);
+  DeviceBuffer y(BLD), boundary(boundary_n), du(BLD), ddelta(BLD), dA(dA0), dB(BLGN), dC(BLGN), dD(dD0), dz(BLD),
+      db(db0);
+  for (DeviceBuffer* p : {&y, &boundary, &du, &ddelta, &dB, &dC, &dz}) p->poison();
+  train::ScanTensors<float> t;
+  t.u = gu.ptr, t.delta = gdelta.ptr, t.A = gA.ptr, t.B = gB.ptr, t.C = gC.ptr;
+  t.D = s.has_D ? gD.ptr : nullptr;
+  t.z = s.has_z ? gz.ptr : nullptr;
+  t.delta_bias = s.has_bias ? gbias.ptr : nullptr;
+  const std::string what = "scan_train B" + std::to_string(s.batch) + " L" + std::to_string(s.length) + " D" +
+                           std::to_string(s.channels) + " N" + std::to_string(s.state) + " G" +
+                           std::to_string(s.groups) + " chunk" + std::to_string(s.chunk) +
+                           (s.softplus ? "" : " no-softplus") + (s.dt_min > 0 ? " clamped" : "") +
+                           (s.has_D ? " D" : "") + (s.has_z ? " z" : "") + (s.has_bias ? " bias" : "");
+  KERNEL_OK(cuda::scan_train_forward(a, t, y.ptr, boundary.ptr, nullptr));
+  expect_gpu_close(what + " y", y.download(), to_float(y_ref), 1e-5, 1e-4 * rms(y_ref.data(), BLD));
+  expect_gpu_close(what + " boundary", boundary.download(), to_float(boundary_ref), 1e-5,
+                   1e-4 * rms(boundary_ref.data(), boundary_n) + 1e-30);
+
+  train::ScanGrads<float> g;
+  g.du = du.ptr, g.ddelta = ddelta.ptr, g.dA = dA.ptr, g.dB = dB.ptr, g.dC = dC.ptr;
+  g.dD = s.has_D ? dD.ptr : nullptr;
+  g.dz = s.has_z ? dz.ptr : nullptr;
+  g.ddelta_bias = s.has_bias ? db.ptr : nullptr;
+  void* work = nullptr;
+  CUDA_OK(cudaMalloc(&work, std::max<size_t>(cuda::scan_train_backward_workspace_bytes(a), 4)));
+  KERNEL_OK(cuda::scan_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr));
+  cudaFree(work);
+  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) {
+    const FVec v = got.download();
+    const double err = norm_error(v.data(), want.data(), want.size());
+    MSSM_CHECK(err <= 1e-4, "%s %s: error %.3g vs the double backward (limit 1e-4)", what.c_str(), name, err);
+  };
+  grad("du", du, r_du);
+  grad("ddelta", ddelta, r_ddelta);
+  grad("dA", dA, r_dA);
+  grad("dB", dB, r_dB);
+  grad("dC", dC, r_dC);
+  if (s.has_D) grad("dD", dD, r_dD);
+  if (s.has_z) grad("dz", dz, r_dz);
+  if (s.has_bias) grad("ddelta_bias", db, r_db);
+}
+
+}  // namespace
+
+int main() {
+  const int code = device_or_exit_code("test_cuda_scan_train");
+  if (code >= 0) return code;
+  Rng rng(29);
+  const Shape shapes[] = {
+      {1, 1, 5, 1, 1, 64, true, 0.0, INFINITY, true, true, true},
+      {2, 37, 24, 16, 2, 8, true, 0.0, INFINITY, true, true, true},
+      {1, 100, 37, 33, 1, 16, true, 0.0, INFINITY, false, true, false},
+      {3, 65, 48, 64, 3, 64, true, 0.0, INFINITY, true, false, true},
+      {1, 20, 8, 130, 1, 7, true, 0.0, INFINITY, true, true, false},
+      {2, 30, 16, 8, 1, 10, true, 0.05, 0.5, true, true, true},
+      {2, 33, 12, 4, 2, 5, false, 0.0, INFINITY, false, false, false},
+      {1, 257, 64, 16, 1, 64, true, 0.0, INFINITY, true, true, true},
+  };
+  for (const Shape& s : shapes) run(rng, s);
+  train::ScanArgs bad;
+  bad.channels = 6, bad.groups = 4, bad.state = 2;
+  MSSM_CHECK(!cuda::scan_train_forward(bad, {}, nullptr, nullptr, nullptr).ok(), "groups not dividing channels");
+  bad.groups = 1, bad.state = 300;
+  MSSM_CHECK(!cuda::scan_train_forward(bad, {}, nullptr, nullptr, nullptr).ok(), "state above 256");
+  return finish("test_cuda_scan_train");
+}
