@@ -17,6 +17,7 @@
 
 #include "cpu/kernels.h"
 #include "train/ops.h"
+#include "train/ssd_chunked.h"
 
 namespace mssm::cuda {
 
@@ -78,6 +79,15 @@ Status scan_train_forward(const train::ScanArgs& args, const train::ScanTensors<
 size_t scan_train_backward_workspace_bytes(const train::ScanArgs& args);
 Status scan_train_backward(const train::ScanArgs& args, const train::ScanTensors<float>& t, const float* boundary,
                            const float* dy, const train::ScanGrads<float>& grads, void* workspace, cudaStream_t stream);
+// Mamba-2's scan for training (native/train/ssd_chunked.h, T = float): the same forward and backward
+// in the SSD's layout (per-head dt, A, D, dt_bias), in the recurrent form (not the chunked matrix
+// form); boundary as ssd_chunked.h's. ddt is a sum of atomic additions over each head's channels.
+Status ssd_train_forward(const train::SsdTrainArgs& args, const train::SsdTrainTensors<float>& t, float* y,
+                         float* boundary, cudaStream_t stream);
+size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& args);
+Status ssd_train_backward(const train::SsdTrainArgs& args, const train::SsdTrainTensors<float>& t, const float* boundary,
+                          const float* dy, const train::SsdTrainGrads<float>& grads, void* workspace,
+                          cudaStream_t stream);
 
 // ---- Norms --------------------------------------------------------------------------------------
 // cpu::KernelTable::rmsnorm: out = rmsnorm(x (+ residual)) · weight; residual_out gets x + residual.

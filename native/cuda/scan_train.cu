@@ -4,6 +4,12 @@
 // carried between them. The equations, layouts and gradient conventions are native/train/ops.h's
 // (ScanArgs, ScanTensors, ScanGrads), for T = float.
 //
+// Mamba-2's SSD (native/train/ssd_chunked.h) is the same recurrence with each head's dt, A, D and
+// dt_bias shared by its P channels (d = h·P + p) and A by the states, and no gate; the kernels run it
+// in that layout (kSsd), with the per-head gradients summed over the head's channels. This is the
+// recurrent form, token by token, not the chunked matrix form the CPU trainer uses: the same values to
+// float rounding.
+//
 // One warp per (sequence b, channel d); lane l holds state indices n = l + 32·j, j < J (J = ⌈N/32⌉,
 // N ≤ 256). Per token the warp sums over n with shuffles (y's Σ s·C; the backward's d dt and du).
 // The sums over channels (dB, dC per (token, group, n)) and over sequences (dA, dD, d delta_bias)
@@ -26,6 +32,27 @@ struct ScanView {
   int64_t batch, length, channels, state, groups, chunk, chunks;
   bool softplus;
   float dt_min, dt_max;
+  int64_t head_dim;  // the SSD layout: channels = heads · head_dim (unused by the plain scan)
+};
+
+// The plain scan's tensors, or the SSD's in the same roles: per-channel values (delta, A's row, D,
+// delta_bias) then come from the channel's head, and the SSD has no z.
+struct TrainTensors {
+  const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;
+};
+struct TrainGrads {
+  float *du, *ddelta, *dA, *dB, *dC, *dD, *dz, *ddelta_bias;
+};
+
+// Where channel d's per-channel values live: its own index (scan) or its head's (SSD).
+template <bool kSsd>
+struct Layout {
+  int64_t D, P;
+  __device__ int64_t head(int64_t d) const { return kSsd ? d / P : d; }
+  // delta / ddelta of token row (b·L + t): [rows, channels] or [rows, heads].
+  __device__ int64_t dt_at(int64_t row, int64_t d) const { return kSsd ? row * (D / P) + d / P : row * D + d; }
+  // A of (d, n): [channels, state] or [heads].
+  __device__ int64_t a_at(int64_t d, int64_t n, int64_t N) const { return kSsd ? d / P : d * N + n; }
 };
 
 // dt and d dt / dv for v = Δ + bias (dt_rule.h).
@@ -46,23 +73,24 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-template <int J>
+template <int J, bool kSsd>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    scan_forward_kernel(ScanView v, train::ScanTensors<float> t, float* y, float* boundary) {
+    scan_forward_kernel(ScanView v, TrainTensors t, float* y, float* boundary) {
   const int64_t warp = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (warp >= v.batch * v.channels) return;
   const int lane = threadIdx.x % 32;
   const int64_t b = warp / v.channels, d = warp % v.channels, D = v.channels, N = v.state;
   const int64_t g = d / (D / v.groups), G = v.groups;
+  const Layout<kSsd> at{D, v.head_dim};
   float A[J], s[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int64_t n = lane + 32 * j;
-    A[j] = n < N ? t.A[d * N + n] : 0.0f;
+    A[j] = n < N ? t.A[at.a_at(d, n, N)] : 0.0f;
     s[j] = 0.0f;
   }
-  const float bias = t.delta_bias ? t.delta_bias[d] : 0.0f;
-  const float Dd = t.D ? t.D[d] : 0.0f;
+  const float bias = t.delta_bias ? t.delta_bias[at.head(d)] : 0.0f;
+  const float Dd = t.D ? t.D[at.head(d)] : 0.0f;
   for (int64_t i = 0; i < v.length; ++i) {
     const int64_t row = b * v.length + i;
     if (i % v.chunk == 0) {
@@ -72,7 +100,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         if (lane + 32 * j < N) out[lane + 32 * j] = s[j];
     }
     float dt, slope;
-    step_rule(v, t.delta[row * D + d] + bias, &dt, &slope);
+    step_rule(v, t.delta[at.dt_at(row, d)] + bias, &dt, &slope);
     const float u = t.u[row * D + d];
     const float* Bt = t.B + (row * G + g) * N;
     const float* Ct = t.C + (row * G + g) * N;
@@ -90,27 +118,28 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
 }
 
-template <int J>
+template <int J, bool kSsd>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    scan_backward_kernel(ScanView v, train::ScanTensors<float> t, const float* boundary, const float* dy,
-                         train::ScanGrads<float> gr, float* states) {
+    scan_backward_kernel(ScanView v, TrainTensors t, const float* boundary, const float* dy, TrainGrads gr,
+                         float* states) {
   const int64_t warp = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (warp >= v.batch * v.channels) return;
   const int lane = threadIdx.x % 32;
   const int64_t b = warp / v.channels, d = warp % v.channels, D = v.channels, N = v.state;
   const int64_t g = d / (D / v.groups), G = v.groups;
+  const Layout<kSsd> at{D, v.head_dim};
   const int64_t Q = detail::min64(v.chunk, v.length);
   float* S = states + warp * Q * N;  // this warp's recomputed states of one chunk, [q][n] after token q
   float A[J], ds[J], dA[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int64_t n = lane + 32 * j;
-    A[j] = n < N ? t.A[d * N + n] : 0.0f;
+    A[j] = n < N ? t.A[at.a_at(d, n, N)] : 0.0f;
     ds[j] = 0.0f;
     dA[j] = 0.0f;
   }
-  const float bias = t.delta_bias ? t.delta_bias[d] : 0.0f;
-  const float Dd = t.D ? t.D[d] : 0.0f;
+  const float bias = t.delta_bias ? t.delta_bias[at.head(d)] : 0.0f;
+  const float Dd = t.D ? t.D[at.head(d)] : 0.0f;
   float dD = 0.0f, dbias = 0.0f;
   for (int64_t c = v.chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * v.chunk, t1 = detail::min64(v.length, t0 + v.chunk);
@@ -122,7 +151,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     for (int64_t i = t0; i < t1; ++i) {
       const int64_t row = b * v.length + i;
       float dt, slope;
-      step_rule(v, t.delta[row * D + d] + bias, &dt, &slope);
+      step_rule(v, t.delta[at.dt_at(row, d)] + bias, &dt, &slope);
       const float u = t.u[row * D + d];
       const float* Bt = t.B + (row * G + g) * N;
 #pragma unroll
@@ -137,22 +166,22 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     __syncwarp();
     // Walk the chunk backwards; ds is the adjoint of s_i on entry to token i.
     for (int64_t i = t1 - 1; i >= t0; --i) {
-      const int64_t row = b * v.length + i, at = row * D + d;
+      const int64_t row = b * v.length + i, x_at = row * D + d;
       float dt, slope;
-      step_rule(v, t.delta[at] + bias, &dt, &slope);
-      const float u = t.u[at];
+      step_rule(v, t.delta[at.dt_at(row, d)] + bias, &dt, &slope);
+      const float u = t.u[x_at];
       const float* Bt = t.B + (row * G + g) * N;
       const float* Ct = t.C + (row * G + g) * N;
       const float* si = S + (i - t0) * N;
       const float* sp = i > t0 ? S + (i - 1 - t0) * N : start;  // s_{i-1}
-      float dyc = dy[at], dz = 0.0f;
+      float dyc = dy[x_at], dz = 0.0f;
       if (t.z) {
         float acc = 0.0f;
 #pragma unroll
         for (int j = 0; j < J; ++j)
           if (lane + 32 * j < N) acc += si[lane + 32 * j] * Ct[lane + 32 * j];
         const float yc = warp_sum(acc) + Dd * u;
-        const float z = t.z[at], sg = 1.0f / (1.0f + expf(-z));
+        const float z = t.z[x_at], sg = 1.0f / (1.0f + expf(-z));
         dz = dyc * yc * sg * (1.0f + z * (1.0f - sg));
         dyc *= z * sg;
       }
@@ -178,61 +207,96 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       const float dv = ddt * slope;
       dbias += dv;
       if (lane == 0) {
-        gr.ddelta[at] = dv;
-        gr.du[at] = du + dyc * Dd;
-        if (gr.dz) gr.dz[at] = dz;
+        if (kSsd)
+          atomicAdd(gr.ddelta + at.dt_at(row, d), dv);  // Σ over the head's channels (zeroed first)
+        else
+          gr.ddelta[x_at] = dv;
+        gr.du[x_at] = du + dyc * Dd;
+        if (gr.dz) gr.dz[x_at] = dz;
       }
     }
     __syncwarp();
   }
+  if (kSsd) {
+    float sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < J; ++j)
-    if (lane + 32 * j < N) atomicAdd(gr.dA + d * N + lane + 32 * j, dA[j]);
+    for (int j = 0; j < J; ++j) sum += dA[j];
+    sum = warp_sum(sum);
+    if (lane == 0) atomicAdd(gr.dA + at.head(d), sum);
+  } else {
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+      if (lane + 32 * j < N) atomicAdd(gr.dA + d * N + lane + 32 * j, dA[j]);
+  }
   if (lane == 0) {
-    if (gr.dD) atomicAdd(gr.dD + d, dD);
-    if (gr.ddelta_bias) atomicAdd(gr.ddelta_bias + d, dbias);
+    if (gr.dD) atomicAdd(gr.dD + at.head(d), dD);
+    if (gr.ddelta_bias) atomicAdd(gr.ddelta_bias + at.head(d), dbias);
   }
 }
 
-Status check(const train::ScanArgs& a, const char* op, ScanView* v) {
+Status check(const train::ScanArgs& a, int64_t head_dim, const char* op, ScanView* v) {
   if (a.batch < 1 || a.length < 1 || a.channels < 1 || a.state < 1)
     return detail::error(op, "batch, length, channels and state must be at least 1");
-  if (a.groups < 1 || a.channels % a.groups != 0)
-    return detail::error(op, "groups " + std::to_string(a.groups) + " does not divide channels " +
-                                 std::to_string(a.channels));
+  const int64_t units = head_dim ? a.channels / head_dim : a.channels;  // what the groups split: heads or channels
+  if (a.groups < 1 || units % a.groups != 0)
+    return detail::error(op, "groups " + std::to_string(a.groups) + " does not divide " +
+                                 (head_dim ? "heads " : "channels ") + std::to_string(units));
   if (a.chunk < 1) return detail::error(op, "chunk must be at least 1");
   if (a.state > 256) return detail::error(op, "state sizes above 256 are not supported on the device");
-  *v = ScanView{a.batch, a.length, a.channels, a.state, a.groups, a.chunk, ceil_div(a.length, a.chunk), a.softplus,
-                (float)a.dt_min, (float)a.dt_max};
+  *v = ScanView{a.batch, a.length, a.channels, a.state, a.groups, a.chunk, ceil_div(a.length, a.chunk),
+                a.softplus, (float)a.dt_min, (float)a.dt_max, head_dim};
   return {};
 }
 
-template <template <int> class Launch, typename... Args>
-void by_state(int64_t state, Args&&... args) {
-  if (state <= 32)
-    Launch<1>::run(args...);
-  else if (state <= 64)
-    Launch<2>::run(args...);
-  else if (state <= 128)
-    Launch<4>::run(args...);
+// Launches the kernel for the register layout that holds `state` values per warp (J = ⌈N/32⌉ rounded
+// up to a power of two).
+template <bool kSsd>
+void launch_forward(const ScanView& v, const TrainTensors& t, float* y, float* boundary, cudaStream_t stream) {
+  const unsigned blocks = (unsigned)ceil_div(v.batch * v.channels, kWarpsPerBlock), threads = 32 * kWarpsPerBlock;
+  if (v.state <= 32)
+    scan_forward_kernel<1, kSsd><<<blocks, threads, 0, stream>>>(v, t, y, boundary);
+  else if (v.state <= 64)
+    scan_forward_kernel<2, kSsd><<<blocks, threads, 0, stream>>>(v, t, y, boundary);
+  else if (v.state <= 128)
+    scan_forward_kernel<4, kSsd><<<blocks, threads, 0, stream>>>(v, t, y, boundary);
   else
-    Launch<8>::run(args...);
+    scan_forward_kernel<8, kSsd><<<blocks, threads, 0, stream>>>(v, t, y, boundary);
+}
+template <bool kSsd>
+void launch_backward(const ScanView& v, const TrainTensors& t, const float* boundary, const float* dy,
+                     const TrainGrads& g, float* states, cudaStream_t stream) {
+  const unsigned blocks = (unsigned)ceil_div(v.batch * v.channels, kWarpsPerBlock), threads = 32 * kWarpsPerBlock;
+  if (v.state <= 32)
+    scan_backward_kernel<1, kSsd><<<blocks, threads, 0, stream>>>(v, t, boundary, dy, g, states);
+  else if (v.state <= 64)
+    scan_backward_kernel<2, kSsd><<<blocks, threads, 0, stream>>>(v, t, boundary, dy, g, states);
+  else if (v.state <= 128)
+    scan_backward_kernel<4, kSsd><<<blocks, threads, 0, stream>>>(v, t, boundary, dy, g, states);
+  else
+    scan_backward_kernel<8, kSsd><<<blocks, threads, 0, stream>>>(v, t, boundary, dy, g, states);
 }
 
-template <int J>
-struct LaunchForward {
-  static void run(unsigned blocks, cudaStream_t stream, const ScanView& v, const train::ScanTensors<float>& t, float* y,
-                  float* boundary) {
-    scan_forward_kernel<J><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(v, t, y, boundary);
-  }
-};
-template <int J>
-struct LaunchBackward {
-  static void run(unsigned blocks, cudaStream_t stream, const ScanView& v, const train::ScanTensors<float>& t,
-                  const float* boundary, const float* dy, const train::ScanGrads<float>& g, float* states) {
-    scan_backward_kernel<J><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(v, t, boundary, dy, g, states);
-  }
-};
+// The SSD's arguments as the scan's over its expanded channels (heads · head_dim).
+train::ScanArgs expanded(const train::SsdTrainArgs& a) {
+  train::ScanArgs s;
+  s.batch = a.batch, s.length = a.length, s.channels = a.heads * a.head_dim, s.state = a.state;
+  s.groups = a.groups, s.chunk = a.chunk, s.softplus = a.softplus, s.dt_min = a.dt_min, s.dt_max = a.dt_max;
+  return s;
+}
+
+size_t workspace_bytes(const train::ScanArgs& a) {
+  return (size_t)(a.batch * a.channels * std::min(a.chunk, a.length) * a.state) * sizeof(float);
+}
+
+// dB, dC (and the SSD's ddt) are (=) outputs made of atomic sums: zeroed first.
+Status zero_sums(const train::ScanArgs& a, float* dB, float* dC, float* ddt, int64_t heads, cudaStream_t stream,
+                 const char* op) {
+  const size_t bc_bytes = (size_t)(a.batch * a.length * a.groups * a.state) * sizeof(float);
+  MSSM_CUDA_TRY(op, cudaMemsetAsync(dB, 0, bc_bytes, stream));
+  MSSM_CUDA_TRY(op, cudaMemsetAsync(dC, 0, bc_bytes, stream));
+  if (ddt) MSSM_CUDA_TRY(op, cudaMemsetAsync(ddt, 0, (size_t)(a.batch * a.length * heads) * sizeof(float), stream));
+  return {};
+}
 
 }  // namespace
 
@@ -240,32 +304,58 @@ Status scan_train_forward(const train::ScanArgs& a, const train::ScanTensors<flo
                           cudaStream_t stream) {
   const char* op = "scan_train_forward";
   ScanView v;
-  MSSM_STATUS_TRY(check(a, op, &v));
-  const unsigned blocks = (unsigned)ceil_div(a.batch * a.channels, kWarpsPerBlock);
-  by_state<LaunchForward>(a.state, blocks, stream, v, t, y, boundary);
+  MSSM_STATUS_TRY(check(a, 0, op, &v));
+  launch_forward<false>(v, TrainTensors{t.u, t.delta, t.A, t.B, t.C, t.D, t.z, t.delta_bias}, y, boundary, stream);
   return detail::check_launch(op);
 }
 
-size_t scan_train_backward_workspace_bytes(const train::ScanArgs& a) {
-  return (size_t)(a.batch * a.channels * std::min(a.chunk, a.length) * a.state) * sizeof(float);
-}
+size_t scan_train_backward_workspace_bytes(const train::ScanArgs& a) { return workspace_bytes(a); }
 
 Status scan_train_backward(const train::ScanArgs& a, const train::ScanTensors<float>& t, const float* boundary,
                            const float* dy, const train::ScanGrads<float>& g, void* workspace, cudaStream_t stream) {
   const char* op = "scan_train_backward";
   ScanView v;
-  MSSM_STATUS_TRY(check(a, op, &v));
+  MSSM_STATUS_TRY(check(a, 0, op, &v));
   if (!g.du || !g.ddelta || !g.dA || !g.dB || !g.dC) return detail::error(op, "du, ddelta, dA, dB and dC are required");
   if ((g.dD == nullptr) != (t.D == nullptr) || (g.dz == nullptr) != (t.z == nullptr) ||
       (g.ddelta_bias == nullptr) != (t.delta_bias == nullptr))
     return detail::error(op, "dD, dz and ddelta_bias must be given exactly when D, z and delta_bias are");
   if (!workspace) return detail::error(op, "a workspace of scan_train_backward_workspace_bytes() is required");
-  // dB and dC are outputs (=) made of atomic sums over channels: zero them first.
-  const size_t bc_bytes = (size_t)(a.batch * a.length * a.groups * a.state) * sizeof(float);
-  MSSM_CUDA_TRY(op, cudaMemsetAsync(g.dB, 0, bc_bytes, stream));
-  MSSM_CUDA_TRY(op, cudaMemsetAsync(g.dC, 0, bc_bytes, stream));
-  const unsigned blocks = (unsigned)ceil_div(a.batch * a.channels, kWarpsPerBlock);
-  by_state<LaunchBackward>(a.state, blocks, stream, v, t, boundary, dy, g, static_cast<float*>(workspace));
+  MSSM_STATUS_TRY(zero_sums(a, g.dB, g.dC, nullptr, 0, stream, op));
+  launch_backward<false>(v, TrainTensors{t.u, t.delta, t.A, t.B, t.C, t.D, t.z, t.delta_bias}, boundary, dy,
+                         TrainGrads{g.du, g.ddelta, g.dA, g.dB, g.dC, g.dD, g.dz, g.ddelta_bias},
+                         static_cast<float*>(workspace), stream);
+  return detail::check_launch(op);
+}
+
+Status ssd_train_forward(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, float* y,
+                         float* boundary, cudaStream_t stream) {
+  const char* op = "ssd_train_forward";
+  if (a.heads < 1 || a.head_dim < 1) return detail::error(op, "heads and head_dim must be at least 1");
+  const train::ScanArgs s = expanded(a);
+  ScanView v;
+  MSSM_STATUS_TRY(check(s, a.head_dim, op, &v));
+  launch_forward<true>(v, TrainTensors{t.x, t.dt, t.A, t.B, t.C, t.D, nullptr, t.dt_bias}, y, boundary, stream);
+  return detail::check_launch(op);
+}
+
+size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& a) { return workspace_bytes(expanded(a)); }
+
+Status ssd_train_backward(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
+                          const float* dy, const train::SsdTrainGrads<float>& g, void* workspace, cudaStream_t stream) {
+  const char* op = "ssd_train_backward";
+  if (a.heads < 1 || a.head_dim < 1) return detail::error(op, "heads and head_dim must be at least 1");
+  const train::ScanArgs s = expanded(a);
+  ScanView v;
+  MSSM_STATUS_TRY(check(s, a.head_dim, op, &v));
+  if (!g.dx || !g.ddt || !g.dA || !g.dB || !g.dC) return detail::error(op, "dx, ddt, dA, dB and dC are required");
+  if (!workspace) return detail::error(op, "a workspace of ssd_train_backward_workspace_bytes() is required");
+  MSSM_STATUS_TRY(zero_sums(s, g.dB, g.dC, g.ddt, a.heads, stream, op));
+  // dD and ddt_bias are ignored when D and dt_bias are null (ssd_chunked.h).
+  launch_backward<true>(v, TrainTensors{t.x, t.dt, t.A, t.B, t.C, t.D, nullptr, t.dt_bias}, boundary, dy,
+                        TrainGrads{g.dx, g.ddt, g.dA, g.dB, g.dC, t.D ? g.dD : nullptr, nullptr,
+                                   t.dt_bias ? g.ddt_bias : nullptr},
+                        static_cast<float*>(workspace), stream);
   return detail::check_launch(op);
 }
 

@@ -1,6 +1,7 @@
 // The selective scan for training on the device (scan_train.cu) against the CPU trainer's double
 // forward and backward (native/train/ops.h, themselves checked against finite differences in
-// test_train_ops): y and the chunk-boundary states, then every gradient, on shapes with state sizes in
+// test_train_ops), and Mamba-2's form of it (ssd_train_*) against the trainer's chunked SSD
+// (native/train/ssd_chunked.h): y and the chunk-boundary states, then every gradient, on shapes with state sizes in
 // each of the kernel's register layouts (N ≤ 32, 64, 128, 256), groups, chunks that do and do not
 // divide the length, a one-token sequence, the dt clamp, no softplus, and D, z and delta_bias each
 // present or absent. The (+=) gradients start from a random prefill, which must survive.
@@ -104,6 +105,77 @@ void run(Rng& rng, const Shape& s) {
   if (s.has_bias) grad("ddelta_bias", db, r_db);
 }
 
+struct SsdShape {
+  int64_t batch, length, heads, head_dim, state, groups, chunk;
+  bool softplus;
+  double dt_min, dt_max;
+  bool has_D, has_bias;
+};
+
+void run_ssd(Rng& rng, const SsdShape& s) {
+  train::SsdTrainArgs a;
+  a.batch = s.batch, a.length = s.length, a.heads = s.heads, a.head_dim = s.head_dim, a.state = s.state;
+  a.groups = s.groups, a.chunk = s.chunk, a.softplus = s.softplus, a.dt_min = s.dt_min, a.dt_max = s.dt_max;
+  const int64_t BL = s.batch * s.length, H = s.heads, HP = s.heads * s.head_dim, GN = s.groups * s.state;
+  const int64_t chunks = (s.length + s.chunk - 1) / s.chunk, boundary_n = s.batch * chunks * HP * s.state;
+  const FVec x = rng.normals(BL * HP), B = rng.normals(BL * GN), C = rng.normals(BL * GN), D = rng.normals(H);
+  const FVec dt = s.softplus ? rng.uniforms(BL * H, -3.0f, 1.0f) : rng.uniforms(BL * H, 0.05f, 1.0f);
+  const FVec A = rng.uniforms(H, -2.0f, -0.05f), bias = rng.uniforms(H, -0.5f, 0.5f), dy = rng.normals(BL * HP);
+  const Vec x64(to_double(x)), B64(to_double(B)), C64(to_double(C)), D64(to_double(D)), dt64(to_double(dt)),
+      A64(to_double(A)), bias64(to_double(bias)), dy64(to_double(dy));
+  train::SsdTrainTensors<double> rt;
+  rt.x = x64.data(), rt.dt = dt64.data(), rt.A = A64.data(), rt.B = B64.data(), rt.C = C64.data();
+  rt.D = s.has_D ? D64.data() : nullptr;
+  rt.dt_bias = s.has_bias ? bias64.data() : nullptr;
+  Vec y_ref(BL * HP), boundary_ref(boundary_n);
+  train::ssd_forward<double>(a, rt, y_ref.data(), boundary_ref.data());
+  const FVec dA0 = rng.normals(H), dD0 = rng.normals(H), db0 = rng.normals(H);
+  Vec r_dx(BL * HP), r_ddt(BL * H), r_dA(to_double(dA0)), r_dB(BL * GN), r_dC(BL * GN), r_dD(to_double(dD0)),
+      r_db(to_double(db0));
+  train::SsdTrainGrads<double> rg;
+  rg.dx = r_dx.data(), rg.ddt = r_ddt.data(), rg.dA = r_dA.data(), rg.dB = r_dB.data(), rg.dC = r_dC.data();
+  rg.dD = s.has_D ? r_dD.data() : nullptr;
+  rg.ddt_bias = s.has_bias ? r_db.data() : nullptr;
+  train::ssd_backward<double>(a, rt, boundary_ref.data(), dy64.data(), rg);
+
+  DeviceBuffer gx(x), gdt(dt), gA(A), gB(B), gC(C), gD(D), gbias(bias), gdy(dy);
+  DeviceBuffer y(BL * HP), boundary(boundary_n), dx(BL * HP), ddt(BL * H), dA(dA0), dB(BL * GN), dC(BL * GN), dD(dD0),
+      db(db0);
+  for (DeviceBuffer* p : {&y, &boundary, &dx, &ddt, &dB, &dC}) p->poison();
+  train::SsdTrainTensors<float> t;
+  t.x = gx.ptr, t.dt = gdt.ptr, t.A = gA.ptr, t.B = gB.ptr, t.C = gC.ptr;
+  t.D = s.has_D ? gD.ptr : nullptr;
+  t.dt_bias = s.has_bias ? gbias.ptr : nullptr;
+  const std::string what = "ssd_train B" + std::to_string(s.batch) + " L" + std::to_string(s.length) + " H" +
+                           std::to_string(s.heads) + " P" + std::to_string(s.head_dim) + " N" +
+                           std::to_string(s.state) + " G" + std::to_string(s.groups) + " chunk" +
+                           std::to_string(s.chunk) + (s.softplus ? "" : " no-softplus") +
+                           (s.dt_min > 0 ? " clamped" : "") + (s.has_D ? " D" : "") + (s.has_bias ? " bias" : "");
+  KERNEL_OK(cuda::ssd_train_forward(a, t, y.ptr, boundary.ptr, nullptr));
+  expect_gpu_close(what + " y", y.download(), to_float(y_ref), 1e-5, 1e-4 * rms(y_ref.data(), BL * HP));
+  expect_gpu_close(what + " boundary", boundary.download(), to_float(boundary_ref), 1e-5,
+                   1e-4 * rms(boundary_ref.data(), boundary_n) + 1e-30);
+  train::SsdTrainGrads<float> g;
+  g.dx = dx.ptr, g.ddt = ddt.ptr, g.dA = dA.ptr, g.dB = dB.ptr, g.dC = dC.ptr, g.dD = dD.ptr, g.ddt_bias = db.ptr;
+  void* work = nullptr;
+  CUDA_OK(cudaMalloc(&work, std::max<size_t>(cuda::ssd_train_backward_workspace_bytes(a), 4)));
+  KERNEL_OK(cuda::ssd_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr));
+  cudaFree(work);
+  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) {
+    const FVec v = got.download();
+    const double err = norm_error(v.data(), want.data(), want.size());
+    MSSM_CHECK(err <= 1e-4, "%s %s: error %.3g vs the double backward (limit 1e-4)", what.c_str(), name, err);
+  };
+  grad("dx", dx, r_dx);
+  grad("ddt", ddt, r_ddt);
+  grad("dA", dA, r_dA);
+  grad("dB", dB, r_dB);
+  grad("dC", dC, r_dC);
+  // Absent D or dt_bias: their gradients are ignored, so the prefill must come back untouched.
+  grad("dD", dD, s.has_D ? r_dD : to_double(dD0));
+  grad("ddt_bias", db, s.has_bias ? r_db : to_double(db0));
+}
+
 }  // namespace
 
 int main() {
@@ -121,6 +193,17 @@ int main() {
       {1, 257, 64, 16, 1, 64, true, 0.0, INFINITY, true, true, true},
   };
   for (const Shape& s : shapes) run(rng, s);
+  const SsdShape ssd_shapes[] = {
+      {1, 1, 2, 3, 4, 1, 64, true, 0.0, INFINITY, true, true},
+      {2, 37, 6, 16, 12, 2, 8, true, 0.0, INFINITY, true, true},
+      {1, 70, 4, 8, 64, 1, 16, true, 0.0, INFINITY, false, true},
+      {2, 40, 3, 5, 40, 3, 64, true, 0.05, 0.5, true, false},
+      {1, 33, 4, 4, 130, 2, 10, false, 0.0, INFINITY, true, true},
+  };
+  for (const SsdShape& s : ssd_shapes) run_ssd(rng, s);
+  train::SsdTrainArgs bad_ssd;
+  bad_ssd.heads = 3, bad_ssd.head_dim = 2, bad_ssd.state = 2, bad_ssd.groups = 2;  // 6 channels, but 3 heads
+  MSSM_CHECK(!cuda::ssd_train_forward(bad_ssd, {}, nullptr, nullptr, nullptr).ok(), "groups not dividing heads");
   train::ScanArgs bad;
   bad.channels = 6, bad.groups = 4, bad.state = 2;
   MSSM_CHECK(!cuda::scan_train_forward(bad, {}, nullptr, nullptr, nullptr).ok(), "groups not dividing channels");
