@@ -27,6 +27,13 @@ struct Shape {
 };
 
 FVec to_float(const Vec& v) { return FVec(v.begin(), v.end()); }
+
+// A device gradient against the double backward's, in test_train_ops's norm measure.
+void expect_grad(const std::string& what, const char* name, const DeviceBuffer& got, const Vec& want) {
+  const FVec v = got.download();
+  const double err = norm_error(v.data(), want.data(), want.size());
+  MSSM_CHECK(err <= 1e-4, "%s %s: error %.3g vs the double backward (limit 1e-4)", what.c_str(), name, err);
+}
 Vec to_double(const FVec& v) { return Vec(v.begin(), v.end()); }
 
 void run(Rng& rng, const Shape& s) {
@@ -90,11 +97,7 @@ void run(Rng& rng, const Shape& s) {
   CUDA_OK(cudaMalloc(&work, std::max<size_t>(cuda::scan_train_backward_workspace_bytes(a), 4)));
   KERNEL_OK(cuda::scan_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr));
   cudaFree(work);
-  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) {
-    const FVec v = got.download();
-    const double err = norm_error(v.data(), want.data(), want.size());
-    MSSM_CHECK(err <= 1e-4, "%s %s: error %.3g vs the double backward (limit 1e-4)", what.c_str(), name, err);
-  };
+  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) { expect_grad(what, name, got, want); };
   grad("du", du, r_du);
   grad("ddelta", ddelta, r_ddelta);
   grad("dA", dA, r_dA);
@@ -161,11 +164,7 @@ void run_ssd(Rng& rng, const SsdShape& s) {
   CUDA_OK(cudaMalloc(&work, std::max<size_t>(cuda::ssd_train_backward_workspace_bytes(a), 4)));
   KERNEL_OK(cuda::ssd_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr));
   cudaFree(work);
-  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) {
-    const FVec v = got.download();
-    const double err = norm_error(v.data(), want.data(), want.size());
-    MSSM_CHECK(err <= 1e-4, "%s %s: error %.3g vs the double backward (limit 1e-4)", what.c_str(), name, err);
-  };
+  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) { expect_grad(what, name, got, want); };
   grad("dx", dx, r_dx);
   grad("ddt", ddt, r_ddt);
   grad("dA", dA, r_dA);
