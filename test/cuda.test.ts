@@ -102,6 +102,32 @@ describe("cudaInfo and errors", () => {
     weights.forEach((t) => t.dispose());
   });
 
+  test("a mixture-of-experts model's state saves and loads (its layer list compared by value)", async () => {
+    const c: MambaConfig = {
+      ...config("mamba2"),
+      numLayers: 3,
+      moe: { layers: [1], numExperts: 3, topK: 1, hiddenSize: 16, scoring: "sigmoid", renormalize: false, activation: "gelu", bias: false },
+    };
+    const model = MambaModel.fromWeights(c, initWeights(c, { seed: 2 }));
+    try {
+      const state = model.createState(1);
+      await (await model.prefill(state, prompt(9, c.vocabSize, 4))).dispose();
+      const again = model.loadState(state.save());
+      const a = await model.step(state, [5]);
+      const b = await model.step(again, [5]);
+      expect(values(b)).toEqual(values(a));
+      // The same sizes with the MoE block elsewhere: a state of the other layout is refused.
+      const moved: MambaConfig = { ...c, moe: { ...c.moe!, layers: [2] } };
+      const other = MambaModel.fromWeights(moved, initWeights(moved));
+      expect(() => other.loadState(state.save())).toThrow(/moeLayers = \[1\], this model has \[2\]/);
+      other.dispose();
+      for (const t of [a, b]) t.dispose();
+      for (const s of [state, again]) s.dispose();
+    } finally {
+      model.dispose();
+    }
+  });
+
   test("a CPU state: conv and ssm are its tensors; toCpu() is an independent copy", async () => {
     const model = await loadModel(fixture);
     try {
@@ -300,6 +326,13 @@ describe("a mixture-of-experts model on the GPU", () => {
         x.dispose();
         y.dispose();
       }
+      // The GPU state moves to the CPU model and continues there as the CPU's own state does.
+      const moved = cpuMoe.loadState(b.save());
+      const x = await cpuMoe.step(a, [4]);
+      const y = await cpuMoe.step(moved, [4]);
+      expect(relError(values(y), values(x))).toBeLessThan(1e-3);
+      for (const t of [x, y]) t.dispose();
+      moved.dispose();
       a.dispose();
       b.dispose();
       want.dispose();

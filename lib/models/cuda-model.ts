@@ -149,7 +149,11 @@ export function releaseCudaModel(model: CudaModel): void {
   (addon() as Required<CudaAddon>).cudaModelRelease(record.handle);
 }
 
-/** A recurrent state of `batch` sequences in device memory (the conv and SSM states of every layer). */
+/**
+ * A recurrent state of `batch` sequences in device memory (the conv and SSM states of every layer).
+ * read(), write() and clone() are synchronous copies: they wait for a prefill or step that is using
+ * the state to finish (the JavaScript thread blocks for that long).
+ */
 export class CudaState implements DeviceState {
   readonly kind = "cuda";
   #handle: object | null;

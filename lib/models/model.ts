@@ -9,7 +9,7 @@ import type { Tokenizer } from "../tokenizers";
 import { ByteTokenizer, loadTokenizerFor, StreamDecoder } from "../tokenizers";
 import { StopMatcher } from "../generation/stop";
 import { isMatrixWeight, MambaConfig } from "./config";
-import { ModelState } from "./state";
+import { ModelState, sameStateLayout } from "./state";
 import * as nativeModel from "./native-model";
 import { createCudaModel, CudaModel, CudaState, CudaWeightDType, cudaForward, cudaStep, cudaUsable, releaseCudaModel } from "./cuda-model";
 
@@ -265,10 +265,7 @@ export class MambaModel {
   #checkState(what: string, state: ModelState, batch: number) {
     if (!(state instanceof ModelState)) throw new Error(`${what}: state must come from createState() or loadState()`);
     if (state.disposed) throw new Error(`${what}: the state has been disposed`);
-    if (state.config.architecture !== this.config.architecture || state.config.numLayers !== this.config.numLayers ||
-        state.config.intermediateSize !== this.config.intermediateSize || state.config.stateSize !== this.config.stateSize) {
-      throw new Error(`${what}: the state belongs to a model of another shape`);
-    }
+    if (!sameStateLayout(state.config, this.config)) throw new Error(`${what}: the state belongs to a model of another shape`);
     if (state.batch !== batch) throw new Error(`${what}: the state holds ${state.batch} sequences, ${batch} given`);
     if (state.device !== this.device) {
       throw new Error(
@@ -493,13 +490,19 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
     tokenizer = await loadTokenizerFor(source);
   }
   else if (ckpt.config.vocabSize === 256) tokenizer = new ByteTokenizer();
-  return new MambaModel({
-    config: ckpt.config,
-    weights: ckpt.weights,
-    source: path,
-    format: ckpt.format,
-    tokenizer,
-    tokenizerSource: ckpt.tokenizer,
-    cuda: index === null ? undefined : { device: index, weightDType: cudaWeightDType("loadModel", ckpt.weights, options.dtype) },
-  });
+  try {
+    return new MambaModel({
+      config: ckpt.config,
+      weights: ckpt.weights,
+      source: path,
+      format: ckpt.format,
+      tokenizer,
+      tokenizerSource: ckpt.tokenizer,
+      cuda: index === null ? undefined : { device: index, weightDType: cudaWeightDType("loadModel", ckpt.weights, options.dtype) },
+    });
+  } catch (e) {
+    // The model was not made (a weight refused, the device out of memory): its weights are freed now.
+    for (const t of ckpt.weights.values()) if (!t.disposed) t.dispose();
+    throw e;
+  }
 }

@@ -48,6 +48,11 @@ export interface DeviceState {
   dispose(): void;
 }
 
+/** Whether states of models with these configurations have the same layout (what save() records). */
+export function sameStateLayout(a: MambaConfig, b: MambaConfig): boolean {
+  return JSON.stringify(fingerprint(a)) === JSON.stringify(fingerprint(b));
+}
+
 export class ModelState {
   /** Tokens each sequence has consumed. */
   readonly positions: number[];
@@ -172,7 +177,8 @@ export class ModelState {
     }
     const want = fingerprint(config) as Record<string, unknown>;
     for (const [key, value] of Object.entries(want)) {
-      if (header.model?.[key] !== value) {
+      // By value: moeLayers is an array, which JSON gives back as a new one.
+      if (JSON.stringify(header.model?.[key]) !== JSON.stringify(value)) {
         fail(`the state was saved by a model with ${key} = ${JSON.stringify(header.model?.[key])}, this model has ${JSON.stringify(value)}`);
       }
     }

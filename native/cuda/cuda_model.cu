@@ -142,7 +142,11 @@ struct DevWorkspace {
   }
   Status allocate(const model::Config& c, int64_t n_rows, bool need_x16) {
     const char* op = "model workspace";
+    // Nothing of the old block stays usable: a failed allocation below leaves an empty workspace (rows
+    // 0, so the next call allocates again), never pointers into freed memory.
     if (block) cudaFree(block), block = nullptr;
+    rows = 0;
+    ssd_work = moe_work = nullptr;
     const int64_t d = c.hidden_size, di = c.intermediate_size, N = c.state_size, ch = c.conv_channels();
     struct Slot {
       void** target;

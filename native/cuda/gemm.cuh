@@ -5,8 +5,8 @@
 // Grouped form (GemmGroups with offsets): blockIdx.z is a group e (an expert) whose rows are
 // [offsets[e], offsets[e + 1]) of x and y, read on the device, so the row counts never come back to
 // the host (the call can be captured in a CUDA graph). Group e multiplies by W + e·w_stride elements
-// and adds bias + e·bias_stride. M is then the most rows a group can have (it sizes the grid); blocks
-// past a group's rows return at once.
+// and adds bias + e·bias_stride. M then sizes the grid (and picks the kernel): the rows a group is
+// expected to have at most; every group's rows are done whatever their number.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -118,42 +118,45 @@ __global__ void __launch_bounds__(256)
     gemm_tiled_kernel(const float* __restrict__ x, int64_t ldx, const T* __restrict__ W, const float* bias, float* y,
                       int64_t ldy, int64_t M, int64_t N, int64_t K, GemmGroups groups) {
   enter_group(groups, x, ldx, W, bias, y, ldy, M);
-  const int64_t m0 = (int64_t)blockIdx.y * kTile, n0 = (int64_t)blockIdx.x * kTile;
-  if (m0 >= M) return;  // a group with fewer rows than the grid allows (uniform over the block)
   __shared__ float xs[kTileK][kTile + 4];
   __shared__ float ws[kTileK][kTile + 4];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  float acc[4][4] = {};
-  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+  const int64_t n0 = (int64_t)blockIdx.x * kTile;
+  // Row tiles strided by the grid: a group may hold more rows than the grid was sized for (M is read
+  // on the device), or fewer (the loop then does not run; M is uniform over the block).
+  for (int64_t m0 = (int64_t)blockIdx.y * kTile; m0 < M; m0 += (int64_t)gridDim.y * kTile) {
+    float acc[4][4] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int idx = tid + i * 256, r = idx / kTileK, kk = idx % kTileK;
+        const int64_t k = k0 + kk;
+        const int64_t m = m0 + r, n = n0 + r;
+        xs[kk][r] = (m < M && k < K) ? x[m * ldx + k] : 0.0f;
+        ws[kk][r] = (n < N && k < K) ? to_f32(W[n * K + k]) : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kTileK; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i], b[i] = ws[kk][tx + 16 * i];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int idx = tid + i * 256, r = idx / kTileK, kk = idx % kTileK;
-      const int64_t k = k0 + kk;
-      const int64_t m = m0 + r, n = n0 + r;
-      xs[kk][r] = (m < M && k < K) ? x[m * ldx + k] : 0.0f;
-      ws[kk][r] = (n < N && k < K) ? to_f32(W[n * K + k]) : 0.0f;
-    }
-    __syncthreads();
+      const int64_t m = m0 + ty + 16 * i;
+      if (m >= M) continue;
 #pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i], b[i] = ws[kk][tx + 16 * i];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t m = m0 + ty + 16 * i;
-    if (m >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n = n0 + tx + 16 * j;
-      if (n < N) y[m * ldy + n] = acc[i][j] + (bias ? bias[n] : 0.0f);
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n = n0 + tx + 16 * j;
+        if (n < N) y[m * ldy + n] = acc[i][j] + (bias ? bias[n] : 0.0f);
+      }
     }
   }
 }

@@ -2,11 +2,14 @@
 // sigmoid scores, renormalised or not, top_k 1..3 and top_k > experts, ties) and moe_experts (f32 and
 // bf16 expert weights, with and without biases, silu / gelu / gelu_tanh, 1 token to 300, experts 1 to
 // 9, awkward dims; the tiled grouped product from 32 rows, the skinny one below; routings with an
-// expert that gets no token, and indices outside [0, E) that must contribute nothing). Outputs are
+// expert that gets no token, indices outside [0, E) that must contribute nothing, and one that sends
+// every slot to one expert). Outputs are
 // poisoned with NaN first.
-// Tolerances: routing weights 1e-6 relative (a softmax of the same floats, expf against std::exp)
-// and identical indices; expert outputs 1e-5 relative against |want| + 1e-3·RMS(want) (two products
-// of fp32 sums in other orders; the bf16 weights are the same values on both sides).
+// Tolerances: routing weights 4e-6 relative (a softmax of the same floats, CUDA's expf within 2 ulp
+// against std::exp; then a sum, a reciprocal and the renormalisation) and identical indices; expert
+// outputs 1e-4 relative against |want| + 0.1·RMS(want), as test_cuda_model (two products of fp32 sums
+// in other orders, an expf inside the activation; the bf16 weights are the same values on both
+// sides; a host simulation of the two summation orders alone reached 2.7e-4 against |want| + 1e-3·RMS).
 #include <array>
 
 #include "test_cuda_util.h"
@@ -61,7 +64,7 @@ void test_route(Rng& rng) {
         const std::string what = "moe_route T" + std::to_string(tokens) + " E" + std::to_string(experts) + " k" +
                                  std::to_string(top_k) + (scoring ? " sigmoid" : " softmax") +
                                  (renormalize ? " renormalised" : "");
-        expect_gpu_close(what + " weights", dw.download(), want_w, 1e-6, 1e-30);
+        expect_gpu_close(what + " weights", dw.download(), want_w, 4e-6, 1e-30);
         const auto got_i = di.download();
         int64_t differ = 0;
         for (size_t j = 0; j < got_i.size(); ++j) differ += got_i[j] != want_i[j];
@@ -105,6 +108,9 @@ void test_experts(Rng& rng) {
           if (indices[t * k + j] == indices[t * k + i]) indices[t * k + j] = (int32_t)((indices[t * k + j] + 1) % pool);
     }
     if (T > 2) indices[2 * k] = (int32_t)E + 3;  // outside [0, E)
+    // A crowded routing as well: every slot of every token to expert 0 (more rows than the products'
+    // grids are sized for; the CPU kernel accepts any indices, so must this one).
+    if (T == 45) std::fill(indices.begin(), indices.end(), 0);
     for (int bf16 = 0; bf16 < 2; ++bf16) {
       for (int act = 0; act < 3; ++act) {
         for (bool biases : {false, true}) {
@@ -145,7 +151,7 @@ void test_experts(Rng& rng) {
                                    std::to_string(H) + " E" + std::to_string(E) + " k" + std::to_string(k) +
                                    (bf16 ? " bf16" : " f32") + " act" + std::to_string(act) +
                                    (biases ? " biases" : "");
-          expect_gpu_close(what, out.download(), want, 1e-5, 1e-3 * rms(want.data(), T * D));
+          expect_gpu_close(what, out.download(), want, 1e-4, 0.1 * rms(want.data(), T * D));
           cudaFree(dfc1);
           cudaFree(dfc2);
           cudaFree(work);
