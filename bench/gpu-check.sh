@@ -53,7 +53,7 @@ step configure cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMAMBA_SSM_CU
 CUDA_ONLY="${GPU_CHECK_CUDA_ONLY:-0}"
 if [ "$CUDA_ONLY" = 1 ]; then
   targets=(mssm_cuda test_cuda_conv1d test_cuda_norm test_cuda_selective_scan test_cuda_ssd test_cuda_model
-           test_cuda_moe test_cuda_scan_train bench_cuda bench_cuda_model)
+           test_cuda_moe test_cuda_scan_train test_cuda_sampling bench_cuda bench_cuda_model)
   if [ ${#ADDON_FLAGS[@]} -gt 0 ]; then targets+=(mamba_ssm); fi
   step build cmake --build build-gpu -j16 --target "${targets[@]}" || exit 1
 else

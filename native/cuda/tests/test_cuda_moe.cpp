@@ -19,23 +19,6 @@ using namespace mssm::test;
 
 namespace {
 
-struct DeviceInts {
-  int32_t* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceInts(const std::vector<int32_t>& v) : n(v.size()) {
-    CUDA_OK(cudaMalloc(&ptr, (n ? n : 1) * sizeof(int32_t)));
-    CUDA_OK(cudaMemcpy(ptr, v.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice));
-  }
-  DeviceInts(const DeviceInts&) = delete;
-  DeviceInts& operator=(const DeviceInts&) = delete;
-  ~DeviceInts() { cudaFree(ptr); }
-  std::vector<int32_t> download() const {
-    std::vector<int32_t> v(n);
-    CUDA_OK(cudaMemcpy(v.data(), ptr, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
-
 // bf16 bits of f32 values (the same rounding the CPU kernels and the model upload use).
 std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
   std::vector<uint16_t> out(v.size());

@@ -75,6 +75,26 @@ struct DeviceBuffer {
   }
 };
 
+// int32 device memory of n elements (token ids, expert indices).
+struct DeviceInts {
+  int32_t* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceInts(size_t count) : n(count) { CUDA_OK(cudaMalloc(&ptr, (count ? count : 1) * sizeof(int32_t))); }
+  explicit DeviceInts(const std::vector<int32_t>& v) : DeviceInts(v.size()) { upload(v); }
+  DeviceInts(const DeviceInts&) = delete;
+  DeviceInts& operator=(const DeviceInts&) = delete;
+  ~DeviceInts() { if (ptr) cudaFree(ptr); }
+  void upload(const std::vector<int32_t>& v) {
+    if (v.size() != n) std::abort();
+    CUDA_OK(cudaMemcpy(ptr, v.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice));
+  }
+  std::vector<int32_t> download() const {
+    std::vector<int32_t> v(n);
+    CUDA_OK(cudaMemcpy(v.data(), ptr, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
 inline int64_t count_nan(const std::vector<float>& v) {
   int64_t k = 0;
   for (float x : v) k += std::isnan(x) ? 1 : 0;
