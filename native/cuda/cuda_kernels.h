@@ -73,7 +73,9 @@ Status moe_experts(const cpu::MoeExpertsArgs& args, void* workspace, cudaStream_
 // [⌈length/chunk⌉][channels][state]. The backward: the gradients of ScanGrads (du, ddelta, dB, dC, dz
 // overwritten; dA, dD, ddelta_bias accumulated into), recomputing each chunk's states from boundary.
 // Every pointer device memory; state ≤ 256. dB, dC, dA, dD and ddelta_bias are sums of atomic
-// additions (their rounding order varies from run to run).
+// additions (their rounding order varies from run to run). The backward's workspace holds one chunk's
+// recomputed states for every (sequence, channel): batch · channels · min(chunk, length) · state floats,
+// so it grows with the chunk, not with the length.
 Status scan_train_forward(const train::ScanArgs& args, const train::ScanTensors<float>& t, float* y, float* boundary,
                           cudaStream_t stream);
 size_t scan_train_backward_workspace_bytes(const train::ScanArgs& args);

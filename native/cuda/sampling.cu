@@ -22,9 +22,11 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
-// Keys whose unsigned order is the floats' order (−∞ lowest; NaN is never a key here).
+// Keys whose unsigned order is the floats' order: −0 and +0 are one key (they compare equal), −∞ is
+// the lowest of the numbers and NaN (which the sanitised logits never hold) below it.
 __device__ __forceinline__ uint32_t order_key(float v) {
-  const uint32_t b = __float_as_uint(v);
+  if (isnan(v)) return 0;
+  const uint32_t b = __float_as_uint(v + 0.0f);  // −0 + 0 = +0
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
@@ -36,7 +38,7 @@ __device__ int64_t block_argmax(const float* v, int64_t n) {
   long long bi = -1;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     const float x = v[i];
-    if (x > bv || (bi < 0 && x == bv)) bv = x, bi = i;  // strided ascending: the first equal stays
+    if (x > bv) bv = x, bi = i;  // strided ascending: the first of equals stays; −∞ and NaN never win
   }
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
@@ -95,6 +97,7 @@ __device__ int64_t block_select(int64_t n, Key key, Weight weight, Candidate can
   __shared__ double above;  // weight of the candidates ordered before the current prefix's
   __shared__ bool last;     // no crossing: follow the lowest non-empty digits (the last candidate)
   __shared__ bool any;
+  __syncthreads();  // everyone is past any earlier use of these shared variables
   if (threadIdx.x == 0) prefix = 0, mask = 0, above = 0.0, last = false, any = true;
   __syncthreads();
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -285,6 +288,7 @@ __global__ void __launch_bounds__(kThreads)
 
 Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, cudaStream_t stream) {
   if (rows <= 0) return {};
+  if (rows > 0x7fffffff) return detail::error("argmax", "too many rows");
   if (vocab <= 0) {
     MSSM_CUDA_TRY("argmax", cudaMemsetAsync(out, 0, rows * sizeof(int32_t), stream));
     return {};

@@ -317,13 +317,12 @@ Status scan_train_backward(const train::ScanArgs& a, const train::ScanTensors<fl
   ScanView v;
   MSSM_STATUS_TRY(check(a, 0, op, &v));
   if (!g.du || !g.ddelta || !g.dA || !g.dB || !g.dC) return detail::error(op, "du, ddelta, dA, dB and dC are required");
-  if ((g.dD == nullptr) != (t.D == nullptr) || (g.dz == nullptr) != (t.z == nullptr) ||
-      (g.ddelta_bias == nullptr) != (t.delta_bias == nullptr))
-    return detail::error(op, "dD, dz and ddelta_bias must be given exactly when D, z and delta_bias are");
   if (!workspace) return detail::error(op, "a workspace of scan_train_backward_workspace_bytes() is required");
   MSSM_STATUS_TRY(zero_sums(a, g.dB, g.dC, nullptr, 0, stream, op));
+  // As the CPU's: dD, dz and ddelta_bias are skipped when null, and ignored when D, z or delta_bias is.
   launch_backward<false>(v, TrainTensors{t.u, t.delta, t.A, t.B, t.C, t.D, t.z, t.delta_bias}, boundary, dy,
-                         TrainGrads{g.du, g.ddelta, g.dA, g.dB, g.dC, g.dD, g.dz, g.ddelta_bias},
+                         TrainGrads{g.du, g.ddelta, g.dA, g.dB, g.dC, t.D ? g.dD : nullptr, t.z ? g.dz : nullptr,
+                                    t.delta_bias ? g.ddelta_bias : nullptr},
                          static_cast<float*>(workspace), stream);
   return detail::check_launch(op);
 }

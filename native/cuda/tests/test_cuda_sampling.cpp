@@ -1,8 +1,8 @@
 // The CUDA argmax and sampler (sampling.cu) against the CPU kernels (baseline level). argmax: rows of
-// 1 to 70000 logits with ties, NaN and −∞, identical indices. sample: 1500 random cases of 3 rows each
-// (vocabularies of 1 to 3000, logit scales 0.5 to 10, ties, −∞ stretches, temperature 0, top_k,
-// top_p, min_p, a repetition penalty with a repeated token), each row with its own draw u made from
-// the same splitmix64 stream as the CPU's: the tokens must be the CPU's. The device's expf may differ
+// 1 to 70000 logits with ties, NaN and −∞ (a NaN first in an all −∞ row), identical indices. sample:
+// 1500 random cases of 3 rows each (vocabularies of 1 to 3000, logit scales 0.5 to 10, ties, −∞
+// stretches, rows of signed zeros, temperature 0, top_k, top_p, min_p, a repetition penalty with a
+// repeated token), each row with its own draw u made from the same splitmix64 stream as the CPU's: the tokens must be the CPU's. The device's expf may differ
 // from the host's by an ulp or two, which moves a boundary between two tokens by about 1e-7 of Z; a
 // draw that close to one is rare (about one in a million), so at most 3 of the 4500 rows may differ,
 // and every difference is printed. (A host transliteration of the kernel's selection matched the CPU
@@ -31,6 +31,7 @@ void test_argmax(Rng& rng) {
     for (int64_t i = 0; i < vocab; i += 3) logits[i] = NAN;                      // row 0: NaN everywhere third
     for (int64_t i = 0; i < vocab; ++i) logits[vocab + i] = -INFINITY;            // row 1: all −∞
     for (int64_t i = 0; i < vocab; i += 2) logits[2 * vocab + i] = 100.0f;         // row 2: ties at the top
+    logits[vocab] = NAN;                                                          // row 1: NaN first, then −∞
     if (vocab > 1) logits[3 * vocab + vocab - 1] = 1e30f;                         // row 3: the last wins
     std::vector<int32_t> want(rows);
     ref.argmax(logits.data(), rows, vocab, want.data());
@@ -56,6 +57,8 @@ void test_sample(Rng& rng) {
       for (int64_t i = 0; i < rows * V; i += 5) logits[i] = logits[0];
     if (trial % 11 == 0)
       for (int64_t i = 1; i < rows * V; i += 3) logits[i] = -INFINITY;
+    if (trial % 17 == 0)  // signed zeros compare equal: top_k ties by index, whatever the sign
+      for (int64_t i = 0; i < rows * V; ++i) logits[i] = (i % 4 == 0) ? -0.0f : (i % 4 == 1 ? 0.0f : -5.0f);
     cpu::SamplingParams p;
     p.temperature = trial % 13 == 0 ? 0.0f : 0.3f + (float)(rng.next() % 100) / 50.0f;
     p.top_k = trial % 4 == 0 ? 0 : (int32_t)(1 + rng.next() % 60);
