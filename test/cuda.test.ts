@@ -17,6 +17,7 @@ import * as path from "path";
 import { cpuInfo, cudaInfo, initWeights, loadModel, MambaModel, ops, setCpuLevel, Tensor } from "../lib";
 import type { MambaConfig } from "../lib";
 import { isMatrixWeight } from "../lib/models/config";
+import { createCudaModel, cudaForward, CudaState, releaseCudaModel } from "../lib/models/cuda-model";
 import { maxRelError, rmsOf } from "./reference";
 
 const info = cudaInfo();
@@ -341,6 +342,32 @@ describe("a mixture-of-experts model on the GPU", () => {
       cpuMoe.dispose();
       gpuMoe.dispose();
     }
+  });
+});
+
+describe("native handles released while a call runs", () => {
+  gpuTest("the model and the state stay alive until the call ends, then go", async () => {
+    const c = config("mamba2");
+    const weights = initWeights(c, { seed: 6 });
+    const ref = MambaModel.fromWeights(c, initWeights(c, { seed: 6 }));
+    const model = createCudaModel(c, weights, { weightDType: "f32" });
+    const state = CudaState.create(model, 1);
+    const ids = Int32Array.from(prompt(33, c.vocabSize, 8));
+    const logits = Tensor.zeros([1, c.vocabSize]);
+    // The call is queued before the releases: it must still see both and finish.
+    const call = cudaForward(model, { ids, lengths: [ids.length], lastOnly: true, logits, state, useInitialState: false });
+    state.dispose();
+    releaseCudaModel(model);
+    await call;
+    const refState = ref.createState(1);
+    const want = await ref.prefill(refState, Array.from(ids));
+    expect(relError(values(logits), values(want))).toBeLessThan(1e-3);
+    expect(() => CudaState.create(model, 1)).toThrow(/released/);
+    expect(() => state.handle("step")).toThrow(/disposed/);
+    for (const t of [logits, want]) t.dispose();
+    refState.dispose();
+    ref.dispose();
+    weights.forEach((t) => t.dispose());
   });
 });
 
