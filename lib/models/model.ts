@@ -37,12 +37,15 @@ function parseDevice(what: string, device: Device | undefined): number | null {
   return Number(m[1]);
 }
 
+/** The dtype asked for the matrices on CUDA (undefined: choose from the weights); throws for one CUDA has not. */
+function cudaDTypeOption(what: string, dtype: string | undefined): CudaWeightDType | undefined {
+  if (dtype === undefined || dtype === "f32" || dtype === "bf16") return dtype;
+  throw new Error(`${what}: dtype "${dtype}" runs on the CPU only; on device "cuda" the matrices are "f32" or "bf16"`);
+}
+
 /** The dtype of the matrices on CUDA: the one asked for, else f32 when every matrix is f32, else bf16. */
-function cudaWeightDType(what: string, weights: ReadonlyMap<string, Tensor>, dtype: string | undefined): CudaWeightDType {
-  if (dtype === "f32" || dtype === "bf16") return dtype;
-  if (dtype !== undefined) {
-    throw new Error(`${what}: dtype "${dtype}" runs on the CPU only; on device "cuda" the matrices are "f32" or "bf16"`);
-  }
+function cudaWeightDType(asked: CudaWeightDType | undefined, weights: ReadonlyMap<string, Tensor>): CudaWeightDType {
+  if (asked) return asked;
   for (const [name, t] of weights) if (isMatrixWeight(name) && t.dtype !== "f32") return "bf16";
   return "f32";
 }
@@ -152,7 +155,7 @@ export class MambaModel {
   ): MambaModel {
     const tokenizer = options.tokenizer !== undefined ? options.tokenizer : config.vocabSize === 256 ? new ByteTokenizer() : null;
     const index = parseDevice("fromWeights", options.device);
-    const cuda = index === null ? undefined : { device: index, weightDType: cudaWeightDType("fromWeights", weights, options.dtype) };
+    const cuda = index === null ? undefined : { device: index, weightDType: cudaWeightDType(cudaDTypeOption("fromWeights", options.dtype), weights) };
     return new MambaModel({ config, weights, source: options.source ?? "(in memory)", format: "memory", tokenizer, cuda });
   }
 
@@ -476,11 +479,9 @@ function checkGenerateOptions(options: GenerateOptions) {
  */
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<MambaModel> {
   const index = parseDevice("loadModel", options.device);
-  if (index !== null) {
-    // Before the checkpoint is read: a dtype CUDA cannot run, or no usable device, is refused at once.
-    cudaWeightDType("loadModel", new Map(), options.dtype);
-    cudaUsable("loadModel", index);
-  }
+  // Before the checkpoint is read: a dtype CUDA cannot run, or no usable device, is refused at once.
+  const asked = index === null ? undefined : cudaDTypeOption("loadModel", options.dtype);
+  if (index !== null) cudaUsable("loadModel", index);
   if (options.threads !== undefined) setThreads(options.threads);
   const ckpt = await loadCheckpoint(path, { dtype: options.dtype });
   let tokenizer: Tokenizer | null = null;
@@ -498,7 +499,7 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
       format: ckpt.format,
       tokenizer,
       tokenizerSource: ckpt.tokenizer,
-      cuda: index === null ? undefined : { device: index, weightDType: cudaWeightDType("loadModel", ckpt.weights, options.dtype) },
+      cuda: index === null ? undefined : { device: index, weightDType: cudaWeightDType(asked, ckpt.weights) },
     });
   } catch (e) {
     // The model was not made (a weight refused, the device out of memory): its weights are freed now.

@@ -73,47 +73,74 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// One warp's (sequence b, channel d): its group, its row of A in the lanes (n = lane + 32·j; 0 past N),
+// its delta bias and D, and the recurrence's step over the lane's state indices.
+template <int J, bool kSsd>
+struct Channel {
+  int lane;
+  int64_t b, d, g, D, N, G;
+  Layout<kSsd> at;
+  float A[J];
+  float bias, Dd;
+
+  __device__ Channel(const ScanView& v, const TrainTensors& t, int64_t warp)
+      : lane(threadIdx.x % 32),
+        b(warp / v.channels),
+        d(warp % v.channels),
+        g(d / (v.channels / v.groups)),
+        D(v.channels),
+        N(v.state),
+        G(v.groups),
+        at{v.channels, v.head_dim} {
+#pragma unroll
+    for (int j = 0; j < J; ++j) A[j] = lane + 32 * j < N ? t.A[at.a_at(d, lane + 32 * j, N)] : 0.0f;
+    bias = t.delta_bias ? t.delta_bias[at.head(d)] : 0.0f;
+    Dd = t.D ? t.D[at.head(d)] : 0.0f;
+  }
+  // Token i: its row (b·L + i), dt and d dt / dv, and u.
+  __device__ int64_t token(const ScanView& v, const TrainTensors& t, int64_t i, float* dt, float* slope,
+                           float* u) const {
+    const int64_t row = b * v.length + i;
+    step_rule(v, t.delta[at.dt_at(row, d)] + bias, dt, slope);
+    *u = t.u[row * D + d];
+    return row;
+  }
+  // s ← exp(dt·A)·s + dt·u·B for the row's B.
+  __device__ void advance(const TrainTensors& t, int64_t row, float dt, float u, float* s) const {
+    const float* Bt = t.B + (row * G + g) * N;
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+      if (lane + 32 * j < N) s[j] = expf(dt * A[j]) * s[j] + dt * u * Bt[lane + 32 * j];
+  }
+};
+
 template <int J, bool kSsd>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     scan_forward_kernel(ScanView v, TrainTensors t, float* y, float* boundary) {
   const int64_t warp = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (warp >= v.batch * v.channels) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t b = warp / v.channels, d = warp % v.channels, D = v.channels, N = v.state;
-  const int64_t g = d / (D / v.groups), G = v.groups;
-  const Layout<kSsd> at{D, v.head_dim};
-  float A[J], s[J];
+  const Channel<J, kSsd> ch(v, t, warp);
+  const int lane = ch.lane;
+  const int64_t b = ch.b, d = ch.d, D = ch.D, N = ch.N;
+  float s[J];
 #pragma unroll
-  for (int j = 0; j < J; ++j) {
-    const int64_t n = lane + 32 * j;
-    A[j] = n < N ? t.A[at.a_at(d, n, N)] : 0.0f;
-    s[j] = 0.0f;
-  }
-  const float bias = t.delta_bias ? t.delta_bias[at.head(d)] : 0.0f;
-  const float Dd = t.D ? t.D[at.head(d)] : 0.0f;
+  for (int j = 0; j < J; ++j) s[j] = 0.0f;
   for (int64_t i = 0; i < v.length; ++i) {
-    const int64_t row = b * v.length + i;
     if (i % v.chunk == 0) {
       float* out = boundary + ((b * v.chunks + i / v.chunk) * D + d) * N;
 #pragma unroll
       for (int j = 0; j < J; ++j)
         if (lane + 32 * j < N) out[lane + 32 * j] = s[j];
     }
-    float dt, slope;
-    step_rule(v, t.delta[at.dt_at(row, d)] + bias, &dt, &slope);
-    const float u = t.u[row * D + d];
-    const float* Bt = t.B + (row * G + g) * N;
-    const float* Ct = t.C + (row * G + g) * N;
+    float dt, slope, u;
+    const int64_t row = ch.token(v, t, i, &dt, &slope, &u);
+    ch.advance(t, row, dt, u, s);
+    const float* Ct = t.C + (row * ch.G + ch.g) * N;
     float acc = 0.0f;
 #pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int64_t n = lane + 32 * j;
-      if (n < N) {
-        s[j] = expf(dt * A[j]) * s[j] + dt * u * Bt[n];
-        acc += s[j] * Ct[n];
-      }
-    }
-    const float yc = warp_sum(acc) + Dd * u;
+    for (int j = 0; j < J; ++j)
+      if (lane + 32 * j < N) acc += s[j] * Ct[lane + 32 * j];
+    const float yc = warp_sum(acc) + ch.Dd * u;
     if (lane == 0) y[row * D + d] = t.z ? yc * detail::silu(t.z[row * D + d]) : yc;
   }
 }
@@ -124,22 +151,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
                          float* states) {
   const int64_t warp = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (warp >= v.batch * v.channels) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t b = warp / v.channels, d = warp % v.channels, D = v.channels, N = v.state;
-  const int64_t g = d / (D / v.groups), G = v.groups;
-  const Layout<kSsd> at{D, v.head_dim};
+  const Channel<J, kSsd> ch(v, t, warp);
+  const int lane = ch.lane;
+  const int64_t b = ch.b, d = ch.d, D = ch.D, N = ch.N, g = ch.g, G = ch.G;
+  const Layout<kSsd>& at = ch.at;
+  const float* A = ch.A;
+  const float Dd = ch.Dd;
   const int64_t Q = detail::min64(v.chunk, v.length);
   float* S = states + warp * Q * N;  // this warp's recomputed states of one chunk, [q][n] after token q
-  float A[J], ds[J], dA[J];
+  float ds[J], dA[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int64_t n = lane + 32 * j;
-    A[j] = n < N ? t.A[at.a_at(d, n, N)] : 0.0f;
     ds[j] = 0.0f;
     dA[j] = 0.0f;
   }
-  const float bias = t.delta_bias ? t.delta_bias[at.head(d)] : 0.0f;
-  const float Dd = t.D ? t.D[at.head(d)] : 0.0f;
   float dD = 0.0f, dbias = 0.0f;
   for (int64_t c = v.chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * v.chunk, t1 = detail::min64(v.length, t0 + v.chunk);
@@ -149,27 +174,18 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 #pragma unroll
     for (int j = 0; j < J; ++j) s[j] = lane + 32 * j < N ? start[lane + 32 * j] : 0.0f;
     for (int64_t i = t0; i < t1; ++i) {
-      const int64_t row = b * v.length + i;
-      float dt, slope;
-      step_rule(v, t.delta[at.dt_at(row, d)] + bias, &dt, &slope);
-      const float u = t.u[row * D + d];
-      const float* Bt = t.B + (row * G + g) * N;
+      float dt, slope, u;
+      const int64_t row = ch.token(v, t, i, &dt, &slope, &u);
+      ch.advance(t, row, dt, u, s);
 #pragma unroll
-      for (int j = 0; j < J; ++j) {
-        const int64_t n = lane + 32 * j;
-        if (n < N) {
-          s[j] = expf(dt * A[j]) * s[j] + dt * u * Bt[n];
-          S[(i - t0) * N + n] = s[j];
-        }
-      }
+      for (int j = 0; j < J; ++j)
+        if (lane + 32 * j < N) S[(i - t0) * N + lane + 32 * j] = s[j];
     }
     __syncwarp();
     // Walk the chunk backwards; ds is the adjoint of s_i on entry to token i.
     for (int64_t i = t1 - 1; i >= t0; --i) {
-      const int64_t row = b * v.length + i, x_at = row * D + d;
-      float dt, slope;
-      step_rule(v, t.delta[at.dt_at(row, d)] + bias, &dt, &slope);
-      const float u = t.u[x_at];
+      float dt, slope, u;
+      const int64_t row = ch.token(v, t, i, &dt, &slope, &u), x_at = row * D + d;
       const float* Bt = t.B + (row * G + g) * N;
       const float* Ct = t.C + (row * G + g) * N;
       const float* si = S + (i - t0) * N;

@@ -12,12 +12,13 @@
 // by a state handle (cudaStateCreate); cudaStateRead / cudaStateWrite copy them from / to host f32
 // buffers in the CPU runner's layout, so a state moves between devices and is saved as on the CPU.
 //
-// Handles are plain objects tagged with their kind and wrapping a native record. A running call
-// holds references to its handles, so they outlive it; a release during a call takes effect when the
-// call ends, and the GC finaliser frees a handle that was never released.
+// Handles are plain objects tagged with their kind and wrapping a native record (native/napi/handle.h).
+// A running call holds references to its handles, so they outlive it; a release during a call takes
+// effect when the call ends, and the GC finaliser frees a handle that was never released.
 #include "args.h"
 
 #ifdef MSSM_NAPI_CUDA
+#include "handle.h"
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -111,20 +112,11 @@ struct CudaStateHandle {
 };
 
 template <typename T>
-void finalize(napi_env, void* data, void*) {
-  delete static_cast<T*>(data);
-}
-
-template <typename T>
 T* unwrap(const Args& a, Napi::Env env, Napi::Value value, const napi_type_tag& tag, const char* what,
           const char* from) {
-  bool tagged = false;
-  if (value.IsObject()) napi_check_object_type_tag(env, value, &tag, &tagged);
-  if (!tagged) a.fail(std::string(what) + " must be a handle from " + from);
-  void* data = nullptr;
-  napi_unwrap(env, value, &data);
-  T* handle = static_cast<T*>(data);
-  if (!handle || handle->released) a.fail(std::string(what) + " has been released");
+  T* handle = tagged_record<T>(env, value, tag);
+  if (!handle) a.fail(std::string(what) + " must be a handle from " + from);
+  if (handle->released) a.fail(std::string(what) + " has been released");
   return handle;
 }
 
@@ -133,18 +125,6 @@ CudaModelHandle* unwrap_model(const Args& a, Napi::Env env) {
 }
 CudaStateHandle* unwrap_state(const Args& a, Napi::Env env, const char* name) {
   return unwrap<CudaStateHandle>(a, env, a.get(name), kCudaStateTag, name, "cudaStateCreate");
-}
-
-template <typename T>
-Napi::Object wrap(const Args& a, Napi::Env env, std::unique_ptr<T> handle, const napi_type_tag& tag) {
-  Napi::Object object = Napi::Object::New(env);
-  napi_type_tag_object(env, object, &tag);
-  T* raw = handle.release();
-  if (napi_wrap(env, object, raw, finalize<T>, nullptr, nullptr) != napi_ok) {
-    delete raw;
-    a.fail("could not wrap the handle");
-  }
-  return object;
 }
 
 // A state handle must have been made for this model's sizes, batch and device.
@@ -215,8 +195,7 @@ Napi::Value CudaModelCreate(const Napi::CallbackInfo& info) {
     handle->device = options.device;
     const cuda::Status s = cuda::CudaModel::create(config, table, options, &handle->model);
     if (!s.ok()) a.fail(s.message);
-    Napi::Object object = wrap(a, env, std::move(handle), kCudaModelTag);
-    return object;
+    return wrap_record(a, env, std::move(handle), kCudaModelTag, "model");
   });
 }
 
@@ -253,7 +232,7 @@ Napi::Value CudaStateCreate(const Napi::CallbackInfo& info) {
     if (e == cudaSuccess) e = cudaMemset(state->ssm, 0, state->ssm_floats * sizeof(float));
     if (e == cudaSuccess) e = settle();
     if (e != cudaSuccess) a.fail("could not allocate the state on the device: " + cuda_message("cudaMalloc", e));
-    return wrap(a, env, std::move(state), kCudaStateTag);
+    return wrap_record(a, env, std::move(state), kCudaStateTag, "state");
   });
 }
 
@@ -305,27 +284,20 @@ Napi::Value CudaStateCopy(const Napi::CallbackInfo& info) {
 }
 
 // One model call on a worker thread, settling a Promise. It owns copies of the ids and lengths and
-// references to the handles and the host logits buffer.
-class CudaWorker : public Napi::AsyncWorker {
+// holds the handles and the host logits buffer.
+class CudaWorker : public PromiseWorker {
  public:
   CudaWorker(Napi::Env env, const char* op, const Args& a, CudaModelHandle* model, CudaStateHandle* state)
-      : Napi::AsyncWorker(env, op), op_(op), deferred_(Napi::Promise::Deferred::New(env)), model_(model), state_(state) {
-    refs_.push_back(Napi::Persistent(a.get("model").As<Napi::Object>()));
+      : PromiseWorker(env, op), model_(model), state_(state) {
+    hold(a.get("model"));
     ++model_->in_flight;
     if (state_) {
-      refs_.push_back(Napi::Persistent(a.get("state").As<Napi::Object>()));
+      hold(a.get("state"));
       ++state_->in_flight;
     }
     Napi::Value logits = a.get("logits");
-    refs_.push_back(Napi::Persistent(logits.As<Napi::Object>()));
+    hold(logits);
     host_logits_ = logits.As<Napi::ArrayBuffer>().Data();
-    pin_buffer(host_logits_);
-  }
-
-  Napi::Promise start() {
-    Napi::Promise p = deferred_.Promise();
-    Queue();
-    return p;
   }
 
   bool step = false;
@@ -344,13 +316,9 @@ class CudaWorker : public Napi::AsyncWorker {
     const std::string failure = run();
     if (!failure.empty()) SetError(std::string(op_) + ": " + failure);
   }
-  void OnOK() override {
-    finish();
-    deferred_.Resolve(Env().Undefined());
-  }
-  void OnError(const Napi::Error& error) override {
-    finish();
-    deferred_.Reject(error.Value());
+  void settled() override {
+    end_call(model_);
+    if (state_) end_call(state_);
   }
 
  private:
@@ -423,19 +391,9 @@ class CudaWorker : public Napi::AsyncWorker {
     return e == cudaSuccess ? "" : cuda_message("cudaMemcpy", e);
   }
 
-  void finish() {
-    if (--model_->in_flight == 0 && model_->released) model_->drop();
-    if (state_ && --state_->in_flight == 0 && state_->released) state_->drop();
-    unpin_buffer(host_logits_);
-    refs_.clear();
-  }
-
-  const char* op_;
-  Napi::Promise::Deferred deferred_;
   CudaModelHandle* model_;
   CudaStateHandle* state_;
   void* host_logits_ = nullptr;
-  std::vector<Napi::ObjectReference> refs_;
 };
 
 // cudaModelForward({model, ids, lengths, lastOnly, logits, paddedLength?, state?, useInitialState?,
@@ -500,17 +458,9 @@ Napi::Value Release(const Napi::CallbackInfo& info, const char* op, const napi_t
   return guarded(info, [&]() -> Napi::Value {
     Napi::Env env = info.Env();
     Args a(info, op);
-    Napi::Value value = info.Length() >= 1 ? info[0] : env.Undefined();
-    bool tagged = false;
-    if (value.IsObject()) napi_check_object_type_tag(env, value, &tag, &tagged);
-    if (!tagged) a.fail("expected a handle of the kind it releases");
-    void* data = nullptr;
-    napi_unwrap(env, value, &data);
-    T* handle = static_cast<T*>(data);
-    if (handle && !handle->released) {
-      handle->released = true;
-      if (handle->in_flight == 0) handle->drop();
-    }
+    T* handle = tagged_record<T>(env, info.Length() >= 1 ? info[0] : env.Undefined(), tag);
+    if (!handle) a.fail("expected a handle of the kind it releases");
+    release_record(handle);
     return env.Undefined();
   });
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "args.h"
+#include "handle.h"
 #include "model/mamba_model.h"
 
 namespace mssm::napi {
@@ -42,8 +43,6 @@ struct ModelHandle {
   }
   ~ModelHandle() { drop(); }
 };
-
-void finalize_handle(napi_env, void* data, void*) { delete static_cast<ModelHandle*>(data); }
 
 // Reads fields of a nested object (config, one weight) with errors naming "<op>: <path>.<field>".
 class Fields {
@@ -240,14 +239,9 @@ std::unordered_map<std::string, model::Weight> read_weights(const Args& a, Napi:
 }
 
 ModelHandle* unwrap_model(const Args& args, Napi::Env env, Napi::Value value) {
-  if (!value.IsObject()) args.fail("model must be a model handle from modelCreate");
-  bool tagged = false;
-  napi_check_object_type_tag(env, value, &kModelTag, &tagged);
-  if (!tagged) args.fail("model must be a model handle from modelCreate");
-  void* data = nullptr;
-  napi_unwrap(env, value, &data);
-  ModelHandle* handle = static_cast<ModelHandle*>(data);
-  if (!handle || handle->released) args.fail("model has been released");
+  ModelHandle* handle = tagged_record<ModelHandle>(env, value, kModelTag);
+  if (!handle) args.fail("model must be a model handle from modelCreate");
+  if (handle->released) args.fail("model has been released");
   for (const auto& entry : handle->weights) {
     if (is_detached(env, entry.second.Value())) {
       args.fail("weight \"" + entry.first + "\" has been disposed while the model still uses it");
@@ -274,49 +268,19 @@ Napi::Value ModelCreate(const Napi::CallbackInfo& info) {
     } catch (const std::invalid_argument& e) {
       a.fail(e.what());
     }
-    Napi::Object object = Napi::Object::New(env);
-    napi_type_tag_object(env, object, &kModelTag);
-    ModelHandle* raw = handle.release();
-    napi_status status = napi_wrap(env, object, raw, finalize_handle, nullptr, nullptr);
-    if (status != napi_ok) {
-      delete raw;
-      a.fail("could not wrap the model handle");
-    }
-    return object;
+    return wrap_record(a, env, std::move(handle), kModelTag, "model");
   });
 }
 
 // Runs one model call on a worker thread and settles a Promise. The work owns copies of the small
-// inputs (ids, lengths) and references to every buffer it writes.
-class ModelWorker : public Napi::AsyncWorker {
+// inputs (ids, lengths) and holds the handle and every buffer it writes.
+class ModelWorker : public PromiseWorker {
  public:
-  ModelWorker(Napi::Env env, const char* op, Napi::Object handle_object, ModelHandle* handle)
-      : Napi::AsyncWorker(env, op),
-        op_(op),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        handle_ref_(Napi::Persistent(handle_object)),
-        handle_(handle),
-        model_(handle->model) {
+  ModelWorker(Napi::Env env, const char* op, const Args& a, ModelHandle* handle)
+      : PromiseWorker(env, op), handle_(handle), model_(handle->model) {
+    hold(a.get("model"));
+    for (const char* name : {"logits", "convState", "ssmState"}) hold(a.get(name));
     ++handle_->in_flight;
-  }
-
-  void keep(Napi::Value buffer) {
-    if (!buffer.IsObject()) return;
-    buffers_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
-    if (buffer.IsArrayBuffer()) {
-      const void* data = buffer.As<Napi::ArrayBuffer>().Data();
-      pin_buffer(data);
-      pinned_.push_back(data);
-    }
-  }
-  Napi::Promise promise() { return deferred_.Promise(); }
-
-  // Keeps (and pins) the buffers the call writes, queues the work, and returns its Promise.
-  Napi::Promise start(const Args& a) {
-    for (const char* name : {"logits", "convState", "ssmState"}) keep(a.get(name));
-    Napi::Promise p = promise();
-    Queue();
-    return p;
   }
 
   bool step = false;
@@ -342,30 +306,11 @@ class ModelWorker : public Napi::AsyncWorker {
       SetError(std::string(op_) + ": " + e.what());
     }
   }
-  void OnOK() override {
-    finish();
-    deferred_.Resolve(Env().Undefined());
-  }
-  void OnError(const Napi::Error& error) override {
-    finish();
-    deferred_.Reject(error.Value());
-  }
+  void settled() override { end_call(handle_); }
 
  private:
-  void finish() {
-    if (--handle_->in_flight == 0 && handle_->released) handle_->drop();
-    for (const void* p : pinned_) unpin_buffer(p);
-    pinned_.clear();
-    buffers_.clear();
-  }
-
-  const char* op_;
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference handle_ref_;
   ModelHandle* handle_;
   std::shared_ptr<model::Model> model_;
-  std::vector<Napi::ObjectReference> buffers_;
-  std::vector<const void*> pinned_;
 };
 
 int64_t checked_mul(const Args& a, int64_t x, int64_t y) {
@@ -382,13 +327,13 @@ Napi::Value ModelForward(const Napi::CallbackInfo& info) {
     const int64_t vocab = m.config().vocab_size;
     ForwardRequest r = read_forward_request(a, vocab);
     const int64_t sequences = (int64_t)r.lengths.size();
-    float* logits = a.f32_out("logits", checked_mul(a, r.logit_rows, vocab));
+    float* logits = a.f32_out("logits", r.logit_rows * vocab);  // read_forward_request checked the product
     float* conv = a.f32_out("convState", m.conv_state_floats(sequences), true);
     float* ssm = a.f32_out("ssmState", m.ssm_state_floats(sequences), true);
     if ((conv == nullptr) != (ssm == nullptr)) a.fail("convState and ssmState go together: give both or neither");
     if (r.use_initial_state && !conv) a.fail("useInitialState needs convState and ssmState");
 
-    auto* worker = new ModelWorker(env, "modelForward", a.get("model").As<Napi::Object>(), handle);
+    auto* worker = new ModelWorker(env, "modelForward", a, handle);
     worker->ids = std::move(r.ids);
     worker->lengths = std::move(r.lengths);
     worker->forward.sequences = sequences;
@@ -399,7 +344,7 @@ Napi::Value ModelForward(const Napi::CallbackInfo& info) {
     worker->forward.use_initial_state = r.use_initial_state;
     worker->forward.segment_tokens = r.segment_tokens;
     worker->forward.padded_length = r.padded_length;
-    return worker->start(a);
+    return worker->start();
   });
 }
 
@@ -424,14 +369,14 @@ Napi::Value ModelStep(const Napi::CallbackInfo& info) {
     float* logits = a.f32_out("logits", checked_mul(a, batch, vocab));
     std::vector<int32_t> ids = read_token_ids(a, batch, vocab);
 
-    auto* worker = new ModelWorker(env, "modelStep", a.get("model").As<Napi::Object>(), handle);
+    auto* worker = new ModelWorker(env, "modelStep", a, handle);
     worker->step = true;
     worker->ids = std::move(ids);
     worker->step_args.batch = batch;
     worker->step_args.conv_state = conv;
     worker->step_args.ssm_state = ssm;
     worker->step_args.logits = logits;
-    return worker->start(a);
+    return worker->start();
   });
 }
 
@@ -463,18 +408,9 @@ Napi::Value ModelRelease(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Napi::Env env = info.Env();
     Args a(info, "modelRelease");
-    Napi::Value value = info.Length() >= 1 ? info[0] : env.Undefined();
-    if (!value.IsObject()) a.fail("expected a model handle from modelCreate");
-    bool tagged = false;
-    napi_check_object_type_tag(env, value, &kModelTag, &tagged);
-    if (!tagged) a.fail("expected a model handle from modelCreate");
-    void* data = nullptr;
-    napi_unwrap(env, value, &data);
-    ModelHandle* handle = static_cast<ModelHandle*>(data);
-    if (handle && !handle->released) {
-      handle->released = true;
-      if (handle->in_flight == 0) handle->drop();
-    }
+    ModelHandle* handle = tagged_record<ModelHandle>(env, info.Length() >= 1 ? info[0] : env.Undefined(), kModelTag);
+    if (!handle) a.fail("expected a model handle from modelCreate");
+    release_record(handle);
     return env.Undefined();
   });
 }

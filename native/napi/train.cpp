@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "args.h"
+#include "handle.h"
 #include "model/mamba_model.h"
 #include "train/trainer.h"
 
@@ -25,20 +26,10 @@ struct TrainerHandle {
   bool released = false;
 };
 
-void finalize_handle(napi_env, void* data, void*) {
-  TrainerHandle* h = static_cast<TrainerHandle*>(data);
-  // A call still running owns a reference to the handle object, so it cannot be collected mid-call.
-  delete h;
-}
-
 TrainerHandle* unwrap(const Args& a, Napi::Env env, Napi::Value value, bool idle = true) {
-  bool tagged = false;
-  if (value.IsObject()) napi_check_object_type_tag(env, value, &kTrainerTag, &tagged);
-  if (!tagged) a.fail("trainer must be a handle from trainerCreate");
-  void* data = nullptr;
-  napi_unwrap(env, value, &data);
-  TrainerHandle* h = static_cast<TrainerHandle*>(data);
-  if (!h || h->released) a.fail("the trainer has been released");
+  TrainerHandle* h = tagged_record<TrainerHandle>(env, value, kTrainerTag);
+  if (!h) a.fail("trainer must be a handle from trainerCreate");
+  if (h->released) a.fail("the trainer has been released");
   if (idle && h->busy) a.fail("the trainer is busy with a forward/backward pass; await it first");
   return h;
 }
@@ -58,14 +49,7 @@ Napi::Value TrainerCreate(const Napi::CallbackInfo& info) {
     }
     handle->m.assign((size_t)handle->trainer->parameter_count(), 0.0f);
     handle->v.assign((size_t)handle->trainer->parameter_count(), 0.0f);
-    Napi::Object object = Napi::Object::New(env);
-    napi_type_tag_object(env, object, &kTrainerTag);
-    TrainerHandle* raw = handle.release();
-    if (napi_wrap(env, object, raw, finalize_handle, nullptr, nullptr) != napi_ok) {
-      delete raw;
-      a.fail("could not wrap the trainer handle");
-    }
-    return object;
+    return wrap_record(a, env, std::move(handle), kTrainerTag, "trainer");
   });
 }
 
@@ -139,19 +123,12 @@ Napi::Value TrainerWrite(const Napi::CallbackInfo& info) {
   });
 }
 
-class ForwardBackwardWorker : public Napi::AsyncWorker {
+class ForwardBackwardWorker : public PromiseWorker {
  public:
-  ForwardBackwardWorker(Napi::Env env, Napi::Object handle_object, TrainerHandle* handle)
-      : Napi::AsyncWorker(env, "trainerForwardBackward"),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        handle_ref_(Napi::Persistent(handle_object)),
-        handle_(handle) {
+  ForwardBackwardWorker(Napi::Env env, Napi::Value handle_object, TrainerHandle* handle)
+      : PromiseWorker(env, "trainerForwardBackward"), handle_(handle) {
+    hold(handle_object);
     handle_->busy = true;
-  }
-  Napi::Promise start() {
-    Napi::Promise p = deferred_.Promise();
-    Queue();
-    return p;
   }
   std::vector<int32_t> ids, targets;
   int64_t batch = 0, length = 0;
@@ -168,22 +145,16 @@ class ForwardBackwardWorker : public Napi::AsyncWorker {
       SetError(std::string("trainerForwardBackward: ") + e.what());
     }
   }
-  void OnOK() override {
-    handle_->busy = false;
+  void settled() override { handle_->busy = false; }
+  Napi::Value result() override {
     Napi::Object o = Napi::Object::New(Env());
     o.Set("sum", Napi::Number::New(Env(), result_.sum));
     o.Set("count", Napi::Number::New(Env(), (double)result_.count));
     o.Set("aux", Napi::Number::New(Env(), result_.aux));
-    deferred_.Resolve(o);
-  }
-  void OnError(const Napi::Error& e) override {
-    handle_->busy = false;
-    deferred_.Reject(e.Value());
+    return o;
   }
 
  private:
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference handle_ref_;
   TrainerHandle* handle_;
   train::BatchLoss result_;
 };
@@ -215,7 +186,7 @@ Napi::Value TrainerForwardBackward(const Napi::CallbackInfo& info) {
     std::vector<int32_t> targets = copy_i32(a, "targets", batch * length);
     const double scale = a.number("lossScale", 1.0);
     if (!std::isfinite(scale)) a.fail("lossScale must be a finite number");
-    auto* w = new ForwardBackwardWorker(env, handle_value.As<Napi::Object>(), h);
+    auto* w = new ForwardBackwardWorker(env, handle_value, h);
     w->ids = std::move(ids);
     w->targets = std::move(targets);
     w->batch = batch;
