@@ -43,9 +43,25 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The shared memory one block may opt in to on the current device (48 KiB if it cannot be read).
+inline int shared_limit() {
+  int device = 0, limit = 48 * 1024;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return limit;
+}
+
 // Blocks of a grid-stride loop over `total` elements (at least 1, capped where more add nothing).
 inline unsigned grid_for(int64_t total, int threads = 256) {
   return (unsigned)(total <= 0 ? 1 : min64(ceil_div(total, threads), 65535 * 8));
 }
+
+// The chunked SSD backward for training (ssd_train.cu): the state tile width that fits this device's
+// shared memory with `math` (0: none fits), its workspace, and the launch.
+int ssd_backward_chunked_tile(const train::SsdTrainArgs& a, SsdMath math);
+size_t ssd_backward_chunked_workspace_bytes(const train::SsdTrainArgs& a);
+Status ssd_backward_chunked(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
+                            const float* dy, const train::SsdTrainGrads<float>& g, SsdMath math, int Nt,
+                            void* workspace, cudaStream_t stream);
 
 }  // namespace mssm::cuda::detail

@@ -81,15 +81,30 @@ Status scan_train_forward(const train::ScanArgs& args, const train::ScanTensors<
 size_t scan_train_backward_workspace_bytes(const train::ScanArgs& args);
 Status scan_train_backward(const train::ScanArgs& args, const train::ScanTensors<float>& t, const float* boundary,
                            const float* dy, const train::ScanGrads<float>& grads, void* workspace, cudaStream_t stream);
-// Mamba-2's scan for training (native/train/ssd_chunked.h, T = float): the same forward and backward
-// in the SSD's layout (per-head dt, A, D, dt_bias), in the recurrent form (not the chunked matrix
-// form); boundary as ssd_chunked.h's. ddt is a sum of atomic additions over each head's channels.
+// Mamba-2's scan for training (native/train/ssd_chunked.h, T = float), in the SSD's layout (per-head
+// dt, A, D, dt_bias); boundary as ssd_chunked.h's. The forward is the recurrent form.
 Status ssd_train_forward(const train::SsdTrainArgs& args, const train::SsdTrainTensors<float>& t, float* y,
                          float* boundary, cudaStream_t stream);
-size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& args);
+// The backward's two forms:
+// - chunked: the matrix form of the CPU trainer (ssd_backward_block.h), one block per (sequence, head,
+//   chunk), its products on the tensor cores (SsdMath::bf16_tensor, split bf16) or in fp32. It needs the
+//   chunk's tiles in shared memory: chunk and head_dim up to 64 with any state on an sm_80 or sm_90
+//   device, for example. Its workspace holds one [head_dim, state] adjoint per (sequence, head, chunk),
+//   as many values as the boundary states, so it grows with the length.
+// - recurrent: token by token, one warp per (sequence, channel), ddt summed atomically over each head's
+//   channels; any chunk; state ≤ 256. Its workspace grows with the chunk, not the length.
+// automatic takes the chunked form wherever its tiles fit, else the recurrent one. dB, dC, dA, dD and
+// dt_bias are sums of atomic additions in both.
+enum class SsdBackwardForm : int32_t { automatic = 0, chunked = 1, recurrent = 2 };
+// Bytes of device workspace the backward needs (automatic: enough for either form).
+size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& args,
+                                          SsdBackwardForm form = SsdBackwardForm::automatic);
+// The form `automatic` picks for these args on the current device with `math`.
+SsdBackwardForm ssd_train_backward_form(const train::SsdTrainArgs& args, SsdMath math = SsdMath::bf16_tensor);
 Status ssd_train_backward(const train::SsdTrainArgs& args, const train::SsdTrainTensors<float>& t, const float* boundary,
                           const float* dy, const train::SsdTrainGrads<float>& grads, void* workspace,
-                          cudaStream_t stream);
+                          cudaStream_t stream, SsdBackwardForm form = SsdBackwardForm::automatic,
+                          SsdMath math = SsdMath::bf16_tensor);
 
 // ---- Sampling -----------------------------------------------------------------------------------
 // cpu::KernelTable::argmax: out[r] = the index of row r's largest logit (ties: lowest; NaN never wins).

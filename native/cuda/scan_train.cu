@@ -7,8 +7,8 @@
 // Mamba-2's SSD (native/train/ssd_chunked.h) is the same recurrence with each head's dt, A, D and
 // dt_bias shared by its P channels (d = h·P + p) and A by the states, and no gate; the kernels run it
 // in that layout (kSsd), with the per-head gradients summed over the head's channels. This is the
-// recurrent form, token by token, not the chunked matrix form the CPU trainer uses: the same values to
-// float rounding.
+// recurrent form, token by token: the same values as the CPU trainer's chunked matrix form to float
+// rounding. ssd_train_backward takes the chunked form (ssd_train.cu) wherever its tiles fit.
 //
 // One warp per (sequence b, channel d); lane l holds state indices n = l + 32·j, j < J (J = ⌈N/32⌉,
 // N ≤ 256). Per token the warp sums over n with shuffles (y's Σ s·C; the backward's d dt and du).
@@ -20,6 +20,7 @@
 // then clamped to [dt_min, dt_max] with gradient 0 where clamped.
 #include "cuda_common.cuh"
 #include "cuda_kernels.h"
+#include "ssd_backward_block.h"
 
 namespace mssm::cuda {
 namespace {
@@ -57,14 +58,7 @@ struct Layout {
 
 // dt and d dt / dv for v = Δ + bias (dt_rule.h).
 __device__ __forceinline__ void step_rule(const ScanView& v, float x, float* dt, float* slope) {
-  float value = x, grad = 1.0f;
-  if (v.softplus && x <= 20.0f) {
-    value = log1pf(expf(x));
-    grad = 1.0f / (1.0f + expf(-x));
-  }
-  const bool clamped = value < v.dt_min || value > v.dt_max;
-  *dt = fminf(fmaxf(value, v.dt_min), v.dt_max);
-  *slope = clamped ? 0.0f : grad;
+  ssd_backward::train_step_rule(v.softplus, v.dt_min, v.dt_max, x, dt, slope);
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -354,10 +348,25 @@ Status ssd_train_forward(const train::SsdTrainArgs& a, const train::SsdTrainTens
   return detail::check_launch(op);
 }
 
-size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& a) { return workspace_bytes(expanded(a)); }
+size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& a, SsdBackwardForm form) {
+  if (a.batch < 1 || a.length < 1 || a.heads < 1 || a.head_dim < 1 || a.state < 1 || a.chunk < 1) return 0;
+  const size_t recurrent = workspace_bytes(expanded(a)), chunked = detail::ssd_backward_chunked_workspace_bytes(a);
+  switch (form) {
+    case SsdBackwardForm::recurrent: return recurrent;
+    case SsdBackwardForm::chunked: return chunked;
+    default: return std::max(recurrent, chunked);
+  }
+}
+
+SsdBackwardForm ssd_train_backward_form(const train::SsdTrainArgs& a, SsdMath math) {
+  if (a.batch < 1 || a.length < 1 || a.heads < 1 || a.head_dim < 1 || a.state < 1 || a.chunk < 1)
+    return SsdBackwardForm::recurrent;
+  return detail::ssd_backward_chunked_tile(a, math) > 0 ? SsdBackwardForm::chunked : SsdBackwardForm::recurrent;
+}
 
 Status ssd_train_backward(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
-                          const float* dy, const train::SsdTrainGrads<float>& g, void* workspace, cudaStream_t stream) {
+                          const float* dy, const train::SsdTrainGrads<float>& g, void* workspace, cudaStream_t stream,
+                          SsdBackwardForm form, SsdMath math) {
   const char* op = "ssd_train_backward";
   if (a.heads < 1 || a.head_dim < 1) return detail::error(op, "heads and head_dim must be at least 1");
   const train::ScanArgs s = expanded(a);
@@ -365,7 +374,13 @@ Status ssd_train_backward(const train::SsdTrainArgs& a, const train::SsdTrainTen
   MSSM_STATUS_TRY(check(s, a.head_dim, op, &v));
   if (!g.dx || !g.ddt || !g.dA || !g.dB || !g.dC) return detail::error(op, "dx, ddt, dA, dB and dC are required");
   if (!workspace) return detail::error(op, "a workspace of ssd_train_backward_workspace_bytes() is required");
+  const int tile = form == SsdBackwardForm::recurrent ? 0 : detail::ssd_backward_chunked_tile(a, math);
+  if (form == SsdBackwardForm::chunked && tile == 0)
+    return detail::error(op, "the chunked form's tiles (chunk " + std::to_string(a.chunk) + ", head_dim " +
+                                 std::to_string(a.head_dim) + ", state " + std::to_string(a.state) +
+                                 ") do not fit this device's shared memory; use the recurrent form");
   MSSM_STATUS_TRY(zero_sums(s, g.dB, g.dC, g.ddt, a.heads, stream, op));
+  if (tile > 0) return detail::ssd_backward_chunked(a, t, boundary, dy, g, math, tile, workspace, stream);
   // dD and ddt_bias are ignored when D and dt_bias are null (ssd_chunked.h).
   launch_backward<true>(v, TrainTensors{t.x, t.dt, t.A, t.B, t.C, t.D, nullptr, t.dt_bias}, boundary, dy,
                         TrainGrads{g.dx, g.ddt, g.dA, g.dB, g.dC, t.D ? g.dD : nullptr, nullptr,

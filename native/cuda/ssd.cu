@@ -19,9 +19,7 @@
 // either as fp32 dot products on the CUDA cores or as bf16 wmma tiles (16×16×16) on the tensor cores
 // with fp32 accumulators. Sizes are padded to multiples of 16 with zeros, which add nothing.
 //
-// Precision of the tensor-core path ("split bf16", also called bf16x3): every operand tile is held as
-// two bf16 planes, hi = bf16(v) and lo = bf16(v - hi), so hi + lo carries 16 bits of v's mantissa,
-// and each product is hi·hi + hi·lo + lo·hi (lo·lo, 2^-16 relative, is dropped), accumulated in fp32.
+// Precision of the tensor-core path: "split bf16" operands (ssd_tiles.h, where the tile helpers live).
 // A single bf16 rounding of the fp32 operands is not enough for 1e-2 of max error against the fp32
 // kernel: a host emulation (same rounding at the same places) of the test's cases gave a worst
 // |err|/(|want| + RMS) of 0.047 for y with every operand in plain bf16 (matching the H200's 0.0472),
@@ -33,125 +31,20 @@
 // that a block keeps many bytes in flight instead of one load per thread per round trip.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <algorithm>
 
 #include "cuda_common.cuh"
+#include "ssd_tiles.h"
 
 namespace mssm::cuda {
 namespace {
 
 using detail::ceil_div;
-namespace wmma = nvcuda::wmma;
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-__host__ __device__ constexpr int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
-__host__ __device__ constexpr size_t align128(size_t v) { return (v + 127) / 128 * 128; }
-
-// Leading dimensions of shared tiles: odd for fp32 (the dot-product loops read columns without bank
-// conflicts), a multiple of 8 elements for bf16 (wmma needs 16-byte multiples).
-template <typename T>
-__host__ __device__ constexpr int lead(int cols) {
-  return sizeof(T) == 4 ? cols + 1 : cols + 8;
-}
-// fp32 results of the products (wmma stores them: a multiple of 4 floats).
-__host__ __device__ constexpr int lead_f32(int cols) { return cols + 4; }
-
-// Planes of an operand tile: fp32 one; split bf16 two (hi, then lo at `plane` elements further).
-template <typename T>
-__host__ __device__ constexpr int planes() {
-  return sizeof(T) == 4 ? 1 : 2;
-}
-// Elements of one plane of a tile of `rows` rows with leading dimension ld.
-__host__ __device__ constexpr int plane_size(int rows, int ld) { return rows * ld; }
-
-// tile[i] = v: fp32 as is; split bf16 as hi at tile[i] and lo = bf16(v - hi) at tile[i + plane].
-__device__ __forceinline__ void put(float* tile, int /*plane*/, int i, float v) { tile[i] = v; }
-__device__ __forceinline__ void put(__nv_bfloat16* tile, int plane, int i, float v) {
-  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-  tile[i] = hi;
-  tile[i + plane] = __float2bfloat16_rn(v - __bfloat162float(hi));
-}
-
-constexpr int kBatch = 8;  // loads in flight per thread in the staging loops
-
-// For e in [0, count), spread over the block: store(e, load(e)), with kBatch loads issued before the
-// first store (load(e) must be safe for every e < count).
-template <typename Load, typename Store>
-__device__ __forceinline__ void staged(int count, Load load, Store store) {
-  for (int e0 = threadIdx.x; e0 < count; e0 += kThreads * kBatch) {
-    float v[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int e = e0 + u * kThreads;
-      v[u] = e < count ? load(e) : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int e = e0 + u * kThreads;
-      if (e < count) store(e, v[u]);
-    }
-  }
-}
-
-// out[i·ldo + j] (+)= Σ_k A(i,k)·B(k,j) over i < M, j < Nc, k < K, all multiples of 16, by the whole
-// block. A(i,k) is A[i·lda + k] (row-major) or A[k·lda + i] (ACol); B(k,j) is B[k·ldb + j] or
-// B[j·ldb + k] (BCol). Split bf16: the lo planes are pa and pb elements further. Ends with a barrier.
-template <typename T, bool ACol, bool BCol>
-__device__ void block_matmul(float* out, int ldo, const T* A, int lda, int pa, const T* B, int ldb, int pb, int M,
-                             int Nc, int K, bool accumulate) {
-  if constexpr (sizeof(T) == 4) {
-    for (int e = threadIdx.x; e < M * Nc; e += kThreads) {
-      const int i = e / Nc, j = e % Nc;
-      float acc = accumulate ? out[i * ldo + j] : 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const float a = ACol ? A[k * lda + i] : A[i * lda + k];
-        const float b = BCol ? B[j * ldb + k] : B[k * ldb + j];
-        acc = fmaf(a, b, acc);
-      }
-      out[i * ldo + j] = acc;
-    }
-  } else {
-    using ALayout = std::conditional_t<ACol, wmma::col_major, wmma::row_major>;
-    using BLayout = std::conditional_t<BCol, wmma::col_major, wmma::row_major>;
-    const int tiles_n = Nc / 16, tiles = (M / 16) * tiles_n;
-    for (int tile = threadIdx.x / 32; tile < tiles; tile += kWarps) {
-      const int ti = tile / tiles_n, tj = tile % tiles_n;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      float* o = out + ti * 16 * ldo + tj * 16;
-      if (accumulate)
-        wmma::load_matrix_sync(acc, o, ldo, wmma::mem_row_major);
-      else
-        wmma::fill_fragment(acc, 0.0f);
-      for (int k0 = 0; k0 < K; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> a_hi, a_lo;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> b_hi, b_lo;
-        const T* at = ACol ? A + k0 * lda + ti * 16 : A + ti * 16 * lda + k0;
-        const T* bt = BCol ? B + tj * 16 * ldb + k0 : B + k0 * ldb + tj * 16;
-        wmma::load_matrix_sync(a_hi, at, lda);
-        wmma::load_matrix_sync(a_lo, at + pa, lda);
-        wmma::load_matrix_sync(b_hi, bt, ldb);
-        wmma::load_matrix_sync(b_lo, bt + pb, ldb);
-        // The small terms first, then the large one.
-        wmma::mma_sync(acc, a_lo, b_hi, acc);
-        wmma::mma_sync(acc, a_hi, b_lo, acc);
-        wmma::mma_sync(acc, a_hi, b_hi, acc);
-      }
-      wmma::store_matrix_sync(o, acc, ldo, wmma::mem_row_major);
-    }
-  }
-  __syncthreads();
-}
+using namespace tiles;
 
 // Byte offsets of the shared-memory buffers of kernels 2 and 4 (the same on host and device). Operand
 // tiles have planes<T>() planes of rows × lead<T>(cols) elements each.
-template <typename T>
-__host__ __device__ size_t tile_bytes(int rows, int cols) {
-  return sizeof(T) * planes<T>() * (size_t)rows * lead<T>(cols);
-}
 
 // Kernel 2: X̃ [Q][Pp], B [Q][Np] (operand tiles), S_c [Pp][Np] (fp32).
 struct StateLayout {
@@ -467,17 +360,10 @@ Status check_args(const char* op, const cpu::SsdArgs& a) {
   return {};
 }
 
-int shared_limit() {
-  int device = 0, limit = 48 * 1024;
-  if (cudaGetDevice(&device) == cudaSuccess)
-    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return limit;
-}
-
 // The largest chunk (64, 32 or 16 tokens) whose tiles fit this device's shared memory; 0 if none.
 int choose_chunk(const cpu::SsdArgs& a, SsdMath math) {
   const int Pp = round16(a.head_dim), Np = round16(a.state);
-  const size_t limit = (size_t)shared_limit();
+  const size_t limit = (size_t)detail::shared_limit();
   for (int Q = 64; Q >= 16; Q /= 2) {
     const size_t need = math == SsdMath::fp32 ? shared_bytes<float>(Q, Pp, Np) : shared_bytes<__nv_bfloat16>(Q, Pp, Np);
     if (need <= limit) return Q;

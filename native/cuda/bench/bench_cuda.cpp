@@ -9,6 +9,8 @@
 //     (24 heads × 64, N 128, conv over 1792 channels) layer shapes, batch 1 and 64. Layer kernel time
 //     only (no matmuls, norms or sampling), averaged over back-to-back launches, so launch overhead
 //     is included.
+//   5 SSD training backward (24 heads × 64, one group, chunk 64, length 4096) for N = 64, 128, 256: the
+//     recurrent form against the chunked form with fp32 and with split bf16 tiles
 // Times: CUDA events, warm-up first, median of repeats. Prints a table and one JSON line.
 #include <cuda_runtime.h>
 
@@ -215,6 +217,40 @@ int main() {
     report("mamba2 ssd_step 24x64 N128", batch, time_ms([&] { check(cuda::ssd_step(a, nullptr)); }, 10, 5, 200));
   }
   add_json("\"decode\":[" + dec_json + "]");
+
+  // ---- 5 SSD training backward: recurrent against chunked -------------------------------------------
+  const int64_t Ltr = 4096;
+  std::printf("\nSSD training backward (batch 1, length %lld, %lld heads x %lld, chunk 64): recurrent vs chunked\n",
+              (long long)Ltr, (long long)H, (long long)P);
+  std::printf("%6s %14s %14s %14s %12s %12s\n", "N", "recurrent ms", "chunked fp32", "chunked bf16", "fp32 speedup",
+              "bf16 speedup");
+  std::string train_json;
+  float *dx = alloc(Ltr * H * P), *ddt = alloc(Ltr * H), *dAh = alloc(H), *dDh = alloc(H), *dbh = alloc(H);
+  float *dB = alloc(Ltr * Nmax), *dC = alloc(Ltr * Nmax), *yt = alloc(Ltr * H * P);
+  float* boundary = alloc((Ltr / 64) * H * P * Nmax);
+  for (int64_t N : {64, 128, 256}) {
+    train::SsdTrainArgs a;
+    a.batch = 1, a.length = Ltr, a.heads = H, a.head_dim = P, a.state = N, a.groups = 1, a.chunk = 64;
+    train::SsdTrainTensors<float> t;
+    t.x = u, t.dt = dt, t.A = Ah, t.B = Bm, t.C = Cm, t.D = Dh, t.dt_bias = dtb;
+    check(cuda::ssd_train_forward(a, t, yt, boundary, nullptr));
+    train::SsdTrainGrads<float> g;
+    g.dx = dx, g.ddt = ddt, g.dA = dAh, g.dB = dB, g.dC = dC, g.dD = dDh, g.ddt_bias = dbh;
+    void* work = nullptr;
+    CK(cudaMalloc(&work, cuda::ssd_train_backward_workspace_bytes(a)));
+    auto run = [&](cuda::SsdBackwardForm form, cuda::SsdMath math) {
+      return time_ms([&] { check(cuda::ssd_train_backward(a, t, boundary, z, g, work, nullptr, form, math)); }, 1, 5);
+    };
+    const double rec = run(cuda::SsdBackwardForm::recurrent, cuda::SsdMath::fp32);
+    const double f32 = run(cuda::SsdBackwardForm::chunked, cuda::SsdMath::fp32);
+    const double b16 = run(cuda::SsdBackwardForm::chunked, cuda::SsdMath::bf16_tensor);
+    CK(cudaFree(work));
+    std::printf("%6lld %14.3f %14.3f %14.3f %11.2fx %11.2fx\n", (long long)N, rec, f32, b16, rec / f32, rec / b16);
+    train_json += (train_json.empty() ? "" : ",") + std::string("{\"N\":") + std::to_string(N) +
+                  ",\"recurrent_ms\":" + std::to_string(rec) + ",\"chunked_fp32_ms\":" + std::to_string(f32) +
+                  ",\"chunked_bf16_ms\":" + std::to_string(b16) + "}";
+  }
+  add_json("\"ssd_train_backward\":[" + train_json + "]");
   CK(cudaDeviceSynchronize());
   std::printf("\nJSON {%s}\n", json.c_str());
   return 0;

@@ -5,6 +5,9 @@
 // each of the kernel's register layouts (N ≤ 32, 64, 128, 256), groups, chunks that do and do not
 // divide the length, a one-token sequence, the dt clamp, no softplus, and D, z and delta_bias each
 // present or absent. The (+=) gradients start from a random prefill, which must survive.
+// The SSD's backward runs in each of its forms: recurrent, chunked with fp32 tiles, and chunked with
+// split bf16 tiles on the tensor cores (whose host emulation, test_ssd_backward_blocks, stays within
+// 4.2e-5 on these shapes, dA the worst).
 // Tolerances: y and boundary 1e-5 relative to |want| + RMS(want), as test_cuda_selective_scan (float
 // against double: sums over N that cancel; a host copy of the kernel's float arithmetic reached 1.3e-6);
 // gradients 1e-4 in the norm measure of test_train_ops (‖got − want‖ / ‖want‖), its limit for the CPU's
@@ -12,6 +15,7 @@
 #include <functional>
 
 #include "test_cuda_util.h"
+#include "tests/ssd_train_shapes.h"
 #include "tests/train_test_util.h"
 #include "train/ops.h"
 
@@ -109,14 +113,7 @@ void run(Rng& rng, const Shape& s) {
   if (s.has_bias) grad("ddelta_bias", db, r_db);
 }
 
-struct SsdShape {
-  int64_t batch, length, heads, head_dim, state, groups, chunk;
-  bool softplus;
-  double dt_min, dt_max;
-  bool has_D, has_bias;
-};
-
-void run_ssd(Rng& rng, const SsdShape& s) {
+void run_ssd(Rng& rng, const SsdTrainShape& s) {
   train::SsdTrainArgs a;
   a.batch = s.batch, a.length = s.length, a.heads = s.heads, a.head_dim = s.head_dim, a.state = s.state;
   a.groups = s.groups, a.chunk = s.chunk, a.softplus = s.softplus, a.dt_min = s.dt_min, a.dt_max = s.dt_max;
@@ -150,30 +147,45 @@ void run_ssd(Rng& rng, const SsdShape& s) {
   t.x = gx.ptr, t.dt = gdt.ptr, t.A = gA.ptr, t.B = gB.ptr, t.C = gC.ptr;
   t.D = s.has_D ? gD.ptr : nullptr;
   t.dt_bias = s.has_bias ? gbias.ptr : nullptr;
-  const std::string what = "ssd_train B" + std::to_string(s.batch) + " L" + std::to_string(s.length) + " H" +
-                           std::to_string(s.heads) + " P" + std::to_string(s.head_dim) + " N" +
-                           std::to_string(s.state) + " G" + std::to_string(s.groups) + " chunk" +
-                           std::to_string(s.chunk) + (s.softplus ? "" : " no-softplus") +
-                           (s.dt_min > 0 ? " clamped" : "") + (s.has_D ? " D" : "") + (s.has_bias ? " bias" : "");
+  const std::string what = "ssd_train " + describe(s);
   KERNEL_OK(cuda::ssd_train_forward(a, t, y.ptr, boundary.ptr, nullptr));
   expect_gpu_close(what + " y", y.download(), to_float(y_ref), 1e-5, rms(y_ref.data(), BL * HP));
   expect_gpu_close(what + " boundary", boundary.download(), to_float(boundary_ref), 1e-5,
                    rms(boundary_ref.data(), boundary_n) + 1e-30);
-  train::SsdTrainGrads<float> g;
-  g.dx = dx.ptr, g.ddt = ddt.ptr, g.dA = dA.ptr, g.dB = dB.ptr, g.dC = dC.ptr, g.dD = dD.ptr, g.ddt_bias = db.ptr;
-  void* work = nullptr;
-  CUDA_OK(cudaMalloc(&work, std::max<size_t>(cuda::ssd_train_backward_workspace_bytes(a), 4)));
-  KERNEL_OK(cuda::ssd_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr));
-  cudaFree(work);
-  auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) { expect_grad(what, name, got, want); };
-  grad("dx", dx, r_dx);
-  grad("ddt", ddt, r_ddt);
-  grad("dA", dA, r_dA);
-  grad("dB", dB, r_dB);
-  grad("dC", dC, r_dC);
-  // Absent D or dt_bias: their gradients are ignored, so the prefill must come back untouched.
-  grad("dD", dD, s.has_D ? r_dD : to_double(dD0));
-  grad("ddt_bias", db, s.has_bias ? r_db : to_double(db0));
+  // Each form of the backward, from the forward's boundary states and fresh outputs.
+  struct Form {
+    cuda::SsdBackwardForm form;
+    cuda::SsdMath math;
+    const char* name;
+  };
+  const Form forms[] = {{cuda::SsdBackwardForm::recurrent, cuda::SsdMath::fp32, "recurrent"},
+                        {cuda::SsdBackwardForm::chunked, cuda::SsdMath::fp32, "chunked fp32"},
+                        {cuda::SsdBackwardForm::chunked, cuda::SsdMath::bf16_tensor, "chunked split-bf16"}};
+  for (const Form& f : forms) {
+    dA.upload(dA0), dD.upload(dD0), db.upload(db0);
+    for (DeviceBuffer* p : {&dx, &ddt, &dB, &dC}) p->poison();
+    train::SsdTrainGrads<float> g;
+    g.dx = dx.ptr, g.ddt = ddt.ptr, g.dA = dA.ptr, g.dB = dB.ptr, g.dC = dC.ptr, g.dD = dD.ptr, g.ddt_bias = db.ptr;
+    void* work = nullptr;
+    CUDA_OK(cudaMalloc(&work, std::max<size_t>(cuda::ssd_train_backward_workspace_bytes(a, f.form), 4)));
+    KERNEL_OK(cuda::ssd_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr, f.form, f.math));
+    cudaFree(work);
+    const std::string form_what = what + " " + f.name;
+    auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) {
+      expect_grad(form_what, name, got, want);
+    };
+    grad("dx", dx, r_dx);
+    grad("ddt", ddt, r_ddt);
+    grad("dA", dA, r_dA);
+    grad("dB", dB, r_dB);
+    grad("dC", dC, r_dC);
+    // Absent D or dt_bias: their gradients are ignored, so the prefill must come back untouched.
+    grad("dD", dD, s.has_D ? r_dD : to_double(dD0));
+    grad("ddt_bias", db, s.has_bias ? r_db : to_double(db0));
+  }
+  // automatic takes the chunked form wherever its tiles fit.
+  MSSM_CHECK(cuda::ssd_train_backward_form(a) == cuda::SsdBackwardForm::chunked, "%s: automatic picks the chunked form",
+             what.c_str());
 }
 
 }  // namespace
@@ -194,15 +206,7 @@ int main() {
       {2, 40, 16, 128, 2, 16, true, 0.0, INFINITY, true, true, true},
   };
   for (const Shape& s : shapes) run(rng, s);
-  const SsdShape ssd_shapes[] = {
-      {1, 1, 2, 3, 4, 1, 64, true, 0.0, INFINITY, true, true},
-      {2, 37, 6, 16, 12, 2, 8, true, 0.0, INFINITY, true, true},
-      {1, 70, 4, 8, 64, 1, 16, true, 0.0, INFINITY, false, true},
-      {2, 40, 3, 5, 40, 3, 64, true, 0.05, 0.5, true, false},
-      {1, 33, 4, 4, 130, 2, 10, false, 0.0, INFINITY, true, true},
-      {2, 50, 4, 16, 128, 2, 32, true, 0.0, INFINITY, true, true},
-  };
-  for (const SsdShape& s : ssd_shapes) run_ssd(rng, s);
+  for (const SsdTrainShape& s : ssd_train_shapes()) run_ssd(rng, s);
   train::SsdTrainArgs bad_ssd;
   bad_ssd.heads = 3, bad_ssd.head_dim = 2, bad_ssd.state = 2, bad_ssd.groups = 2;  // 6 channels, but 3 heads
   MSSM_CHECK(!cuda::ssd_train_forward(bad_ssd, {}, nullptr, nullptr, nullptr).ok(), "groups not dividing heads");

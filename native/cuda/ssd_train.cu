@@ -1,0 +1,115 @@
+// Launches of the chunked SSD backward for training (ssd_backward_block.h holds the kernels' bodies and
+// the algorithm): the workspace, the choice of the state tile, and the four kernels in order.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "ssd_backward_block.h"
+
+namespace mssm::cuda {
+namespace {
+
+using detail::ceil_div;
+using namespace ssd_backward;
+
+__global__ void prepare_kernel(View v) {
+  const int64_t item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (item < v.items()) prepare_item(v, item);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dstate_kernel(View v) {
+  extern __shared__ float4 shared_raw[];
+  dstate_block<T>(v, blockIdx.x, reinterpret_cast<char*>(shared_raw));
+}
+
+__global__ void dstate_pass_kernel(View v) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < v.batch * v.H * v.P * v.N) dstate_pass_element(v, i);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_kernel(View v) {
+  extern __shared__ float4 shared_raw[];
+  backward_block<T>(v, blockIdx.x, reinterpret_cast<char*>(shared_raw));
+}
+
+struct Sizes {
+  int Qp, Pp, Np;
+};
+Sizes sizes_of(const train::SsdTrainArgs& a) {
+  return {round16(std::min(a.chunk, a.length)), round16(a.head_dim), round16(a.state)};
+}
+
+template <typename T>
+size_t shared_bytes(const Sizes& z, int Nt) {
+  return std::max(back_layout<T>(z.Qp, z.Pp, Nt).total, dstate_layout<T>(z.Qp, z.Pp, Nt).total);
+}
+
+template <typename T>
+Status launch(const View& v, cudaStream_t stream) {
+  const char* op = "ssd_train_backward";
+  const size_t shared_back = back_layout<T>(v.Qp, v.Pp, v.Nt).total;
+  const size_t shared_dstate = dstate_layout<T>(v.Qp, v.Pp, v.Nt).total;
+  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(dstate_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)shared_dstate));
+  MSSM_CUDA_TRY(op, cudaFuncSetAttribute(backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)shared_back));
+  const int64_t items = v.items(), elements = v.batch * v.H * v.P * v.N;
+  prepare_kernel<<<(unsigned)ceil_div(items, 128), 128, 0, stream>>>(v);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  dstate_kernel<T><<<(unsigned)items, kThreads, shared_dstate, stream>>>(v);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  dstate_pass_kernel<<<(unsigned)ceil_div(elements, 256), 256, 0, stream>>>(v);
+  MSSM_STATUS_TRY(detail::check_launch(op));
+  backward_kernel<T><<<(unsigned)items, kThreads, shared_back, stream>>>(v);
+  return detail::check_launch(op);
+}
+
+}  // namespace
+
+namespace detail {
+
+int ssd_backward_chunked_tile(const train::SsdTrainArgs& a, SsdMath math) {
+  const Sizes z = sizes_of(a);
+  const size_t limit = (size_t)shared_limit();
+  for (int Nt : {z.Np, 64, 32, 16}) {
+    if (Nt > z.Np) continue;
+    const size_t need = math == SsdMath::fp32 ? shared_bytes<float>(z, Nt) : shared_bytes<__nv_bfloat16>(z, Nt);
+    if (need <= limit) return Nt;
+  }
+  return 0;
+}
+
+size_t ssd_backward_chunked_workspace_bytes(const train::SsdTrainArgs& a) {
+  const int64_t chunks = ceil_div(a.length, a.chunk);
+  return workspace_layout(a.batch * a.heads * chunks, sizes_of(a).Qp, a.head_dim, a.state).total;
+}
+
+Status ssd_backward_chunked(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
+                            const float* dy, const train::SsdTrainGrads<float>& g, SsdMath math, int Nt,
+                            void* workspace, cudaStream_t stream) {
+  const char* op = "ssd_train_backward";
+  const int64_t chunks = ceil_div(a.length, a.chunk), items = a.batch * a.heads * chunks;
+  if (items > 0x7fffffff) return error(op, "too many (sequence, head, chunk) items for one grid");
+  const Sizes z = sizes_of(a);
+  const Workspace w = workspace_layout(items, z.Qp, a.head_dim, a.state);
+  char* work = static_cast<char*>(workspace);
+  View v{};
+  v.batch = a.batch, v.L = a.length, v.H = a.heads, v.P = a.head_dim, v.N = a.state, v.G = a.groups;
+  v.chunk = a.chunk, v.chunks = chunks;
+  v.Qp = z.Qp, v.Pp = z.Pp, v.Np = z.Np, v.Nt = Nt;
+  v.softplus = a.softplus, v.dt_min = (float)a.dt_min, v.dt_max = (float)a.dt_max;
+  v.x = t.x, v.dt = t.dt, v.A = t.A, v.B = t.B, v.C = t.C, v.D = t.D, v.dt_bias = t.dt_bias;
+  v.boundary = boundary, v.dy = dy;
+  v.dx = g.dx, v.ddt = g.ddt, v.dA = g.dA, v.dB = g.dB, v.dC = g.dC;
+  v.dD = t.D ? g.dD : nullptr, v.ddt_bias = t.dt_bias ? g.ddt_bias : nullptr;
+  v.dtp = reinterpret_cast<float*>(work + w.dtp), v.slope = reinterpret_cast<float*>(work + w.slope);
+  v.cum = reinterpret_cast<double*>(work + w.cum), v.dstate = reinterpret_cast<float*>(work + w.dstate);
+  return math == SsdMath::fp32 ? launch<float>(v, stream) : launch<__nv_bfloat16>(v, stream);
+}
+
+}  // namespace detail
+}  // namespace mssm::cuda

@@ -1,0 +1,286 @@
+// The device's chunked SSD backward (native/cuda/ssd_backward_block.h), run on the host: its four
+// kernels' bodies, item by item and block by block, with each block's "shared memory" filled with NaN
+// bytes first (so a value read before it is written poisons the result), against the CPU trainer's
+// double backward (native/train/ssd_chunked.h, itself checked against finite differences in
+// test_train_ssd). Without nvcc each block runs as one thread doing the block's work in order, so
+// this checks the algorithm, the indexing, the tiling over state columns and the padding, not the
+// barriers (test_cuda_scan_train runs the kernels on a GPU).
+//
+// Shapes: ssd_train_shapes.h's, each with the state held whole and split into tiles of 64, 32 and 16
+// columns (absent D or dt_bias: their (+=) gradients must come back untouched); then two small ones
+// with every block on the device's 256 threads, emulated so that missing barriers show (EmulatedBlock).
+// The (+=) gradients start from a random prefill.
+//
+// Tolerances (‖got − want‖ / ‖want‖ per gradient, as test_train_ops): fp32 tiles 3e-5, the CPU's own
+// float backward's limit against the double one in test_train_ssd; split bf16 tiles (hi + lo, 16 bits
+// of each operand's mantissa, products in fp32) 1e-4.
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda/ssd_backward_block.h"
+#include "ssd_train_shapes.h"
+#include "train/ssd_chunked.h"
+#include "train_test_util.h"
+
+using namespace mssm;
+using namespace mssm::test;
+namespace sb = mssm::cuda::ssd_backward;
+
+namespace {
+
+constexpr double kFp32Tolerance = 3e-5;
+constexpr double kSplitBf16Tolerance = 1e-4;
+
+using Shape = SsdTrainShape;
+
+int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
+
+// ---- One block on many host threads ---------------------------------------------------------------
+// Runs a block body as `lanes` threads of one block, each on its own host thread but one at a time: a
+// lane runs until it reaches a barrier (MSSM_SYNC) or returns, then hands over to the next lane of the
+// round's order. Rounds, the stretches between two barriers, alternate ascending and descending lane
+// order, so of any two lanes each runs first in some round: a value read without the barrier that
+// should separate it from its write is read unwritten (shared memory starts as NaN) in one order, and
+// a value overwritten while another lane still has to read it is read overwritten in the other. Lanes
+// that return while others wait at a barrier are a divergent barrier (undefined on a GPU): reported.
+// The lanes never run at the same time, so the body's atomics may be plain additions.
+class EmulatedBlock {
+ public:
+  explicit EmulatedBlock(int lanes) : n_(lanes), gates_(lanes) {}
+
+  // False when a barrier was divergent.
+  template <typename Body>
+  bool run(const Body& body) {
+    order_.resize(n_);
+    for (int r = 0; r < n_; ++r) order_[r] = r;
+    pos_ = 0, ended_ = 0, divergent_ = false, ascending_ = true;
+    waiting_.clear();
+    for (Gate& g : gates_) g.open = false;
+    std::vector<std::thread> threads;
+    threads.reserve(n_);
+    for (int r = 0; r < n_; ++r)
+      threads.emplace_back([this, r, &body] {
+        cuda::tiles::host::Lane& lane = cuda::tiles::host::lane();
+        lane.rank = r, lane.stride = n_, lane.sync = &EmulatedBlock::barrier, lane.context = this;
+        {
+          std::unique_lock<std::mutex> lock(m_);
+          wait(lock, r);
+        }
+        body();
+        std::unique_lock<std::mutex> lock(m_);
+        ++ended_;
+        hand_over();
+      });
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      open(order_[0]);
+    }
+    for (std::thread& t : threads) t.join();
+    return !divergent_;
+  }
+
+ private:
+  struct Gate {
+    std::condition_variable cv;
+    bool open = false;
+  };
+  void open(int r) {
+    gates_[r].open = true;
+    gates_[r].cv.notify_one();
+  }
+  void wait(std::unique_lock<std::mutex>& lock, int r) {
+    gates_[r].cv.wait(lock, [&] { return gates_[r].open; });
+    gates_[r].open = false;
+  }
+  // The running lane stopped (m_ held): the next lane of the round, or the next round.
+  void hand_over() {
+    if (++pos_ < order_.size()) return open(order_[pos_]);
+    if (!waiting_.empty() && ended_ > 0) divergent_ = true;
+    ascending_ = !ascending_;
+    order_ = waiting_;
+    std::sort(order_.begin(), order_.end());
+    if (!ascending_) std::reverse(order_.begin(), order_.end());
+    waiting_.clear();
+    ended_ = 0, pos_ = 0;
+    if (!order_.empty()) open(order_[0]);
+  }
+  static void barrier(void* context) {
+    EmulatedBlock* self = static_cast<EmulatedBlock*>(context);
+    const int r = cuda::tiles::host::lane().rank;
+    std::unique_lock<std::mutex> lock(self->m_);
+    self->waiting_.push_back(r);
+    self->hand_over();
+    self->wait(lock, r);
+  }
+
+  int n_;
+  std::vector<Gate> gates_;
+  std::mutex m_;
+  std::vector<int> order_, waiting_;
+  size_t pos_ = 0;
+  int ended_ = 0;
+  bool divergent_ = false, ascending_ = true;
+};
+
+// The emulation catches what it is for: a read of a neighbour's write with no barrier between (NaN in
+// one of the orders), the same with the barrier (never), and a barrier some lanes skip.
+void check_emulation() {
+  for (bool with_barrier : {false, true}) {
+    std::vector<float> shared(64, NAN), seen(64, 0.0f);
+    EmulatedBlock block(64);
+    MSSM_CHECK(block.run([&] {
+      const int r = MSSM_RANK;
+      shared[r] = (float)r;
+      if (with_barrier) MSSM_SYNC();
+      seen[r] = shared[(r + 1) % 64];
+      MSSM_SYNC();
+      seen[r] += shared[(r + 63) % 64];
+    }), "emulation: no divergent barrier");
+    const bool any_nan = std::any_of(seen.begin(), seen.end(), [](float v) { return std::isnan(v); });
+    MSSM_CHECK(any_nan != with_barrier, "emulation: a missing barrier %s", with_barrier ? "is not reported" : "is caught");
+  }
+  EmulatedBlock block(8);
+  MSSM_CHECK(!block.run([] {
+    if (MSSM_RANK % 2) return;
+    MSSM_SYNC();
+  }), "emulation: a divergent barrier is caught");
+}
+
+// Fills `bytes` with 0xff: NaN as float, double and bf16.
+void poison(std::vector<double>& shared) { std::memset(shared.data(), 0xff, shared.size() * sizeof(double)); }
+
+struct Problem {
+  Shape s;
+  train::SsdTrainArgs a;
+  FVec x, dt, A, B, C, D, bias, dy, boundary;
+  FVec dA0, dD0, db0;
+  // The double backward's gradients.
+  Vec dx, ddt, dA, dB, dC, dD, db;
+};
+
+Problem make(Rng& rng, const Shape& s) {
+  Problem p;
+  p.s = s;
+  train::SsdTrainArgs& a = p.a;
+  a.batch = s.batch, a.length = s.length, a.heads = s.heads, a.head_dim = s.head_dim, a.state = s.state;
+  a.groups = s.groups, a.chunk = s.chunk, a.softplus = s.softplus, a.dt_min = s.dt_min, a.dt_max = s.dt_max;
+  const int64_t BL = s.batch * s.length, H = s.heads, HP = H * s.head_dim, GN = s.groups * s.state;
+  const int64_t chunks = (s.length + s.chunk - 1) / s.chunk;
+  p.x = rng.normals(BL * HP), p.B = rng.normals(BL * GN), p.C = rng.normals(BL * GN), p.D = rng.normals(H);
+  p.dt = s.softplus ? rng.uniforms(BL * H, -3.0f, 1.0f) : rng.uniforms(BL * H, 0.05f, 1.0f);
+  p.A = rng.uniforms(H, -2.0f, -0.05f), p.bias = rng.uniforms(H, -0.5f, 0.5f), p.dy = rng.normals(BL * HP);
+  p.dA0 = rng.normals(H), p.dD0 = rng.normals(H), p.db0 = rng.normals(H);
+  const Vec x(cast<double>(p.x)), B(cast<double>(p.B)), C(cast<double>(p.C)), D(cast<double>(p.D)),
+      dt(cast<double>(p.dt)), A(cast<double>(p.A)), bias(cast<double>(p.bias)), dy(cast<double>(p.dy));
+  train::SsdTrainTensors<double> t;
+  t.x = x.data(), t.dt = dt.data(), t.A = A.data(), t.B = B.data(), t.C = C.data();
+  t.D = s.has_D ? D.data() : nullptr;
+  t.dt_bias = s.has_bias ? bias.data() : nullptr;
+  Vec y(BL * HP), boundary(s.batch * chunks * HP * s.state);
+  train::ssd_forward<double>(a, t, y.data(), boundary.data());
+  p.boundary = cast<float>(boundary);
+  p.dx.assign(BL * HP, 0), p.ddt.assign(BL * H, 0), p.dB.assign(BL * GN, 0), p.dC.assign(BL * GN, 0);
+  p.dA = cast<double>(p.dA0), p.dD = cast<double>(p.dD0), p.db = cast<double>(p.db0);
+  train::SsdTrainGrads<double> g;
+  g.dx = p.dx.data(), g.ddt = p.ddt.data(), g.dA = p.dA.data(), g.dB = p.dB.data(), g.dC = p.dC.data();
+  g.dD = s.has_D ? p.dD.data() : nullptr;
+  g.ddt_bias = s.has_bias ? p.db.data() : nullptr;
+  train::ssd_backward<double>(a, t, boundary.data(), dy.data(), g);
+  return p;
+}
+
+// The four kernels of ssd_train.cu, in order, with tiles of T and state tiles of Nt columns; each block
+// as one host thread (lanes = 0) or emulated on `lanes` threads.
+template <typename T>
+void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lanes = 0) {
+  const Shape& s = p.s;
+  const int64_t BL = s.batch * s.length, H = s.heads, HP = H * s.head_dim, GN = s.groups * s.state;
+  sb::View v{};
+  v.batch = s.batch, v.L = s.length, v.H = H, v.P = s.head_dim, v.N = s.state, v.G = s.groups, v.chunk = s.chunk;
+  v.chunks = (s.length + s.chunk - 1) / s.chunk;
+  v.Qp = round16(std::min(s.chunk, s.length)), v.Pp = round16(s.head_dim), v.Np = round16(s.state), v.Nt = Nt;
+  v.softplus = s.softplus, v.dt_min = (float)s.dt_min, v.dt_max = (float)s.dt_max;
+  v.x = p.x.data(), v.dt = p.dt.data(), v.A = p.A.data(), v.B = p.B.data(), v.C = p.C.data();
+  v.D = s.has_D ? p.D.data() : nullptr;
+  v.dt_bias = s.has_bias ? p.bias.data() : nullptr;
+  v.boundary = p.boundary.data(), v.dy = p.dy.data();
+  FVec dx = poisoned<float>(BL * HP), ddt = poisoned<float>(BL * H), dB(BL * GN, 0.0f), dC(BL * GN, 0.0f);
+  FVec dA(p.dA0), dD(p.dD0), db(p.db0);
+  v.dx = dx.data(), v.ddt = ddt.data(), v.dA = dA.data(), v.dB = dB.data(), v.dC = dC.data();
+  v.dD = s.has_D ? dD.data() : nullptr;
+  v.ddt_bias = s.has_bias ? db.data() : nullptr;
+  const int64_t items = v.items();
+  FVec dtp = poisoned<float>(items * v.Qp), slope = poisoned<float>(items * v.Qp);
+  Vec cum = poisoned<double>(items * v.Qp);
+  FVec dstate = poisoned<float>(items * v.P * v.N);
+  v.dtp = dtp.data(), v.slope = slope.data(), v.cum = cum.data(), v.dstate = dstate.data();
+
+  const size_t bytes = std::max(sb::back_layout<T>(v.Qp, v.Pp, Nt).total, sb::dstate_layout<T>(v.Qp, v.Pp, Nt).total);
+  std::vector<double> shared(bytes / sizeof(double) + 1);
+  char* base = reinterpret_cast<char*>(shared.data());
+  const std::string what = describe(s) + " " + tiles + " Nt" + std::to_string(Nt) +
+                           (lanes ? " on " + std::to_string(lanes) + " lanes" : "");
+  EmulatedBlock block(std::max(lanes, 1));
+  auto launch = [&](auto body) {
+    if (lanes == 0) return body();
+    MSSM_CHECK(block.run(body), "%s: no divergent barrier", what.c_str());
+  };
+  for (int64_t item = 0; item < items; ++item) sb::prepare_item(v, item);
+  for (int64_t item = 0; item < items; ++item) {
+    poison(shared);
+    launch([&] { sb::dstate_block<T>(v, item, base); });
+  }
+  for (int64_t i = 0; i < s.batch * H * v.P * v.N; ++i) sb::dstate_pass_element(v, i);
+  for (int64_t item = 0; item < items; ++item) {
+    poison(shared);
+    launch([&] { sb::backward_block<T>(v, item, base); });
+  }
+
+  auto check = [&](const char* name, const FVec& got, const Vec& want) {
+    const double err = norm_error(got.data(), want.data(), want.size());
+    record(std::string(tiles) + " " + name, err);
+    MSSM_CHECK(err <= tolerance, "%s %s: error %.3g vs the double backward (limit %.3g)", what.c_str(), name, err,
+               tolerance);
+  };
+  check("dx", dx, p.dx);
+  check("ddt", ddt, p.ddt);
+  check("dA", dA, p.dA);
+  check("dB", dB, p.dB);
+  check("dC", dC, p.dC);
+  // Absent D or dt_bias: the prefill comes back untouched.
+  check("dD", dD, s.has_D ? p.dD : cast<double>(p.dD0));
+  check("ddt_bias", db, s.has_bias ? p.db : cast<double>(p.db0));
+}
+
+}  // namespace
+
+int main() {
+  Rng rng(41);
+  check_emulation();
+  for (const Shape& s : ssd_train_shapes()) {
+    const Problem p = make(rng, s);
+    const int Np = round16(s.state);
+    for (int Nt : {Np, 64, 32, 16})
+      if (Nt <= Np) run<float>(p, Nt, kFp32Tolerance, "fp32");
+    run<cuda::tiles::HostBf16>(p, Np, kSplitBf16Tolerance, "split-bf16");
+    run<cuda::tiles::HostBf16>(p, 16, kSplitBf16Tolerance, "split-bf16");
+  }
+  // The barriers: every block on the device's 256 threads, the state whole and in tiles.
+  const Shape emulated[] = {
+      {1, 40, 2, 5, 40, 1, 16, true, 0.0, INFINITY, true, true},
+      {1, 70, 2, 16, 33, 2, 64, true, 0.0, INFINITY, true, false},
+  };
+  for (const Shape& s : emulated) {
+    const Problem p = make(rng, s);
+    run<float>(p, round16(s.state), kFp32Tolerance, "fp32", cuda::tiles::kThreads);
+    run<float>(p, 16, kFp32Tolerance, "fp32", cuda::tiles::kThreads);
+  }
+  for (const auto& [key, err] : worst()) std::printf("  worst %-22s %.3g\n", key.c_str(), err);
+  return finish("test_ssd_backward_blocks");
+}
