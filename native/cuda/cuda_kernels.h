@@ -88,15 +88,18 @@ Status ssd_train_forward(const train::SsdTrainArgs& args, const train::SsdTrainT
 // The backward's two forms:
 // - chunked: the matrix form of the CPU trainer (ssd_backward_block.h), one block per (sequence, head,
 //   chunk), its products on the tensor cores (SsdMath::bf16_tensor, split bf16) or in fp32. It needs the
-//   chunk's tiles in shared memory: chunk and head_dim up to 64 with any state on an sm_80 or sm_90
-//   device, for example. Its workspace holds one [head_dim, state] adjoint per (sequence, head, chunk),
-//   as many values as the boundary states, so it grows with the length.
+//   chunk's tiles in shared memory: chunk and head_dim up to 64 on an sm_80 or sm_90 device, for
+//   example (132 KB at the least for those, so not on sm_86 or sm_89). Its workspace holds one
+//   [head_dim, state] adjoint per (sequence, head, chunk), as many values as the boundary states, so
+//   it grows with the length.
 // - recurrent: token by token, one warp per (sequence, channel), ddt summed atomically over each head's
-//   channels; any chunk; state ≤ 256. Its workspace grows with the chunk, not the length.
-// automatic takes the chunked form wherever its tiles fit, else the recurrent one. dB, dC, dA, dD and
-// dt_bias are sums of atomic additions in both.
+//   channels; any chunk. Its workspace grows with the chunk, not the length.
+// Both take state ≤ 256. automatic takes the chunked form wherever its tiles fit, else the recurrent
+// one. dB, dC, dA, dD and dt_bias are sums of atomic additions in both.
 enum class SsdBackwardForm : int32_t { automatic = 0, chunked = 1, recurrent = 2 };
-// Bytes of device workspace the backward needs (automatic: enough for either form).
+// Bytes of device workspace the backward needs with `form` (automatic: enough for either form). Size
+// it for the form the call will use: a recurrent-sized workspace is too small for the chunked form.
+// Device memory from cudaMalloc (256-byte aligned) is what the layouts assume.
 size_t ssd_train_backward_workspace_bytes(const train::SsdTrainArgs& args,
                                           SsdBackwardForm form = SsdBackwardForm::automatic);
 // The form `automatic` picks for these args on the current device with `math`.

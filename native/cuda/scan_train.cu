@@ -379,7 +379,8 @@ Status ssd_train_backward(const train::SsdTrainArgs& a, const train::SsdTrainTen
     return detail::error(op, "the chunked form's tiles (chunk " + std::to_string(a.chunk) + ", head_dim " +
                                  std::to_string(a.head_dim) + ", state " + std::to_string(a.state) +
                                  ") do not fit this device's shared memory; use the recurrent form");
-  MSSM_STATUS_TRY(zero_sums(s, g.dB, g.dC, g.ddt, a.heads, stream, op));
+  // The chunked form writes every ddt itself; the recurrent one sums it atomically over a head's channels.
+  MSSM_STATUS_TRY(zero_sums(s, g.dB, g.dC, tile > 0 ? nullptr : g.ddt, a.heads, stream, op));
   if (tile > 0) return detail::ssd_backward_chunked(a, t, boundary, dy, g, math, tile, workspace, stream);
   // dD and ddt_bias are ignored when D and dt_bias are null (ssd_chunked.h).
   launch_backward<true>(v, TrainTensors{t.x, t.dt, t.A, t.B, t.C, t.D, nullptr, t.dt_bias}, boundary, dy,

@@ -19,10 +19,11 @@ __global__ void prepare_kernel(View v) {
   if (item < v.items()) prepare_item(v, item);
 }
 
+// wmma needs 32-byte aligned tiles: the layouts align every buffer to 128 bytes from this base.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dstate_kernel(View v) {
-  extern __shared__ float4 shared_raw[];
-  dstate_block<T>(v, blockIdx.x, reinterpret_cast<char*>(shared_raw));
+  extern __shared__ __align__(128) char dstate_shared[];
+  dstate_block<T>(v, blockIdx.x, dstate_shared);
 }
 
 __global__ void dstate_pass_kernel(View v) {
@@ -32,8 +33,8 @@ __global__ void dstate_pass_kernel(View v) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(View v) {
-  extern __shared__ float4 shared_raw[];
-  backward_block<T>(v, blockIdx.x, reinterpret_cast<char*>(shared_raw));
+  extern __shared__ __align__(128) char backward_shared[];
+  backward_block<T>(v, blockIdx.x, backward_shared);
 }
 
 struct Sizes {
@@ -73,6 +74,9 @@ Status launch(const View& v, cudaStream_t stream) {
 namespace detail {
 
 int ssd_backward_chunked_tile(const train::SsdTrainArgs& a, SsdMath math) {
+  // One block per item and one thread per state element of every (sequence, head): both grids must fit.
+  const int64_t items = a.batch * a.heads * ceil_div(a.length, a.chunk);
+  if (items > 0x7fffffff || ceil_div(a.batch * a.heads * a.head_dim * a.state, 256) > 0x7fffffff) return 0;
   const Sizes z = sizes_of(a);
   const size_t limit = (size_t)shared_limit();
   for (int Nt : {z.Np, 64, 32, 16}) {
@@ -91,9 +95,7 @@ size_t ssd_backward_chunked_workspace_bytes(const train::SsdTrainArgs& a) {
 Status ssd_backward_chunked(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
                             const float* dy, const train::SsdTrainGrads<float>& g, SsdMath math, int Nt,
                             void* workspace, cudaStream_t stream) {
-  const char* op = "ssd_train_backward";
   const int64_t chunks = ceil_div(a.length, a.chunk), items = a.batch * a.heads * chunks;
-  if (items > 0x7fffffff) return error(op, "too many (sequence, head, chunk) items for one grid");
   const Sizes z = sizes_of(a);
   const Workspace w = workspace_layout(items, z.Qp, a.head_dim, a.state);
   char* work = static_cast<char*>(workspace);
