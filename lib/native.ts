@@ -39,7 +39,8 @@ export interface NativeAddon {
   moeRoute(args: Args): void;
   moeExperts(args: Args): void;
   argmax(args: Args): void;
-  sample(args: Args): { token: number; rngState: bigint };
+  sample(args: Args): { token: number; rngState?: bigint };
+  samplingDraw(args: Args): { draw: number; rngState: bigint };
   fmaPeak(args: Args): number;
   bf16Peak(args: Args): number;
   readSum(args: Args): number;

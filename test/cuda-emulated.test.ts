@@ -22,6 +22,7 @@ interface FakeState {
 interface FakeModel {
   kind: "model";
   cpu: object;
+  vocab: number;
   released: boolean;
 }
 
@@ -55,7 +56,8 @@ function fakeBackend(addon: Record<string, Fn>): Record<string, Fn> {
       keys("cudaModelCreate", a, ["config", "weights", "weightDType", "device"], ["config", "weights"]);
       if (a.weightDType !== "f32" && a.weightDType !== "bf16") throw new Error("cudaModelCreate: weightDType");
       live.models++;
-      return { kind: "model", cpu: cpu.modelCreate({ config: a.config, weights: a.weights }), released: false } as FakeModel;
+      const vocab = (a.config as MambaConfig).vocabSize;
+      return { kind: "model", cpu: cpu.modelCreate({ config: a.config, weights: a.weights }), vocab, released: false } as FakeModel;
     },
     cudaModelInfo: (a: Args) => {
       keys("cudaModelInfo", a, ["model"], ["model"]);
@@ -96,11 +98,29 @@ function fakeBackend(addon: Record<string, Fn>): Record<string, Fn> {
         convState: s?.conv, ssmState: s?.ssm, useInitialState: a.useInitialState,
       });
     },
-    cudaModelStep: (a: Args) => {
-      keys("cudaModelStep", a, ["model", "ids", "state", "logits"], ["model", "ids", "state", "logits"]);
+    cudaModelStep: async (a: Args) => {
+      const sampling = ["temperature", "topK", "topP", "minP", "repetitionPenalty", "penaltyTokens", "penaltyCount", "draws"];
+      if (a.tokens === undefined) keys("cudaModelStep", a, ["model", "ids", "state", "logits"], ["model", "ids", "state", "logits"]);
+      else keys("cudaModelStep", a, ["model", "ids", "state", "tokens", ...sampling], ["model", "ids", "state", "tokens", "draws"]);
       const m = model("cudaModelStep", a.model), s = state("cudaModelStep", a.state);
       if ((a.ids as ArrayBuffer).byteLength / 4 !== s.batch) throw new Error("cudaModelStep: ids and the state's batch differ");
-      return cpu.modelStep({ model: m.cpu, ids: a.ids, batch: s.batch, convState: s.conv, ssmState: s.ssm, logits: a.logits });
+      if (a.tokens === undefined) {
+        return cpu.modelStep({ model: m.cpu, ids: a.ids, batch: s.batch, convState: s.conv, ssmState: s.ssm, logits: a.logits });
+      }
+      // A sampling step: the CPU sampler on each row's logits with that row's draw and penalty tokens.
+      const vocab = m.vocab;
+      const logits = new Float32Array(s.batch * vocab);
+      await cpu.modelStep({ model: m.cpu, ids: a.ids, batch: s.batch, convState: s.conv, ssmState: s.ssm, logits: logits.buffer });
+      const draws = new Float32Array(a.draws as ArrayBuffer), out = new Int32Array(a.tokens as ArrayBuffer);
+      const count = (a.penaltyCount as number) ?? 0;
+      for (let r = 0; r < s.batch; r++) {
+        const penalty = a.penaltyTokens ? new Int32Array(a.penaltyTokens as ArrayBuffer).slice(r * count, (r + 1) * count) : null;
+        out[r] = (cpu.sample({
+          logits: logits.slice(r * vocab, (r + 1) * vocab).buffer, vocab, temperature: a.temperature, topK: a.topK, topP: a.topP,
+          minP: a.minP, repetitionPenalty: a.repetitionPenalty, penaltyTokens: penalty ? penalty.buffer : null,
+          penaltyCount: count, draw: draws[r],
+        }) as { token: number }).token;
+      }
     },
     cudaModelRelease: (h: unknown) => {
       const m = h as FakeModel;
@@ -222,6 +242,30 @@ describe.each([["mamba1", false], ["mamba2", false], ["mamba1", true]] as const)
     const want = await cpu.complete([1, 2, 3], { temperature: 0, maxTokens: 6, ignoreEos: true });
     const got = await gpu.complete([1, 2, 3], { temperature: 0, maxTokens: 6, ignoreEos: true });
     expect(got.tokens).toEqual(want.tokens);
+  });
+
+  test("sampled generation draws its tokens in sampling steps, the same stream as the CPU sampler's", async () => {
+    const calls: Args[] = [];
+    const step = addon.cudaModelStep;
+    addon.cudaModelStep = ((a: Args) => (calls.push(a), (step as (a: Args) => unknown)(a))) as Fn;
+    try {
+      for (const options of [
+        { temperature: 1.5, topK: 0, topP: 1, seed: 7 },
+        { temperature: 0.9, topK: 12, topP: 0.8, minP: 0.02, repetitionPenalty: 1.3, seed: 99 },
+      ]) {
+        calls.length = 0;
+        const want = await cpu.complete([5, 6, 7], { ...options, maxTokens: 12, ignoreEos: true });
+        const got = await gpu.complete([5, 6, 7], { ...options, maxTokens: 12, ignoreEos: true });
+        expect(got.tokens).toEqual(want.tokens);
+        // Every step after the first token is a sampling step; no logits come back to the host.
+        expect(calls.length).toBe(11);
+        expect(calls.every((a) => a.tokens !== undefined && a.logits === undefined)).toBe(true);
+        const last = calls[calls.length - 1];
+        expect(last.penaltyCount).toBe(options.repetitionPenalty ? 3 + 11 : 0);  // the prompt and 11 tokens
+      }
+    } finally {
+      addon.cudaModelStep = step;
+    }
   });
 });
 

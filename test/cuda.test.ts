@@ -11,8 +11,9 @@
 // split operands, about 1e-4 of the output's scale), bf16 matrices within 1e-3 of the CPU model on the
 // same bf16 weights at the baseline CPU level (which multiplies them with exact f32 activations).
 // On the GPU alone: prefill + steps against one forward, batched against single steps, saved,
-// reloaded and cloned states, states moved between the devices, and greedy tokens; and a
-// mixture-of-experts model against the CPU model.
+// reloaded and cloned states, states moved between the devices, greedy tokens, sampled tokens drawn
+// on the GPU against the host sampler on the GPU's logits; and a mixture-of-experts model against the
+// CPU model.
 import * as path from "path";
 import { cpuInfo, cudaInfo, initWeights, loadModel, MambaModel, ops, setCpuLevel, Tensor } from "../lib";
 import type { MambaConfig } from "../lib";
@@ -300,6 +301,35 @@ describe.each(["mamba1", "mamba2"] as const)("%s on the GPU", (architecture) => 
       rowTensor.dispose();
     }
     logits.dispose();
+  });
+
+  gpuTest("sampled generation draws each step's token on the GPU: a host loop over its logits gives the same", async () => {
+    const ids = prompt(9, c.vocabSize, 17);
+    const n = 12;
+    for (const options of [
+      { temperature: 1.2, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 5 },
+      { temperature: 0.7, topK: 9, topP: 0.85, minP: 0.02, repetitionPenalty: 1.4, seed: 11 },
+    ]) {
+      const got = await gpuF32.complete(ids, { ...options, maxTokens: n, ignoreEos: true });
+      // The same sampler on the host, fed the logits of the GPU's own steps.
+      const sampler = new ops.Sampler(options);
+      const history = [...ids];
+      const state = gpuF32.createState(1);
+      let logits = await gpuF32.prefill(state, [ids]);
+      const want: number[] = [];
+      for (let i = 0; i < n; i++) {
+        const token = sampler.sample(logits, options.repetitionPenalty !== 1 ? { penaltyTokens: history } : {});
+        logits.dispose();
+        want.push(token);
+        history.push(token);
+        if (i + 1 < n) logits = await gpuF32.step(state, [token]);
+      }
+      state.dispose();
+      // The device's exp may differ from the host's by an ulp, which moves a draw's boundary by about
+      // 1e-7 of the total: a difference that early is a one-in-a-million event.
+      expect(got.tokens).toEqual(want);
+      expect(new Set(want).size).toBeGreaterThan(2);
+    }
   });
 });
 

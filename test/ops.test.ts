@@ -1,6 +1,7 @@
 // The ops surface: every kernel reached from TypeScript, at every CPU level this machine supports,
 // compared with the naive references of reference.ts. (The C++ tests compare far more sizes.)
 import { cpuInfo, ops, setCpuLevel, Tensor } from "../lib";
+import { native } from "../lib/native";
 import { conv1dRef, matmulRef, maxRelError, rmsnormRef, rmsOf, Rng, selectiveScanRef, silu } from "./reference";
 
 const levels = cpuInfo().supported;
@@ -255,6 +256,38 @@ describe.each(levels)("ops at CPU level %s", (level) => {
     expect(new Set(seqA).size).toBeGreaterThan(1); // it does draw, not always the argmax
     // A strong repetition penalty on both maxima moves the greedy choice to token 4.
     expect(ops.sample(logits, { temperature: 0, repetitionPenalty: 10, penaltyTokens: [1, 3] })).toBe(4);
+  });
+
+  test("a sampler's draws for a device-side sampler are the stream its own sample() takes", () => {
+    // nextDraw() hands out what sample() would use and advances alike: drawing every other token
+    // through it (with the native sampler taking the draw directly) leaves the stream unchanged.
+    const rng = new Rng(3);
+    const logits = rng.normal(97, 1);
+    const options = { temperature: 0.8, topK: 30, topP: 0.9, minP: 0.01, repetitionPenalty: 1.2 };
+    const penaltyTokens = [4, 8, 15, 16, 23, 42];
+    const plain = new ops.Sampler({ seed: 1234, ...options });
+    const mixed = new ops.Sampler({ seed: 1234, ...options });
+    const want: number[] = [], got: number[] = [];
+    for (let i = 0; i < 64; i++) {
+      want.push(plain.sample(logits, { penaltyTokens }));
+      if (i % 2) {
+        got.push(mixed.sample(logits, { penaltyTokens }));
+        continue;
+      }
+      const d = mixed.nextDraw({ penaltyTokens });
+      expect(d.draw).toBeGreaterThanOrEqual(0);
+      expect(d.draw).toBeLessThan(1);
+      expect(Array.from(d.penaltyTokens)).toEqual(penaltyTokens);
+      got.push(native().sample({
+        logits: logits.slice().buffer, vocab: logits.length, temperature: d.temperature, topK: d.topK, topP: d.topP, minP: d.minP,
+        repetitionPenalty: d.repetitionPenalty, penaltyTokens: d.penaltyTokens.buffer, penaltyCount: d.penaltyTokens.length, draw: d.draw,
+      }).token);
+    }
+    expect(got).toEqual(want);
+    expect(new Set(want).size).toBeGreaterThan(3);
+    expect(() => mixed.nextDraw({ topK: -1 })).toThrow(/topK must be an integer >= 0/);
+    const bad = { logits: logits.slice().buffer, vocab: logits.length, topK: 0, draw: 1 };
+    expect(() => native().sample(bad)).toThrow(/either rngState \(a BigInt\) or draw \(a number in \[0, 1\)\) is required/);
   });
 });
 

@@ -13,10 +13,10 @@ import type { DeviceState } from "./state";
 
 type Args = Record<string, unknown>;
 
-/** The ids' own ArrayBuffer (a copy when the array is a view into a larger one). */
-function idsBuffer(ids: Int32Array): ArrayBuffer {
-  const exact = ids.byteOffset === 0 && ids.byteLength === ids.buffer.byteLength;
-  return (exact ? ids : ids.slice()).buffer as ArrayBuffer;
+/** The array's own ArrayBuffer (a copy when the array is a view into a larger one). */
+function ownBuffer(v: Int32Array | Float32Array): ArrayBuffer {
+  const exact = v.byteOffset === 0 && v.byteLength === v.buffer.byteLength;
+  return (exact ? v : v.slice()).buffer as ArrayBuffer;
 }
 
 export interface CudaDevice {
@@ -236,7 +236,7 @@ export async function cudaForward(
   const record = live(model, "forward");
   await (addon() as Required<CudaAddon>).cudaModelForward({
     model: record.handle,
-    ids: idsBuffer(options.ids),
+    ids: ownBuffer(options.ids),
     lengths: [...options.lengths],
     lastOnly: options.lastOnly,
     logits: options.logits.buffer("forward: logits"),
@@ -252,9 +252,48 @@ export async function cudaStep(model: CudaModel, options: { ids: Int32Array; sta
   const record = live(model, "step");
   await (addon() as Required<CudaAddon>).cudaModelStep({
     model: record.handle,
-    ids: idsBuffer(options.ids),
+    ids: ownBuffer(options.ids),
     state: options.state.handle("step"),
     logits: options.logits.buffer("step: logits"),
   });
   return options.logits;
+}
+
+/** The sampler's numbers for a sampling step (lib/ops/sampling.ts's DeviceDraw): one row per sequence. */
+export interface CudaSampling {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repetitionPenalty: number;
+  /** [batch][penaltyCount] tokens the repetition penalty applies to, or null. */
+  penaltyTokens: Int32Array | null;
+  penaltyCount: number;
+  /** One uniform draw in [0, 1) per sequence. */
+  draws: Float32Array;
+}
+
+/**
+ * One decode step that also draws the next token of each sequence on the device (the CPU sampler's
+ * rules with the given draws): only the tokens [batch] come back, the logits stay on the GPU.
+ */
+export async function cudaStepSample(model: CudaModel, options: { ids: Int32Array; state: CudaState; sampling: CudaSampling }): Promise<Int32Array> {
+  const record = live(model, "step");
+  const s = options.sampling;
+  const tokens = new Int32Array(options.ids.length);
+  await (addon() as Required<CudaAddon>).cudaModelStep({
+    model: record.handle,
+    ids: ownBuffer(options.ids),
+    state: options.state.handle("step"),
+    tokens: tokens.buffer,
+    draws: ownBuffer(s.draws),
+    temperature: s.temperature,
+    topK: s.topK,
+    topP: s.topP,
+    minP: s.minP,
+    repetitionPenalty: s.repetitionPenalty,
+    penaltyTokens: s.penaltyTokens ? ownBuffer(s.penaltyTokens) : null,
+    penaltyCount: s.penaltyCount,
+  });
+  return tokens;
 }

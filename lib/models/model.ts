@@ -5,13 +5,16 @@ import type { TokenizerSource } from "../io/checkpoint";
 import { Tensor } from "../tensor";
 import { setThreads } from "../runtime";
 import { Sampler } from "../ops/sampling";
+import type { ResolvedSampling } from "../ops/sampling";
 import type { Tokenizer } from "../tokenizers";
 import { ByteTokenizer, loadTokenizerFor, StreamDecoder } from "../tokenizers";
 import { StopMatcher } from "../generation/stop";
 import { isMatrixWeight, MambaConfig } from "./config";
 import { ModelState, sameStateLayout } from "./state";
 import * as nativeModel from "./native-model";
-import { createCudaModel, CudaModel, CudaState, CudaWeightDType, cudaForward, cudaStep, cudaUsable, releaseCudaModel } from "./cuda-model";
+import {
+  createCudaModel, CudaModel, CudaState, CudaWeightDType, cudaForward, cudaStep, cudaStepSample, cudaUsable, releaseCudaModel,
+} from "./cuda-model";
 
 /** Where a model runs: the CPU, or an NVIDIA GPU ("cuda" is device 0, "cuda:1" device 1). */
 export type Device = "cpu" | "cuda" | `cuda:${number}`;
@@ -314,6 +317,27 @@ export class MambaModel {
     });
   }
 
+  /** A decode step of one sequence on the GPU that draws its next token there. */
+  #stepSample(state: ModelState, token: number, draw: ResolvedSampling & { draw: number }): Promise<number> {
+    const { cuda } = this.#live();
+    const tokens = this.#checkIds("step", [token]);
+    this.#checkState("step", state, 1);
+    return this.#serial(async () => {
+      const out = await cudaStepSample(cuda!, {
+        ids: tokens,
+        state: state.deviceState as CudaState,
+        sampling: {
+          ...draw,
+          penaltyTokens: draw.penaltyTokens.length ? draw.penaltyTokens : null,
+          penaltyCount: draw.penaltyTokens.length,
+          draws: Float32Array.of(draw.draw),
+        },
+      });
+      state.positions[0] += 1;
+      return out[0];
+    });
+  }
+
   /** A state saved with state.save(), on the model's device. */
   loadState(data: Uint8Array): ModelState {
     const { cuda } = this.#live();
@@ -360,7 +384,11 @@ export class MambaModel {
       prefillTokensPerSecond: 0, decodeTokensPerSecond: 0, finishReason: "length",
     };
     const state = this.createState(1);
+    const penalty = () => (o.repetitionPenalty !== 1 ? { penaltyTokens: history } : {});
     let logits: Tensor | null = null;
+    // On a GPU, each step draws its token there (cudaStepSample) with the draws of the same sampler,
+    // so only the token comes back; the first token is drawn here from the prefill's logits.
+    let drawn: number | null = null;
     try {
       let t0 = now();
       logits = await this.prefill(state, [ids]);
@@ -371,10 +399,16 @@ export class MambaModel {
           stats.finishReason = "abort";
           break;
         }
-        const current: Tensor = logits!;
-        const token = sampler.sample(current, o.repetitionPenalty !== 1 ? { penaltyTokens: history } : {});
-        current.dispose();
-        logits = null;
+        let token: number;
+        if (drawn !== null) {
+          token = drawn;
+          drawn = null;
+        } else {
+          const current: Tensor = logits!;
+          token = sampler.sample(current, penalty());
+          current.dispose();
+          logits = null;
+        }
         history.push(token);
         stats.generatedTokens++;
         if (!o.ignoreEos && this.config.eosTokenId !== undefined && token === this.config.eosTokenId) {
@@ -388,7 +422,10 @@ export class MambaModel {
           stats.finishReason = "stop";
           break;
         }
-        if (i + 1 < o.maxTokens) logits = await this.step(state, [token]);
+        if (i + 1 < o.maxTokens) {
+          if (this.#cuda) drawn = await this.#stepSample(state, token, sampler.nextDraw(penalty()));
+          else logits = await this.step(state, [token]);
+        }
       }
       stats.decodeMs = now() - t0;
       if (stats.finishReason !== "stop") {

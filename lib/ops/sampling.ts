@@ -63,34 +63,66 @@ export class Sampler {
   /** Draws one token from logits [vocab] (not modified). */
   sample(logits: Tensor | Float32Array, override: SamplingOptions = {}): number {
     const c = new ShapeChecker("sample");
-    const o = { ...this.options, ...override };
     const { buffer, vocab, temp } = logitsVector(c, logits);
     let penalty: Tensor | null = null;
     try {
-      const temperature = c.finiteNumber("temperature", o.temperature, 1);
-      const topK = o.topK === undefined ? 0 : o.topK;
-      if (!Number.isInteger(topK) || topK < 0) c.fail(`topK must be an integer >= 0, got ${topK}`);
-      const tokens = o.penaltyTokens ?? [];
-      if (tokens.length) penalty = Tensor.from(Int32Array.from(tokens));
+      const o = this.#resolve(c, override);
+      if (o.penaltyTokens.length) penalty = Tensor.from(o.penaltyTokens);
       const result = native().sample({
         logits: buffer,
         vocab,
-        temperature,
-        topK,
-        topP: c.finiteNumber("topP", o.topP, 1),
-        minP: c.finiteNumber("minP", o.minP, 0),
-        repetitionPenalty: c.finiteNumber("repetitionPenalty", o.repetitionPenalty, 1),
+        temperature: o.temperature,
+        topK: o.topK,
+        topP: o.topP,
+        minP: o.minP,
+        repetitionPenalty: o.repetitionPenalty,
         penaltyTokens: penalty ? penalty.buffer() : null,
-        penaltyCount: tokens.length,
+        penaltyCount: o.penaltyTokens.length,
         rngState: this.#rng,
       });
-      this.#rng = result.rngState;
+      this.#rng = result.rngState!;
       return result.token;
     } finally {
       penalty?.dispose();
       temp?.dispose();
     }
   }
+
+  /**
+   * What the next sample() would take, for a sampler that runs elsewhere (the GPU's, in a sampling
+   * step): the options as sample() checks them, and the uniform draw in [0, 1) it would use. The
+   * generator advances as one sample() advances it, so the stream of tokens stays the same.
+   */
+  nextDraw(override: SamplingOptions = {}): ResolvedSampling & { draw: number } {
+    const o = this.#resolve(new ShapeChecker("sample"), override);
+    const { draw, rngState } = native().samplingDraw({ rngState: this.#rng });
+    this.#rng = rngState;
+    return { ...o, draw };
+  }
+
+  #resolve(c: ShapeChecker, override: SamplingOptions): ResolvedSampling {
+    const o = { ...this.options, ...override };
+    const topK = o.topK === undefined ? 0 : o.topK;
+    if (!Number.isInteger(topK) || topK < 0) c.fail(`topK must be an integer >= 0, got ${topK}`);
+    return {
+      temperature: c.finiteNumber("temperature", o.temperature, 1),
+      topK,
+      topP: c.finiteNumber("topP", o.topP, 1),
+      minP: c.finiteNumber("minP", o.minP, 0),
+      repetitionPenalty: c.finiteNumber("repetitionPenalty", o.repetitionPenalty, 1),
+      penaltyTokens: Int32Array.from(o.penaltyTokens ?? []),
+    };
+  }
+}
+
+/** A sampler's options, checked, with the penalty tokens as an array. */
+export interface ResolvedSampling {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repetitionPenalty: number;
+  penaltyTokens: Int32Array;
 }
 
 /** One draw with a fresh generator seeded by options.seed. */

@@ -24,7 +24,7 @@ void moe_route(const float* logits, int64_t tokens, int64_t experts, int64_t top
                bool renormalize, float* weights, int32_t* indices, int32_t* counts);
 void moe_experts(const MoeExpertsArgs& args);
 void argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out);
-int32_t sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t* rng_state, float* scratch);
+int32_t sample(const float* logits, int64_t vocab, const SamplingParams& params, float u, float* scratch);
 double fma_peak(int64_t iterations);
 double bf16_peak(int64_t iterations);
 double read_sum(const float* data, int64_t n);

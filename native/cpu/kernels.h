@@ -104,6 +104,17 @@ struct SamplingParams {
   int64_t penalty_count = 0;
 };
 
+// The sampler's generator: one splitmix64 step of *state, and the draw a sample takes from it, the
+// top 24 bits as (bits >> 40) · 2⁻²⁴ (exact in a float). One draw per token, greedy ones included, so
+// a stream's position is the number of tokens drawn whatever the parameters were.
+inline uint64_t splitmix64(uint64_t* state) {
+  uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+inline float sampling_draw(uint64_t* state) { return (float)(splitmix64(state) >> 40) * (1.0f / 16777216.0f); }
+
 struct KernelTable {
   const char* level;
 
@@ -164,10 +175,9 @@ struct KernelTable {
 
   // out[r] = index of the largest logit of row r (ties: lowest index).
   void (*argmax)(const float* logits, int64_t rows, int64_t vocab, int32_t* out);
-  // One token from logits [vocab] (not modified). rng_state advances (splitmix64). scratch: at least
-  // 2·vocab floats.
-  int32_t (*sample)(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t* rng_state,
-                    float* scratch);
+  // One token from logits [vocab] (not modified) with the uniform draw u in [0, 1) (sampling_draw
+  // below). scratch: at least 2·vocab floats.
+  int32_t (*sample)(const float* logits, int64_t vocab, const SamplingParams& params, float u, float* scratch);
 
   // The machine's ceilings, for benchmarks: FLOPs done by `iterations` rounds of independent FMA chains
   // on every thread of the pool, and the sum of n floats read across the pool. bf16_peak: the same with

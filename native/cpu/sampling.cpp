@@ -13,10 +13,9 @@
 //   5. top_p < 1: walking in descending e (ties: lower index), keep the shortest prefix whose Σ e
 //      reaches top_p · Z (at least one token).
 //   6. min_p > 0: drop tokens with e / Z < min_p · (1 / Z), i.e. e < min_p.
-//   7. u = (splitmix64() >> 40) · 2⁻²⁴; return the first kept token, in the same descending order,
-//      at which the running Σ e exceeds u · (Σ e over the kept tokens).
-// Every call advances rng_state by exactly one splitmix64 step, greedy ones included, so a stream's
-// position is the number of tokens drawn whatever the parameters were.
+//   7. with the caller's draw u (kernels.h's sampling_draw: (splitmix64() >> 40) · 2⁻²⁴), return the
+//      first kept token, in the same descending order, at which the running Σ e exceeds
+//      u · (Σ e over the kept tokens).
 // NaN logits count as −∞. Non-finite maxima (+∞, or all −∞) fall back to the argmax.
 //
 // The descending order is produced lazily (see DescendingOrder): a 50k vocabulary is never fully
@@ -264,13 +263,6 @@ class DescendingOrder {
   uint64_t* keys_ = nullptr;
 };
 
-inline uint64_t splitmix64(uint64_t* state) {
-  uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 }  // namespace
 
 void argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out) {
@@ -284,10 +276,8 @@ void argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out) {
   });
 }
 
-int32_t sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t* rng_state, float* scratch) {
-  const uint64_t bits = rng_state ? splitmix64(rng_state) : 0;
+int32_t sample(const float* logits, int64_t vocab, const SamplingParams& params, float u, float* scratch) {
   if (vocab <= 0) return 0;
-  const float u = (float)(bits >> 40) * (1.0f / 16777216.0f);
 
   float* l = scratch;
   // The second half of scratch holds candidate indices (int32, the size of a float).

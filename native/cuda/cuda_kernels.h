@@ -113,9 +113,9 @@ Status ssd_train_backward(const train::SsdTrainArgs& args, const train::SsdTrain
 // cpu::KernelTable::argmax: out[r] = the index of row r's largest logit (ties: lowest; NaN never wins).
 Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, cudaStream_t stream);
 // cpu::KernelTable::sample for each of `rows` rows of logits [rows, vocab], with the same params: u[r]
-// is row r's uniform draw, made on the host as the CPU kernel makes it ((splitmix64() >> 40)·2⁻²⁴);
-// params.penalty_tokens is device memory [rows][penalty_count] (negative entries are skipped). All
-// pointers device memory; workspace: sample_workspace_bytes(rows, vocab).
+// is row r's uniform draw (cpu::sampling_draw, made on the host); params.penalty_tokens is device
+// memory [rows][penalty_count] (negative entries are skipped). All pointers device memory; workspace:
+// sample_workspace_bytes(rows, vocab).
 size_t sample_workspace_bytes(int64_t rows, int64_t vocab);
 Status sample(const float* logits, int64_t rows, int64_t vocab, const cpu::SamplingParams& params, const float* u,
               int32_t* out, void* workspace, cudaStream_t stream);

@@ -19,6 +19,7 @@
 
 #ifdef MSSM_NAPI_CUDA
 #include "handle.h"
+#include "sampling_args.h"
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -75,6 +76,16 @@ struct CudaModelHandle {
   // One logits buffer per decode batch size: the runner's CUDA graph of a step is bound to the
   // pointers it was captured with, so a fixed buffer lets every step of a generation replay it.
   std::unordered_map<int64_t, float*> step_logits;
+  // A sampling step's device buffers, grown as needed: the draws, the penalty tokens, the tokens out
+  // and the sampler's workspace.
+  struct Sampling {
+    float* draws = nullptr;
+    int32_t* penalty = nullptr;
+    int32_t* tokens = nullptr;
+    void* work = nullptr;
+    int64_t rows = 0, penalty_count = 0;
+    size_t work_bytes = 0;
+  } sampling;
   int in_flight = 0;
   bool released = false;
 
@@ -87,6 +98,8 @@ struct CudaModelHandle {
     forward_capacity = 0;
     for (auto& entry : step_logits) cudaFree(entry.second);
     step_logits.clear();
+    for (void* p : {(void*)sampling.draws, (void*)sampling.penalty, (void*)sampling.tokens, sampling.work}) cudaFree(p);
+    sampling = Sampling{};
   }
   ~CudaModelHandle() { drop(); }
 };
@@ -295,12 +308,21 @@ class CudaWorker : public PromiseWorker {
       hold(a.get("state"));
       ++state_->in_flight;
     }
-    Napi::Value logits = a.get("logits");
-    hold(logits);
-    host_logits_ = logits.As<Napi::ArrayBuffer>().Data();
+    for (const char* out : {"logits", "tokens"}) {
+      if (a.is_null(out)) continue;
+      Napi::Value buffer = a.get(out);
+      hold(buffer);
+      (std::strcmp(out, "logits") == 0 ? host_logits_ : host_tokens_) = buffer.As<Napi::ArrayBuffer>().Data();
+    }
   }
 
   bool step = false;
+  // A sampling step: the tokens drawn on the device from the step's logits with these parameters
+  // (penalty_tokens unset: the host copy is `penalty`, [batch][penalty_count]) and draws, one per row.
+  bool sample = false;
+  cpu::SamplingParams params;
+  std::vector<int32_t> penalty;
+  std::vector<float> draws;
   std::vector<int32_t> ids;
   std::vector<int64_t> lengths;
   cuda::ForwardArgs forward;
@@ -365,8 +387,10 @@ class CudaWorker : public PromiseWorker {
       s.conv_state = state_->conv;
       s.ssm_state = state_->ssm;
       s.logits = logits;
+      s.synchronize = !sample;  // a sampling step waits once, after the draw
       const cuda::Status st = model_->model->step(s);
       if (!st.ok()) return st.message;
+      if (sample) return draw_tokens(logits);
       e = cudaMemcpy(host, logits, batch * vocab * sizeof(float), cudaMemcpyDeviceToHost);
       return e == cudaSuccess ? "" : cuda_message("cudaMemcpy", e);
     }
@@ -391,9 +415,55 @@ class CudaWorker : public PromiseWorker {
     return e == cudaSuccess ? "" : cuda_message("cudaMemcpy", e);
   }
 
+  // The sampler on the runner's stream after the step, then the tokens back to the host.
+  std::string draw_tokens(const float* logits) {
+    CudaModelHandle::Sampling& b = model_->sampling;
+    const cudaStream_t stream = model_->model->stream();
+    // Whatever happens below, the step must be finished before the call returns.
+    auto fail = [&](const char* call, cudaError_t e) {
+      cudaStreamSynchronize(stream);
+      return cuda_message(call, e);
+    };
+    const int64_t count = params.penalty_count;
+    const size_t work_bytes = cuda::sample_workspace_bytes(batch, vocab);
+    cudaError_t e = cudaSuccess;
+    if (b.rows < batch || b.penalty_count < count || b.work_bytes < work_bytes) {
+      e = cudaStreamSynchronize(stream);  // the old buffers may still be in use by an earlier draw
+      for (void* p : {(void*)b.draws, (void*)b.penalty, (void*)b.tokens, b.work}) cudaFree(p);
+      b = CudaModelHandle::Sampling{};
+      const int64_t rows = batch, pc = count;
+      if (e == cudaSuccess) e = cudaMalloc(&b.draws, rows * sizeof(float));
+      if (e == cudaSuccess) e = cudaMalloc(&b.tokens, rows * sizeof(int32_t));
+      if (e == cudaSuccess) e = cudaMalloc(&b.penalty, std::max<int64_t>(1, rows * pc) * sizeof(int32_t));
+      if (e == cudaSuccess) e = cudaMalloc(&b.work, std::max<size_t>(1, work_bytes));
+      if (e != cudaSuccess) {
+        for (void* p : {(void*)b.draws, (void*)b.penalty, (void*)b.tokens, b.work}) cudaFree(p);
+        b = CudaModelHandle::Sampling{};
+        return "could not allocate the sampler's buffers on the device: " + fail("cudaMalloc", e);
+      }
+      b.rows = rows, b.penalty_count = pc, b.work_bytes = work_bytes;
+    }
+    e = cudaMemcpyAsync(b.draws, draws.data(), batch * sizeof(float), cudaMemcpyHostToDevice, stream);
+    if (e == cudaSuccess && count > 0)
+      e = cudaMemcpyAsync(b.penalty, penalty.data(), batch * count * sizeof(int32_t), cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) return fail("cudaMemcpyAsync", e);
+    cpu::SamplingParams p = params;
+    p.penalty_tokens = count > 0 ? b.penalty : nullptr;
+    const cuda::Status st = cuda::sample(logits, batch, vocab, p, b.draws, b.tokens, b.work, stream);
+    if (!st.ok()) {
+      cudaStreamSynchronize(stream);
+      return st.message;
+    }
+    e = cudaMemcpyAsync(host_tokens_, b.tokens, batch * sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+    const cudaError_t done = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) return cuda_message("cudaMemcpyAsync", e);
+    return done == cudaSuccess ? "" : cuda_message("cudaStreamSynchronize", done);
+  }
+
   CudaModelHandle* model_;
   CudaStateHandle* state_;
   void* host_logits_ = nullptr;
+  void* host_tokens_ = nullptr;
 };
 
 // cudaModelForward({model, ids, lengths, lastOnly, logits, paddedLength?, state?, useInitialState?,
@@ -425,7 +495,11 @@ Napi::Value CudaModelForward(const Napi::CallbackInfo& info) {
   });
 }
 
-// cudaModelStep({model, ids, state, logits}): one token for each sequence of the state's batch.
+// cudaModelStep({model, ids, state, logits}): one token for each sequence of the state's batch, its
+// logits into `logits`. A sampling step, cudaModelStep({model, ids, state, tokens, draws, temperature,
+// topK, topP, minP, repetitionPenalty, penaltyTokens, penaltyCount}), draws the next token of each
+// sequence on the device instead (the CPU sampler's rules, each row with its draw in [0, 1) and its
+// penaltyCount penalty tokens) into `tokens` (int32 [batch]); the logits stay on the device.
 Napi::Value CudaModelStep(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Napi::Env env = info.Env();
@@ -441,10 +515,30 @@ Napi::Value CudaModelStep(const Napi::CallbackInfo& info) {
     if (count != batch) {
       a.fail("ids hold " + std::to_string(count) + " tokens, the state " + std::to_string(batch) + " sequences");
     }
-    a.f32_out("logits", batch * vocab);
+    const bool sample = !a.is_null("tokens");
+    cpu::SamplingParams params;
+    std::vector<float> draws;
+    std::vector<int32_t> penalty;
+    if (sample) {
+      if (!a.is_null("logits")) a.fail("a sampling step (tokens) returns no logits: logits must be null");
+      a.i32_out("tokens", batch);
+      params = read_sampling_params(a, vocab, batch);
+      penalty.assign(params.penalty_tokens, params.penalty_tokens + batch * params.penalty_count);
+      params.penalty_tokens = nullptr;
+      const float* d = a.f32("draws", batch);
+      draws.assign(d, d + batch);
+      for (float u : draws)
+        if (!(u >= 0.0f && u < 1.0f)) a.fail("draws must be in [0, 1), got " + std::to_string(u));
+    } else {
+      a.f32_out("logits", batch * vocab);
+    }
     std::vector<int32_t> ids = read_token_ids(a, batch, vocab);
     auto* worker = new CudaWorker(env, "cudaModelStep", a, m, state);
     worker->step = true;
+    worker->sample = sample;
+    worker->params = params;
+    worker->penalty = std::move(penalty);
+    worker->draws = std::move(draws);
     worker->ids = std::move(ids);
     worker->batch = batch;
     worker->vocab = vocab;

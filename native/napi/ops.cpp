@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "args.h"
+#include "sampling_args.h"
 #include "cpu/kernels.h"
 
 namespace mssm::napi {
@@ -302,34 +303,42 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
     Args a(info, "sample");
     int64_t vocab = a.integer("vocab", 1, kMaxDim);
     const float* logits = a.f32("logits", vocab);
-    cpu::SamplingParams p;
-    p.temperature = (float)a.number("temperature", 1.0);
-    p.top_k = (int32_t)a.integer("topK", 0, 1 << 30);
-    p.top_p = (float)a.number("topP", 1.0);
-    p.min_p = (float)a.number("minP", 0.0);
-    p.repetition_penalty = (float)a.number("repetitionPenalty", 1.0);
-    if (!(p.temperature >= 0)) a.fail("temperature must be >= 0");
-    if (!(p.top_p > 0 && p.top_p <= 1)) a.fail("topP must be in (0, 1]");
-    if (!(p.min_p >= 0 && p.min_p <= 1)) a.fail("minP must be in [0, 1]");
-    if (!(p.repetition_penalty > 0)) a.fail("repetitionPenalty must be > 0");
-    if (!a.is_null("penaltyTokens")) {
-      p.penalty_count = a.integer("penaltyCount", 0, kMaxDim);
-      p.penalty_tokens = a.i32("penaltyTokens", p.penalty_count);
-      for (int64_t i = 0; i < p.penalty_count; ++i) {
-        if (p.penalty_tokens[i] < 0 || p.penalty_tokens[i] >= vocab) {
-          a.fail("penalty token " + std::to_string(p.penalty_tokens[i]) + " is outside [0, " + std::to_string(vocab) +
-                 ")");
-        }
-      }
+    const cpu::SamplingParams p = read_sampling_params(a, vocab, 1);
+    // The draw: from the generator's state (advanced and returned), or given as `draw`.
+    Napi::Value rng = a.get("rngState");
+    const bool given = rng.IsUndefined() || rng.IsNull();
+    if (!given && !rng.IsBigInt()) a.fail("rngState must be a BigInt");
+    uint64_t state = 0;
+    float u = 0.0f;
+    if (given) {
+      u = (float)a.number("draw", -1.0);
+      if (!(u >= 0.0f && u < 1.0f)) a.fail("either rngState (a BigInt) or draw (a number in [0, 1)) is required");
+    } else {
+      bool lossless = false;
+      state = rng.As<Napi::BigInt>().Uint64Value(&lossless);
+      u = cpu::sampling_draw(&state);
     }
+    std::vector<float> scratch((size_t)vocab * 2);
+    int32_t token = kernels().sample(logits, vocab, p, u, scratch.data());
+    Napi::Object out = Napi::Object::New(info.Env());
+    out.Set("token", Napi::Number::New(info.Env(), token));
+    if (!given) out.Set("rngState", Napi::BigInt::New(info.Env(), state));
+    return out;
+  });
+}
+
+// samplingDraw({rngState}) → {draw, rngState}: the draw a sample() from this generator state would
+// take, and the state after it (for a sampler that runs elsewhere: the GPU's).
+Napi::Value SamplingDraw(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    Args a(info, "samplingDraw");
     Napi::Value rng = a.get("rngState");
     if (!rng.IsBigInt()) a.fail("rngState must be a BigInt");
     bool lossless = false;
     uint64_t state = rng.As<Napi::BigInt>().Uint64Value(&lossless);
-    std::vector<float> scratch((size_t)vocab * 2);
-    int32_t token = kernels().sample(logits, vocab, p, &state, scratch.data());
+    const float u = cpu::sampling_draw(&state);
     Napi::Object out = Napi::Object::New(info.Env());
-    out.Set("token", Napi::Number::New(info.Env(), token));
+    out.Set("draw", Napi::Number::New(info.Env(), u));
     out.Set("rngState", Napi::BigInt::New(info.Env(), state));
     return out;
   });
@@ -358,6 +367,7 @@ void register_ops(Napi::Env env, Napi::Object exports) {
       {"moeExperts", MoeExperts},
       {"argmax", Argmax},
       {"sample", Sample},
+      {"samplingDraw", SamplingDraw},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
 }

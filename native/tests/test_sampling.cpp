@@ -25,8 +25,10 @@ uint64_t splitmix64(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
-// The draw the kernel makes from a given state (the 24-bit form documented in sampling.cpp).
+// The draw the kernel makes from a given state (the 24-bit form documented in kernels.h).
 double uniform_from(uint64_t state) { return (double)(splitmix64(state) >> 40) / 16777216.0; }
+// The next draw of a stream, as callers of the kernel make it.
+float draw(uint64_t* state) { return cpu::sampling_draw(state); }
 
 int32_t reference_argmax(const float* v, int64_t n, bool last_on_tie = false) {
   int32_t best = 0;
@@ -173,7 +175,7 @@ void test_greedy_and_penalty() {
       SamplingParams p;
       p.temperature = temperature;
       uint64_t state = 77, before = state;
-      MSSM_CHECK(k.sample(logits.data(), 29, p, &state, scratch.data()) == best, "%s greedy is argmax", at);
+      MSSM_CHECK(k.sample(logits.data(), 29, p, draw(&state), scratch.data()) == best, "%s greedy is argmax", at);
       splitmix64(before);
       MSSM_CHECK(state == before, "%s greedy advances the rng by one step", at);
     }
@@ -189,17 +191,17 @@ void test_greedy_and_penalty() {
       p.penalty_tokens = once.data();
       p.penalty_count = (int64_t)once.size();
       uint64_t state = 1;
-      MSSM_CHECK(k.sample(l.data(), 3, p, &state, scratch.data()) == 0, "%s 3/2 > 1.2: penalised once", at);
+      MSSM_CHECK(k.sample(l.data(), 3, p, draw(&state), scratch.data()) == 0, "%s 3/2 > 1.2: penalised once", at);
       p.repetition_penalty = 3.0f;
-      MSSM_CHECK(k.sample(l.data(), 3, p, &state, scratch.data()) == 1, "%s 3/3 < 1.2", at);
+      MSSM_CHECK(k.sample(l.data(), 3, p, draw(&state), scratch.data()) == 1, "%s 3/3 < 1.2", at);
       std::vector<float> negative = {-0.5f, -0.8f, -0.9f};
       std::vector<int32_t> first = {0};
       p.penalty_tokens = first.data();
       p.penalty_count = 1;
       p.repetition_penalty = 2.0f;
-      MSSM_CHECK(k.sample(negative.data(), 3, p, &state, scratch.data()) == 1, "%s -0.5·2 < -0.8", at);
+      MSSM_CHECK(k.sample(negative.data(), 3, p, draw(&state), scratch.data()) == 1, "%s -0.5·2 < -0.8", at);
       p.repetition_penalty = 1.5f;
-      MSSM_CHECK(k.sample(negative.data(), 3, p, &state, scratch.data()) == 0, "%s -0.5·1.5 > -0.8", at);
+      MSSM_CHECK(k.sample(negative.data(), 3, p, draw(&state), scratch.data()) == 0, "%s -0.5·1.5 > -0.8", at);
     }
     // NaN logits never chosen, greedy or sampled.
     {
@@ -207,10 +209,10 @@ void test_greedy_and_penalty() {
       SamplingParams p;
       p.temperature = 0;
       uint64_t state = 3;
-      MSSM_CHECK(k.sample(l.data(), 4, p, &state, scratch.data()) == 1, "%s NaN skipped by greedy", at);
+      MSSM_CHECK(k.sample(l.data(), 4, p, draw(&state), scratch.data()) == 1, "%s NaN skipped by greedy", at);
       p.temperature = 1;
       for (int i = 0; i < 50; ++i) {
-        int32_t t = k.sample(l.data(), 4, p, &state, scratch.data());
+        int32_t t = k.sample(l.data(), 4, p, draw(&state), scratch.data());
         MSSM_CHECK(t == 1 || t == 3, "%s NaN drawn (%d)", at, t);
       }
     }
@@ -219,13 +221,13 @@ void test_greedy_and_penalty() {
       SamplingParams p;
       p.top_k = 10;
       uint64_t a = 12345, b = 12345, expect = 12345;
-      int32_t ta = k.sample(logits.data(), 29, p, &a, scratch.data());
-      int32_t tb = k.sample(logits.data(), 29, p, &b, scratch.data());
+      int32_t ta = k.sample(logits.data(), 29, p, draw(&a), scratch.data());
+      int32_t tb = k.sample(logits.data(), 29, p, draw(&b), scratch.data());
       splitmix64(expect);
       MSSM_CHECK(ta == tb && a == b && a == expect, "%s same seed, same token, one step", at);
       int distinct = 0;
       std::set<int32_t> seen;
-      for (int i = 0; i < 40; ++i) seen.insert(k.sample(logits.data(), 29, p, &a, scratch.data()));
+      for (int i = 0; i < 40; ++i) seen.insert(k.sample(logits.data(), 29, p, draw(&a), scratch.data()));
       distinct = (int)seen.size();
       MSSM_CHECK(distinct > 1, "%s successive draws vary (%d distinct)", at, distinct);
     }
@@ -303,7 +305,7 @@ void test_draws_match_reference() {
       for (size_t s = 0; s < c.seeds.size(); ++s) {
         if (c.ambiguous[s]) continue;
         uint64_t state = c.seeds[s];
-        const int32_t got = k.sample(c.logits.data(), (int64_t)c.logits.size(), c.params, &state, scratch.data());
+        const int32_t got = k.sample(c.logits.data(), (int64_t)c.logits.size(), c.params, draw(&state), scratch.data());
         if (got != c.expected[s] && wrong++ == 0) {
           first_got = got;
           first_want = c.expected[s];
@@ -349,7 +351,7 @@ void test_frequencies() {
       std::vector<float> scratch(2 * vocab);
       std::vector<int> counts(vocab, 0);
       uint64_t state = 42;
-      for (int i = 0; i < draws; ++i) ++counts[k.sample(logits.data(), vocab, s.params, &state, scratch.data())];
+      for (int i = 0; i < draws; ++i) ++counts[k.sample(logits.data(), vocab, s.params, draw(&state), scratch.data())];
       double chi2 = 0, chi2_unfiltered = 0;
       int outside = draws;
       for (size_t j = 0; j < kept.tokens.size(); ++j) {
@@ -384,7 +386,7 @@ void report_speed() {
     uint64_t state = 1;
     const int reps = 50;
     auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) k.sample(logits.data(), vocab, p, &state, scratch.data());
+    for (int i = 0; i < reps; ++i) k.sample(logits.data(), vocab, p, draw(&state), scratch.data());
     double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() / reps;
     std::printf("  sample vocab %lld top_k %d top_p %.2f (%s): %.0f us\n", (long long)vocab, top_k, p.top_p, k.level,
                 us);

@@ -90,4 +90,18 @@ Status CudaModel::step(const StepArgs& a) {
   return {};
 }
 
+// The sampler (sampling.cu) as the CPU's, row by row with the given draws.
+size_t sample_workspace_bytes(int64_t rows, int64_t vocab) { return (size_t)(rows * 2 * vocab) * sizeof(float); }
+
+Status sample(const float* logits, int64_t rows, int64_t vocab, const cpu::SamplingParams& params, const float* u,
+              int32_t* out, void* workspace, cudaStream_t) {
+  if (rows < 0 || vocab < 1) return error("sample", "rows must be >= 0 and vocab >= 1");
+  for (int64_t r = 0; r < rows; ++r) {
+    cpu::SamplingParams p = params;
+    if (p.penalty_tokens) p.penalty_tokens += r * p.penalty_count;
+    out[r] = cpu::kernels().sample(logits + r * vocab, vocab, p, u[r], static_cast<float*>(workspace) + r * 2 * vocab);
+  }
+  return {};
+}
+
 }  // namespace mssm::cuda

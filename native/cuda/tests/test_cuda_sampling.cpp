@@ -2,10 +2,10 @@
 // 1 to 70000 logits with ties, NaN and −∞ (a NaN first in an all −∞ row), identical indices. sample:
 // 1500 random cases of 3 rows each (vocabularies of 1 to 3000, logit scales 0.5 to 10, ties, −∞
 // stretches, rows of signed zeros, temperature 0, top_k, top_p, min_p, a repetition penalty with a
-// repeated token), each row with its own draw u made from the same splitmix64 stream as the CPU's: the tokens must be the CPU's. The device's expf may differ
-// from the host's by an ulp or two, which moves a boundary between two tokens by about 1e-7 of Z; a
-// draw that close to one is rare (about one in a million), so at most 3 of the 4500 rows may differ,
-// and every difference is printed. (A host transliteration of the kernel's selection matched the CPU
+// repeated token), each row with its own draw u (cpu::sampling_draw), the same for both: the tokens
+// must be the CPU's. The device's expf may differ from the host's by an ulp or two, which moves a
+// boundary between two tokens by about 1e-7 of Z; a draw that close to one is rare (about one in a
+// million), so at most 3 of the 4500 rows may differ, and every difference is printed. (A host transliteration of the kernel's selection matched the CPU
 // sampler on 3000 such cases with no difference.)
 #include <array>
 
@@ -15,13 +15,6 @@ using namespace mssm;
 using namespace mssm::test;
 
 namespace {
-
-uint64_t splitmix64(uint64_t* s) {
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 void test_argmax(Rng& rng) {
   const auto& ref = reference_kernels();
@@ -71,13 +64,13 @@ void test_sample(Rng& rng) {
     if (count) p.repetition_penalty = 1.3f;
     std::vector<int32_t> want(rows);
     std::vector<float> u(rows), scratch(2 * V);
-    uint64_t cpu_state = 977ull * trial + 5, gpu_state = cpu_state;
+    uint64_t rng_state = 977ull * trial + 5;
     for (int64_t r = 0; r < rows; ++r) {
       cpu::SamplingParams pr = p;
       pr.penalty_tokens = count ? penalty.data() + r * count : nullptr;
       pr.penalty_count = count;
-      want[r] = ref.sample(logits.data() + r * V, V, pr, &cpu_state, scratch.data());
-      u[r] = (float)(splitmix64(&gpu_state) >> 40) * (1.0f / 16777216.0f);
+      u[r] = cpu::sampling_draw(&rng_state);
+      want[r] = ref.sample(logits.data() + r * V, V, pr, u[r], scratch.data());
     }
     DeviceBuffer dl(logits), du(u);
     DeviceInts dp(penalty), out(rows);
