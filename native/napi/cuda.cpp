@@ -389,7 +389,11 @@ class CudaWorker : public PromiseWorker {
       s.logits = logits;
       s.synchronize = !sample;  // a sampling step waits once, after the draw
       const cuda::Status st = model_->model->step(s);
-      if (!st.ok()) return st.message;
+      if (!st.ok()) {
+        // Nothing the step enqueued may still run once the call has settled and its buffers may go.
+        if (sample) cudaStreamSynchronize(model_->model->stream());
+        return st.message;
+      }
       if (sample) return draw_tokens(logits);
       e = cudaMemcpy(host, logits, batch * vocab * sizeof(float), cudaMemcpyDeviceToHost);
       return e == cudaSuccess ? "" : cuda_message("cudaMemcpy", e);
