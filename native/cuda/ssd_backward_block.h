@@ -38,12 +38,12 @@ namespace mssm::cuda::ssd_backward {
 
 using namespace tiles;
 
-MSSM_TILE_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
-MSSM_TILE_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
+MSSM_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
+MSSM_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 // dt = clamp(softplus(v), lo, hi) (softplus(v) = v above 20; no softplus when `softplus` is false) and
 // d dt / dv, 0 where clamped: native/train/dt_rule.h's rule.
-MSSM_TILE_FN void train_step_rule(bool softplus, float lo, float hi, float v, float* dt, float* slope) {
+MSSM_BLOCK_FN void train_step_rule(bool softplus, float lo, float hi, float v, float* dt, float* slope) {
   float value = v, grad = 1.0f;
   if (softplus && v <= 20.0f) {
     value = log1pf(expf(v));
@@ -66,8 +66,8 @@ struct View {
   float *dtp, *slope;                              // workspace [items][Qp]
   double* cum;                                     // workspace [items][Qp]
   float* dstate;                                   // workspace [items][P][N]: G_c, then dS_c
-  MSSM_TILE_HD int64_t items() const { return batch * H * chunks; }
-  MSSM_TILE_HD int len(int64_t c) const { return (int)(L - c * chunk < chunk ? L - c * chunk : chunk); }
+  MSSM_HD int64_t items() const { return batch * H * chunks; }
+  MSSM_HD int len(int64_t c) const { return (int)(L - c * chunk < chunk ? L - c * chunk : chunk); }
 };
 
 // Device memory of the workspace (offsets from a 256-byte aligned base).
@@ -88,7 +88,7 @@ inline Workspace workspace_layout(int64_t items, int Qp, int64_t P, int64_t N) {
 
 // ---- Kernel 1 -------------------------------------------------------------------------------------
 
-MSSM_TILE_FN void prepare_item(const View& v, int64_t item) {
+MSSM_BLOCK_FN void prepare_item(const View& v, int64_t item) {
   const int64_t c = item % v.chunks, h = item / v.chunks % v.H, b = item / (v.chunks * v.H);
   const int64_t t0 = c * v.chunk;
   const int len = v.len(c);
@@ -112,7 +112,7 @@ struct DstateLayout {
   size_t dy, c, g, total;
 };
 template <typename T>
-MSSM_TILE_HD DstateLayout dstate_layout(int Qp, int Pp, int Nt) {
+MSSM_HD DstateLayout dstate_layout(int Qp, int Pp, int Nt) {
   DstateLayout s{};
   size_t at = 0;
   s.dy = at, at = align128(at + tile_bytes<T>(Qp, Pp));
@@ -123,7 +123,7 @@ MSSM_TILE_HD DstateLayout dstate_layout(int Qp, int Pp, int Nt) {
 }
 
 template <typename T>
-MSSM_TILE_FN void dstate_block(const View& v, int64_t item, char* base) {
+MSSM_BLOCK_FN void dstate_block(const View& v, int64_t item, char* base) {
   const int64_t c = item % v.chunks;
   if (c == 0) return;  // the state entering chunk 0 is zero: nothing reads its adjoint
   const int64_t h = item / v.chunks % v.H, b = item / (v.chunks * v.H), g = h / (v.H / v.G);
@@ -157,7 +157,7 @@ MSSM_TILE_FN void dstate_block(const View& v, int64_t item, char* base) {
 // ---- Kernel 3 -------------------------------------------------------------------------------------
 
 // Element i = (b·H + h)·P·N + e of every chunk's dstate, chunks last to first.
-MSSM_TILE_FN void dstate_pass_element(const View& v, int64_t i) {
+MSSM_BLOCK_FN void dstate_pass_element(const View& v, int64_t i) {
   const int64_t PN = v.P * v.N, bh = i / PN, e = i % PN;
   float running = 0.0f;
   for (int64_t c = v.chunks - 1; c >= 0; --c) {
@@ -181,11 +181,11 @@ MSSM_TILE_FN void dstate_pass_element(const View& v, int64_t i) {
 struct BackLayout {
   size_t cum, qb, red, dtp, slope, ecs, w, off, q, rowsum, colsum, ddtx, c, b, s, ds, x, dy, mw, f1, f2, f3, total;
 };
-MSSM_TILE_HD constexpr int f1_cols(int Qp, int Nt) { return imax(Qp, Nt); }
-MSSM_TILE_HD constexpr int f2_cols(int Qp, int Pp, int Nt) { return imax(imax(Qp, Pp), Nt); }
+MSSM_HD constexpr int f1_cols(int Qp, int Nt) { return imax(Qp, Nt); }
+MSSM_HD constexpr int f2_cols(int Qp, int Pp, int Nt) { return imax(imax(Qp, Pp), Nt); }
 
 template <typename T>
-MSSM_TILE_HD BackLayout back_layout(int Qp, int Pp, int Nt) {
+MSSM_HD BackLayout back_layout(int Qp, int Pp, int Nt) {
   BackLayout s{};
   size_t at = 0;
   s.cum = at, at = align128(at + sizeof(double) * Qp);
@@ -208,7 +208,7 @@ MSSM_TILE_HD BackLayout back_layout(int Qp, int Pp, int Nt) {
 }
 
 template <typename T>
-MSSM_TILE_FN void backward_block(const View& v, int64_t item, char* base) {
+MSSM_BLOCK_FN void backward_block(const View& v, int64_t item, char* base) {
   const int64_t H = v.H, P = v.P, N = v.N, G = v.G, L = v.L, HP = H * P, GN = G * N;
   const int Qp = v.Qp, Pp = v.Pp, Np = v.Np, Nt = v.Nt;
   const int64_t c = item % v.chunks, h = item / v.chunks % H, b = item / (v.chunks * H), g = h / (H / G);

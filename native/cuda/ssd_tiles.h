@@ -2,12 +2,12 @@
 // operand tiles staged in shared memory as fp32 or as split bf16, the block's products over them, and
 // the staging loop.
 //
-// The header also compiles without nvcc (T = float, or HostBf16 below): each helper then runs as one
-// host thread that does all the block's work in order, with the barriers empty, unless the caller
-// has set the thread's place in an emulated block (host::Lane). The training backward's per-block
-// bodies (ssd_backward_block.h) are written on these helpers, so a CPU test runs the very same code,
-// block by block, against the CPU trainer (native/tests/test_ssd_backward_blocks.cpp). Under nvcc,
-// MSSM_RANK is the thread's index in the block and MSSM_STRIDE the block's thread count (kThreads).
+// The header also compiles without nvcc (T = float, or HostBf16 below), on block.h's primitives: each
+// helper then runs as one host thread that does all the block's work in order, with the barriers
+// empty, unless the caller has given the thread a place in an emulated block. MSSM_STRIDE is the
+// block's thread count (kThreads under nvcc). The training backward's per-block bodies
+// (ssd_backward_block.h) are written on these helpers, so a CPU test runs the very same code, block by
+// block, against the CPU trainer (native/tests/test_ssd_backward_blocks.cpp).
 //
 // Precision of the tensor-core path ("split bf16", also called bf16x3): every operand tile is held as
 // two bf16 planes, hi = bf16(v) and lo = bf16(v - hi), so hi + lo carries 16 bits of v's mantissa,
@@ -19,71 +19,44 @@
 #include <cstring>
 #include <type_traits>
 
+#include "block.h"
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <mma.h>
-#define MSSM_TILE_FN __device__ __forceinline__
-#define MSSM_TILE_HD __host__ __device__
-#define MSSM_RANK ((int)threadIdx.x)
 #define MSSM_STRIDE ::mssm::cuda::tiles::kThreads
-#define MSSM_SYNC() __syncthreads()
-#define MSSM_ATOMIC_ADD(p, v) atomicAdd((p), (v))
 #else
-namespace mssm::cuda::tiles::host {
-// The calling thread's place in an emulated block: by default one thread that does all the work
-// (rank 0, stride 1, no barrier). A test may run a block on several host threads, one at a time, with
-// its own barrier (test_ssd_backward_blocks), setting these per thread.
-struct Lane {
-  int rank = 0, stride = 1;
-  void (*sync)(void*) = nullptr;
-  void* context = nullptr;
-};
-inline Lane& lane() {
-  static thread_local Lane l;
-  return l;
-}
-inline void sync() {
-  Lane& l = lane();
-  if (l.sync) l.sync(l.context);
-}
-}  // namespace mssm::cuda::tiles::host
-#define MSSM_TILE_FN inline
-#define MSSM_TILE_HD
-#define MSSM_RANK (::mssm::cuda::tiles::host::lane().rank)
-#define MSSM_STRIDE (::mssm::cuda::tiles::host::lane().stride)
-#define MSSM_SYNC() ::mssm::cuda::tiles::host::sync()
-#define MSSM_ATOMIC_ADD(p, v) (void)(*(p) += (v))
+#define MSSM_STRIDE (::mssm::cuda::block::host::lane().stride)
 #endif
-
 namespace mssm::cuda::tiles {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBatch = 8;  // loads in flight per thread in the staging loops
 
-MSSM_TILE_HD constexpr int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
-MSSM_TILE_HD constexpr size_t align128(size_t v) { return (v + 127) / 128 * 128; }
+MSSM_HD constexpr int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
+MSSM_HD constexpr size_t align128(size_t v) { return (v + 127) / 128 * 128; }
 
 // Leading dimensions of shared tiles: odd for fp32 (the dot-product loops read columns without bank
 // conflicts), a multiple of 8 elements for bf16 (wmma needs 16-byte multiples).
 template <typename T>
-MSSM_TILE_HD constexpr int lead(int cols) {
+MSSM_HD constexpr int lead(int cols) {
   return sizeof(T) == 4 ? cols + 1 : cols + 8;
 }
 // fp32 results of the products (wmma stores them: a multiple of 4 floats).
-MSSM_TILE_HD constexpr int lead_f32(int cols) { return cols + 4; }
+MSSM_HD constexpr int lead_f32(int cols) { return cols + 4; }
 
 // Planes of an operand tile: fp32 one; split bf16 two (hi, then lo at `plane` elements further).
 template <typename T>
-MSSM_TILE_HD constexpr int planes() {
+MSSM_HD constexpr int planes() {
   return sizeof(T) == 4 ? 1 : 2;
 }
 // Elements of one plane of a tile of `rows` rows with leading dimension ld.
-MSSM_TILE_HD constexpr int plane_size(int rows, int ld) { return rows * ld; }
+MSSM_HD constexpr int plane_size(int rows, int ld) { return rows * ld; }
 
 // Bytes of an operand tile of rows × cols (planes<T>() planes of rows × lead<T>(cols) elements).
 template <typename T>
-MSSM_TILE_HD size_t tile_bytes(int rows, int cols) {
+MSSM_HD size_t tile_bytes(int rows, int cols) {
   return sizeof(T) * planes<T>() * (size_t)rows * lead<T>(cols);
 }
 
@@ -109,9 +82,9 @@ inline HostBf16 to_bf16(float f) {
 #endif
 
 // tile[i] = v: fp32 as is; split bf16 as hi at tile[i] and lo = bf16(v - hi) at tile[i + plane].
-MSSM_TILE_FN void put(float* tile, int /*plane*/, int i, float v) { tile[i] = v; }
+MSSM_BLOCK_FN void put(float* tile, int /*plane*/, int i, float v) { tile[i] = v; }
 #ifdef __CUDACC__
-MSSM_TILE_FN void put(__nv_bfloat16* tile, int plane, int i, float v) {
+MSSM_BLOCK_FN void put(__nv_bfloat16* tile, int plane, int i, float v) {
   const __nv_bfloat16 hi = __float2bfloat16_rn(v);
   tile[i] = hi;
   tile[i + plane] = __float2bfloat16_rn(v - __bfloat162float(hi));
@@ -127,7 +100,7 @@ inline void put(HostBf16* tile, int plane, int i, float v) {
 // For e in [0, count), spread over the block: store(e, load(e)), with kBatch loads issued before the
 // first store (load(e) must be safe for every e < count).
 template <typename Load, typename Store>
-MSSM_TILE_FN void staged(int count, Load load, Store store) {
+MSSM_BLOCK_FN void staged(int count, Load load, Store store) {
   for (int e0 = MSSM_RANK; e0 < count; e0 += MSSM_STRIDE * kBatch) {
     float v[kBatch];
 #pragma unroll
@@ -147,7 +120,7 @@ MSSM_TILE_FN void staged(int count, Load load, Store store) {
 // global tensor: tile[r][n] = scale(r)·src[r·stride + n0 + n] for r < valid_rows and n0 + n < valid_cols,
 // else 0.
 template <typename T, typename Scale>
-MSSM_TILE_FN void stage_tile(T* tile, int plane, int ld, int rows, int cols, const float* src, int64_t stride,
+MSSM_BLOCK_FN void stage_tile(T* tile, int plane, int ld, int rows, int cols, const float* src, int64_t stride,
                              int valid_rows, int64_t valid_cols, int n0, Scale scale) {
   staged(
       rows * cols,
@@ -158,14 +131,14 @@ MSSM_TILE_FN void stage_tile(T* tile, int plane, int ld, int rows, int cols, con
       [&](int e, float v) { put(tile, plane, (e / cols) * ld + e % cols, scale(e / cols) * v); });
 }
 struct Unscaled {
-  MSSM_TILE_HD float operator()(int) const { return 1.0f; }
+  MSSM_HD float operator()(int) const { return 1.0f; }
 };
 
 // out[i·ldo + j] (+)= Σ_k A(i,k)·B(k,j) over i < M, j < Nc, k < K, all multiples of 16, by the whole
 // block. A(i,k) is A[i·lda + k] (row-major) or A[k·lda + i] (ACol); B(k,j) is B[k·ldb + j] or
 // B[j·ldb + k] (BCol). Split bf16: the lo planes are pa and pb elements further. Ends with a barrier.
 template <typename T, bool ACol, bool BCol>
-MSSM_TILE_FN void block_matmul(float* out, int ldo, const T* A, int lda, int pa, const T* B, int ldb, int pb, int M,
+MSSM_BLOCK_FN void block_matmul(float* out, int ldo, const T* A, int lda, int pa, const T* B, int ldb, int pb, int M,
                                int Nc, int K, bool accumulate) {
   if constexpr (sizeof(T) == 4) {
     for (int e = MSSM_RANK; e < M * Nc; e += MSSM_STRIDE) {

@@ -16,14 +16,12 @@
 // of each operand's mantissa, products in fp32) 1e-4.
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cuda/ssd_backward_block.h"
+#include "emulated_block.h"
 #include "ssd_train_shapes.h"
 #include "train/ssd_chunked.h"
 #include "train_test_util.h"
@@ -40,117 +38,6 @@ constexpr double kSplitBf16Tolerance = 1e-4;
 using Shape = SsdTrainShape;
 
 int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
-
-// ---- One block on many host threads ---------------------------------------------------------------
-// Runs a block body as `lanes` threads of one block, each on its own host thread but one at a time: a
-// lane runs until it reaches a barrier (MSSM_SYNC) or returns, then hands over to the next lane of the
-// round's order. Rounds, the stretches between two barriers, alternate ascending and descending lane
-// order, so of any two lanes each runs first in some round: a value read without the barrier that
-// should separate it from its write is read unwritten (shared memory starts as NaN) in one order, and
-// a value overwritten while another lane still has to read it is read overwritten in the other. Lanes
-// that return while others wait at a barrier are a divergent barrier (undefined on a GPU): reported.
-// The lanes never run at the same time, so the body's atomics may be plain additions.
-class EmulatedBlock {
- public:
-  explicit EmulatedBlock(int lanes) : n_(lanes), gates_(lanes) {}
-
-  // False when a barrier was divergent.
-  template <typename Body>
-  bool run(const Body& body) {
-    order_.resize(n_);
-    for (int r = 0; r < n_; ++r) order_[r] = r;
-    pos_ = 0, ended_ = 0, divergent_ = false, ascending_ = true;
-    waiting_.clear();
-    for (Gate& g : gates_) g.open = false;
-    std::vector<std::thread> threads;
-    threads.reserve(n_);
-    for (int r = 0; r < n_; ++r)
-      threads.emplace_back([this, r, &body] {
-        cuda::tiles::host::Lane& lane = cuda::tiles::host::lane();
-        lane.rank = r, lane.stride = n_, lane.sync = &EmulatedBlock::barrier, lane.context = this;
-        {
-          std::unique_lock<std::mutex> lock(m_);
-          wait(lock, r);
-        }
-        body();
-        std::unique_lock<std::mutex> lock(m_);
-        ++ended_;
-        hand_over();
-      });
-    {
-      std::unique_lock<std::mutex> lock(m_);
-      open(order_[0]);
-    }
-    for (std::thread& t : threads) t.join();
-    return !divergent_;
-  }
-
- private:
-  struct Gate {
-    std::condition_variable cv;
-    bool open = false;
-  };
-  void open(int r) {
-    gates_[r].open = true;
-    gates_[r].cv.notify_one();
-  }
-  void wait(std::unique_lock<std::mutex>& lock, int r) {
-    gates_[r].cv.wait(lock, [&] { return gates_[r].open; });
-    gates_[r].open = false;
-  }
-  // The running lane stopped (m_ held): the next lane of the round, or the next round.
-  void hand_over() {
-    if (++pos_ < order_.size()) return open(order_[pos_]);
-    if (!waiting_.empty() && ended_ > 0) divergent_ = true;
-    ascending_ = !ascending_;
-    order_ = waiting_;
-    std::sort(order_.begin(), order_.end());
-    if (!ascending_) std::reverse(order_.begin(), order_.end());
-    waiting_.clear();
-    ended_ = 0, pos_ = 0;
-    if (!order_.empty()) open(order_[0]);
-  }
-  static void barrier(void* context) {
-    EmulatedBlock* self = static_cast<EmulatedBlock*>(context);
-    const int r = cuda::tiles::host::lane().rank;
-    std::unique_lock<std::mutex> lock(self->m_);
-    self->waiting_.push_back(r);
-    self->hand_over();
-    self->wait(lock, r);
-  }
-
-  int n_;
-  std::vector<Gate> gates_;
-  std::mutex m_;
-  std::vector<int> order_, waiting_;
-  size_t pos_ = 0;
-  int ended_ = 0;
-  bool divergent_ = false, ascending_ = true;
-};
-
-// The emulation catches what it is for: a read of a neighbour's write with no barrier between (NaN in
-// one of the orders), the same with the barrier (never), and a barrier some lanes skip.
-void check_emulation() {
-  for (bool with_barrier : {false, true}) {
-    std::vector<float> shared(64, NAN), seen(64, 0.0f);
-    EmulatedBlock block(64);
-    MSSM_CHECK(block.run([&] {
-      const int r = MSSM_RANK;
-      shared[r] = (float)r;
-      if (with_barrier) MSSM_SYNC();
-      seen[r] = shared[(r + 1) % 64];
-      MSSM_SYNC();
-      seen[r] += shared[(r + 63) % 64];
-    }), "emulation: no divergent barrier");
-    const bool any_nan = std::any_of(seen.begin(), seen.end(), [](float v) { return std::isnan(v); });
-    MSSM_CHECK(any_nan != with_barrier, "emulation: a missing barrier %s", with_barrier ? "is not reported" : "is caught");
-  }
-  EmulatedBlock block(8);
-  MSSM_CHECK(!block.run([] {
-    if (MSSM_RANK % 2) return;
-    MSSM_SYNC();
-  }), "emulation: a divergent barrier is caught");
-}
 
 // Fills `bytes` with 0xff: NaN as float, double and bf16.
 void poison(std::vector<double>& shared) { std::memset(shared.data(), 0xff, shared.size() * sizeof(double)); }
@@ -262,7 +149,6 @@ void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lane
 
 int main() {
   Rng rng(41);
-  check_emulation();
   for (const Shape& s : ssd_train_shapes()) {
     const Problem p = make(rng, s);
     const int Np = round16(s.state);

@@ -1,0 +1,111 @@
+// The thread-block primitives of the kernels whose bodies also compile without nvcc (ssd_tiles.h,
+// ssd_backward_block.h, sampling_block.h): the thread's rank in its block, the barriers, warp
+// shuffles, atomics on shared or global memory, and block-shared variables.
+//
+// Under nvcc they are the CUDA ones. Without nvcc a body runs on host threads, one lane of an
+// emulated block each (native/tests/emulated_block.h runs them one at a time, switching at every
+// barrier, in orders chosen to expose a missing barrier); host::Lane tells each thread its rank and
+// how to wait. A thread that has not been given a place runs as the only lane of a block (rank 0, no
+// barriers), which bodies written for any block size (ssd_tiles.h's) allow and warp shuffles do not.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#ifdef __CUDACC__
+#include <cuda_runtime.h>
+#define MSSM_BLOCK_FN __device__ __forceinline__
+#define MSSM_HD __host__ __device__
+#define MSSM_RANK ((int)threadIdx.x)
+#define MSSM_SYNC() __syncthreads()
+#define MSSM_SHARED __shared__
+#define MSSM_ATOMIC_ADD(p, v) atomicAdd((p), (v))
+#else
+namespace mssm::cuda::block::host {
+// The calling thread's place in an emulated block, set by the emulator for each of its threads.
+struct Lane {
+  int rank = 0, stride = 1;             // rank in the block, and the block's thread count
+  void (*sync)(void*) = nullptr;        // the block's barrier
+  void (*warp_sync)(void*) = nullptr;   // the barrier of the lane's warp (lanes rank / 32 · 32 …)
+  void* context = nullptr;
+  unsigned char* exchange = nullptr;    // 16 bytes a lane, for shuffles
+};
+inline Lane& lane() {
+  static thread_local Lane l;
+  return l;
+}
+inline void sync() {
+  Lane& l = lane();
+  if (l.sync) l.sync(l.context);
+}
+// The value lane `from` (of the caller's warp) holds, all lanes of the warp taking part.
+template <typename T>
+T shuffle(T v, int from) {
+  static_assert(sizeof(T) <= 16, "shuffled values are at most 16 bytes");
+  Lane& l = lane();
+  if (!l.exchange || !l.warp_sync) return v;  // a lone lane: only itself to read from
+  std::memcpy(l.exchange + 16 * l.rank, &v, sizeof(T));
+  l.warp_sync(l.context);
+  T out;
+  std::memcpy(&out, l.exchange + 16 * (l.rank / 32 * 32 + from), sizeof(T));
+  l.warp_sync(l.context);  // no lane overwrites its slot before every lane has read
+  return out;
+}
+}  // namespace mssm::cuda::block::host
+#define MSSM_BLOCK_FN inline
+#define MSSM_HD
+#define MSSM_RANK (::mssm::cuda::block::host::lane().rank)
+#define MSSM_SYNC() ::mssm::cuda::block::host::sync()
+#define MSSM_SHARED static
+#define MSSM_ATOMIC_ADD(p, v) (void)(*(p) += (v))
+#endif
+
+namespace mssm::cuda::block {
+
+// v of lane (lane ^ mask) of the warp.
+template <typename T>
+MSSM_BLOCK_FN T shuffle_xor(T v, int mask) {
+#ifdef __CUDACC__
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+#else
+  return host::shuffle(v, (MSSM_RANK % 32) ^ mask);
+#endif
+}
+
+// v of lane (lane − delta) of the warp; lanes below delta keep their own.
+template <typename T>
+MSSM_BLOCK_FN T shuffle_up(T v, int delta) {
+#ifdef __CUDACC__
+  return __shfl_up_sync(0xffffffffu, v, delta);
+#else
+  const int lane = MSSM_RANK % 32;
+  return host::shuffle(v, lane >= delta ? lane - delta : lane);
+#endif
+}
+
+MSSM_BLOCK_FN void atomic_max(long long* p, long long v) {
+#ifdef __CUDACC__
+  atomicMax(p, v);
+#else
+  if (v > *p) *p = v;
+#endif
+}
+MSSM_BLOCK_FN void atomic_min(unsigned long long* p, unsigned long long v) {
+#ifdef __CUDACC__
+  atomicMin(p, v);
+#else
+  if (v < *p) *p = v;
+#endif
+}
+
+// The bits of a float.
+MSSM_BLOCK_FN uint32_t float_bits(float v) {
+#ifdef __CUDACC__
+  return __float_as_uint(v);
+#else
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+#endif
+}
+
+}  // namespace mssm::cuda::block
