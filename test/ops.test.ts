@@ -288,6 +288,7 @@ describe.each(levels)("ops at CPU level %s", (level) => {
     expect(() => mixed.nextDraw({ topK: -1 })).toThrow(/topK must be an integer >= 0/);
     const bad = { logits: logits.slice().buffer, vocab: logits.length, topK: 0, draw: 1 };
     expect(() => native().sample(bad)).toThrow(/either rngState \(a BigInt\) or draw \(a number in \[0, 1\)\) is required/);
+    expect(() => native().sample({ ...bad, draw: 0.5, rngState: 1n })).toThrow(/rngState and draw exclude each other/);
   });
 });
 

@@ -8,8 +8,17 @@
 // how to wait. A thread that has not been given a place runs as the only lane of a block (rank 0, no
 // barriers), which bodies written for any block size (ssd_tiles.h's) allow and warp shuffles do not.
 #pragma once
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+namespace mssm::cuda::block {
+// T itself: lets MSSM_SHARED(double[256], sums) declare an array.
+template <typename T>
+using Type = T;
+}  // namespace mssm::cuda::block
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -17,7 +26,7 @@
 #define MSSM_HD __host__ __device__
 #define MSSM_RANK ((int)threadIdx.x)
 #define MSSM_SYNC() __syncthreads()
-#define MSSM_SHARED __shared__
+#define MSSM_SHARED(T, name) __shared__ ::mssm::cuda::block::Type<T> name
 #define MSSM_ATOMIC_ADD(p, v) atomicAdd((p), (v))
 #else
 namespace mssm::cuda::block::host {
@@ -37,6 +46,21 @@ inline void sync() {
   Lane& l = lane();
   if (l.sync) l.sync(l.context);
 }
+// The block-shared variables the bodies have declared so far (MSSM_SHARED: static storage here), for
+// the emulator to fill with NaN bytes before each block it runs.
+struct SharedRegion {
+  void* at;
+  size_t bytes;
+};
+inline std::vector<SharedRegion>& shared_regions() {
+  static std::vector<SharedRegion> regions;
+  return regions;
+}
+inline void declare_shared(void* at, size_t bytes) {
+  for (const SharedRegion& r : shared_regions())
+    if (r.at == at) return;
+  shared_regions().push_back({at, bytes});
+}
 // The value lane `from` (of the caller's warp) holds, all lanes of the warp taking part.
 template <typename T>
 T shuffle(T v, int from) {
@@ -55,7 +79,9 @@ T shuffle(T v, int from) {
 #define MSSM_HD
 #define MSSM_RANK (::mssm::cuda::block::host::lane().rank)
 #define MSSM_SYNC() ::mssm::cuda::block::host::sync()
-#define MSSM_SHARED static
+#define MSSM_SHARED(T, name)                      \
+  static ::mssm::cuda::block::Type<T> name;        \
+  ::mssm::cuda::block::host::declare_shared(&name, sizeof(name))
 #define MSSM_ATOMIC_ADD(p, v) (void)(*(p) += (v))
 #endif
 
@@ -94,6 +120,21 @@ MSSM_BLOCK_FN void atomic_min(unsigned long long* p, unsigned long long v) {
   atomicMin(p, v);
 #else
   if (v < *p) *p = v;
+#endif
+}
+
+MSSM_BLOCK_FN bool is_nan(float v) {
+#ifdef __CUDACC__
+  return isnan(v);
+#else
+  return std::isnan(v);
+#endif
+}
+MSSM_BLOCK_FN bool is_finite(float v) {
+#ifdef __CUDACC__
+  return isfinite(v);
+#else
+  return std::isfinite(v);
 #endif
 }
 

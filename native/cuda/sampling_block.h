@@ -28,15 +28,15 @@ constexpr int kWarps = kThreads / 32;
 // Keys whose unsigned order is the floats' order: −0 and +0 are one key (they compare equal), −∞ is
 // the lowest of the numbers and NaN (which the sanitised logits never hold) below it.
 MSSM_BLOCK_FN uint32_t order_key(float v) {
-  if (std::isnan(v)) return 0;
+  if (block::is_nan(v)) return 0;
   const uint32_t b = block::float_bits(v + 0.0f);  // −0 + 0 = +0
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
 // The largest v over [0, n) with the lowest index among equals; NaN never wins (all NaN / −∞: 0).
 MSSM_BLOCK_FN int64_t block_argmax(const float* v, int64_t n) {
-  MSSM_SHARED float best_v[kWarps];
-  MSSM_SHARED long long best_i[kWarps];
+  MSSM_SHARED(float[kWarps], best_v);
+  MSSM_SHARED(long long[kWarps], best_i);
   float bv = -INFINITY;
   long long bi = -1;
   for (int64_t i = MSSM_RANK; i < n; i += kThreads) {
@@ -50,7 +50,7 @@ MSSM_BLOCK_FN int64_t block_argmax(const float* v, int64_t n) {
   }
   if (MSSM_RANK % 32 == 0) best_v[MSSM_RANK / 32] = bv, best_i[MSSM_RANK / 32] = bi;
   MSSM_SYNC();
-  MSSM_SHARED long long result;
+  MSSM_SHARED(long long, result);
   if (MSSM_RANK == 0) {
     float v0 = -INFINITY;
     long long i0 = -1;
@@ -64,7 +64,7 @@ MSSM_BLOCK_FN int64_t block_argmax(const float* v, int64_t n) {
 
 // Block-wide inclusive sum of one double per thread.
 MSSM_BLOCK_FN double block_inclusive_sum(double x, double* total) {
-  MSSM_SHARED double warp_sums[kWarps];
+  MSSM_SHARED(double[kWarps], warp_sums);
   const int lane = MSSM_RANK % 32, warp = MSSM_RANK / 32;
   double incl = x;
   for (int o = 1; o < 32; o <<= 1) {
@@ -94,12 +94,13 @@ MSSM_BLOCK_FN double block_inclusive_sum(double x, double* total) {
 template <typename Key, typename Weight, typename Candidate>
 MSSM_BLOCK_FN int64_t block_select(int64_t n, Key key, Weight weight, Candidate candidate, double target, bool exceed,
                                 double* through) {
-  MSSM_SHARED double sums[256];
-  MSSM_SHARED int counts[256];
-  MSSM_SHARED uint32_t prefix, mask;
-  MSSM_SHARED double above;  // weight of the candidates ordered before the current prefix's
-  MSSM_SHARED bool last;     // no crossing: follow the lowest non-empty digits (the last candidate)
-  MSSM_SHARED bool any;
+  MSSM_SHARED(double[256], sums);
+  MSSM_SHARED(int[256], counts);
+  MSSM_SHARED(uint32_t, prefix);
+  MSSM_SHARED(uint32_t, mask);
+  MSSM_SHARED(double, above);  // weight of the candidates ordered before the current prefix's
+  MSSM_SHARED(bool, last);     // no crossing: follow the lowest non-empty digits (the last candidate)
+  MSSM_SHARED(bool, any);
   MSSM_SYNC();  // everyone is past any earlier use of these shared variables
   if (MSSM_RANK == 0) prefix = 0, mask = 0, above = 0.0, last = false, any = true;
   MSSM_SYNC();
@@ -149,8 +150,9 @@ MSSM_BLOCK_FN int64_t block_select(int64_t n, Key key, Weight weight, Candidate 
   // Among the candidates with key == prefix, in index order. `highest`: the last of them, taken when
   // `last` says so, or when the sums in index order, rounded differently from the digit sums, never
   // cross.
-  MSSM_SHARED long long found, highest;
-  MSSM_SHARED double found_through;
+  MSSM_SHARED(long long, found);
+  MSSM_SHARED(long long, highest);
+  MSSM_SHARED(double, found_through);
   if (MSSM_RANK == 0) found = -1, highest = -1;
   MSSM_SYNC();
   double base = above;
@@ -202,14 +204,14 @@ MSSM_BLOCK_FN void sample_row(const float* logits_in, int64_t V, const RowParams
   const float* logits = logits_in + r * V;
   float* l = work + r * 2 * V;
   float* e = l + V;
-  for (int64_t i = MSSM_RANK; i < V; i += kThreads) l[i] = std::isnan(logits[i]) ? -INFINITY : logits[i];
+  for (int64_t i = MSSM_RANK; i < V; i += kThreads) l[i] = block::is_nan(logits[i]) ? -INFINITY : logits[i];
   MSSM_SYNC();
   if (p.penalty != 1.0f && p.penalty_tokens) {
     // From the original logit: a token listed twice is written twice with the same value.
     const int32_t* list = p.penalty_tokens + r * p.penalty_count;
     for (int64_t j = MSSM_RANK; j < p.penalty_count; j += kThreads) {
       const int32_t t = list[j];
-      if (t < 0 || t >= V || std::isnan(logits[t])) continue;
+      if (t < 0 || t >= V || block::is_nan(logits[t])) continue;
       l[t] = logits[t] > 0.0f ? logits[t] / p.penalty : logits[t] * p.penalty;
     }
     MSSM_SYNC();
@@ -223,7 +225,7 @@ MSSM_BLOCK_FN void sample_row(const float* logits_in, int64_t V, const RowParams
   MSSM_SYNC();
   const int64_t best = block_argmax(l, V);
   const float m = l[best];
-  if (!std::isfinite(m)) {
+  if (!block::is_finite(m)) {
     if (MSSM_RANK == 0) out[r] = (int32_t)best;
     return;
   }

@@ -76,15 +76,16 @@ struct CudaModelHandle {
   // One logits buffer per decode batch size: the runner's CUDA graph of a step is bound to the
   // pointers it was captured with, so a fixed buffer lets every step of a generation replay it.
   std::unordered_map<int64_t, float*> step_logits;
-  // A sampling step's device buffers, grown as needed: the draws, the penalty tokens, the tokens out
-  // and the sampler's workspace.
+  // A sampling step's device buffers, each grown when a call needs more than it holds: the draws, the
+  // penalty tokens (a generation's history: grown by doubling), the tokens out and the sampler's
+  // workspace; capacities in bytes.
   struct Sampling {
-    float* draws = nullptr;
-    int32_t* penalty = nullptr;
-    int32_t* tokens = nullptr;
-    void* work = nullptr;
-    int64_t rows = 0, penalty_count = 0;
-    size_t work_bytes = 0;
+    void *draws = nullptr, *penalty = nullptr, *tokens = nullptr, *work = nullptr;
+    size_t draws_bytes = 0, penalty_bytes = 0, tokens_bytes = 0, work_bytes = 0;
+    void free_all() {
+      for (void* p : {draws, penalty, tokens, work}) cudaFree(p);
+      *this = Sampling{};
+    }
   } sampling;
   int in_flight = 0;
   bool released = false;
@@ -98,8 +99,7 @@ struct CudaModelHandle {
     forward_capacity = 0;
     for (auto& entry : step_logits) cudaFree(entry.second);
     step_logits.clear();
-    for (void* p : {(void*)sampling.draws, (void*)sampling.penalty, (void*)sampling.tokens, sampling.work}) cudaFree(p);
-    sampling = Sampling{};
+    sampling.free_all();
   }
   ~CudaModelHandle() { drop(); }
 };
@@ -423,45 +423,50 @@ class CudaWorker : public PromiseWorker {
   std::string draw_tokens(const float* logits) {
     CudaModelHandle::Sampling& b = model_->sampling;
     const cudaStream_t stream = model_->model->stream();
-    // Whatever happens below, the step must be finished before the call returns.
-    auto fail = [&](const char* call, cudaError_t e) {
-      cudaStreamSynchronize(stream);
-      return cuda_message(call, e);
-    };
     const int64_t count = params.penalty_count;
-    const size_t work_bytes = cuda::sample_workspace_bytes(batch, vocab);
-    cudaError_t e = cudaSuccess;
-    if (b.rows < batch || b.penalty_count < count || b.work_bytes < work_bytes) {
-      e = cudaStreamSynchronize(stream);  // the old buffers may still be in use by an earlier draw
-      for (void* p : {(void*)b.draws, (void*)b.penalty, (void*)b.tokens, b.work}) cudaFree(p);
-      b = CudaModelHandle::Sampling{};
-      const int64_t rows = batch, pc = count;
-      if (e == cudaSuccess) e = cudaMalloc(&b.draws, rows * sizeof(float));
-      if (e == cudaSuccess) e = cudaMalloc(&b.tokens, rows * sizeof(int32_t));
-      if (e == cudaSuccess) e = cudaMalloc(&b.penalty, std::max<int64_t>(1, rows * pc) * sizeof(int32_t));
-      if (e == cudaSuccess) e = cudaMalloc(&b.work, std::max<size_t>(1, work_bytes));
-      if (e != cudaSuccess) {
-        for (void* p : {(void*)b.draws, (void*)b.penalty, (void*)b.tokens, b.work}) cudaFree(p);
-        b = CudaModelHandle::Sampling{};
-        return "could not allocate the sampler's buffers on the device: " + fail("cudaMalloc", e);
+    // Each buffer short of what this call needs is replaced, once the stream is past any earlier use.
+    bool synced = false;
+    auto ensure = [&](void** p, size_t* capacity, size_t need, bool doubling) -> std::string {
+      if (*capacity >= need) return "";
+      if (!synced) {
+        const cudaError_t e = cudaStreamSynchronize(stream);
+        if (e != cudaSuccess) return cuda_message("cudaStreamSynchronize", e);
+        synced = true;
       }
-      b.rows = rows, b.penalty_count = pc, b.work_bytes = work_bytes;
-    }
-    e = cudaMemcpyAsync(b.draws, draws.data(), batch * sizeof(float), cudaMemcpyHostToDevice, stream);
+      const size_t bytes = doubling ? std::max(need, 2 * *capacity) : need;
+      cudaFree(*p);
+      *p = nullptr, *capacity = 0;
+      const cudaError_t e = cudaMalloc(p, bytes);
+      if (e != cudaSuccess) {
+        *p = nullptr;
+        return "could not allocate the sampler's buffers on the device: " + cuda_message("cudaMalloc", e);
+      }
+      *capacity = bytes;
+      return "";
+    };
+    std::string failure = ensure(&b.draws, &b.draws_bytes, batch * sizeof(float), false);
+    if (failure.empty()) failure = ensure(&b.tokens, &b.tokens_bytes, batch * sizeof(int32_t), false);
+    if (failure.empty())
+      failure = ensure(&b.penalty, &b.penalty_bytes, std::max<int64_t>(1, batch * count) * sizeof(int32_t), true);
+    if (failure.empty()) failure = ensure(&b.work, &b.work_bytes, cuda::sample_workspace_bytes(batch, vocab), false);
+    // Whatever happens below, the step must be finished before the call returns.
+    auto finish = [&](const std::string& message) {
+      const cudaError_t e = cudaStreamSynchronize(stream);
+      if (!message.empty()) return message;
+      return e == cudaSuccess ? std::string() : cuda_message("cudaStreamSynchronize", e);
+    };
+    if (!failure.empty()) return finish(failure);
+    cudaError_t e = cudaMemcpyAsync(b.draws, draws.data(), batch * sizeof(float), cudaMemcpyHostToDevice, stream);
     if (e == cudaSuccess && count > 0)
       e = cudaMemcpyAsync(b.penalty, penalty.data(), batch * count * sizeof(int32_t), cudaMemcpyHostToDevice, stream);
-    if (e != cudaSuccess) return fail("cudaMemcpyAsync", e);
+    if (e != cudaSuccess) return finish(cuda_message("cudaMemcpyAsync", e));
     cpu::SamplingParams p = params;
-    p.penalty_tokens = count > 0 ? b.penalty : nullptr;
-    const cuda::Status st = cuda::sample(logits, batch, vocab, p, b.draws, b.tokens, b.work, stream);
-    if (!st.ok()) {
-      cudaStreamSynchronize(stream);
-      return st.message;
-    }
+    p.penalty_tokens = count > 0 ? static_cast<int32_t*>(b.penalty) : nullptr;
+    const cuda::Status st = cuda::sample(logits, batch, vocab, p, static_cast<float*>(b.draws),
+                                         static_cast<int32_t*>(b.tokens), b.work, stream);
+    if (!st.ok()) return finish(st.message);
     e = cudaMemcpyAsync(host_tokens_, b.tokens, batch * sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
-    const cudaError_t done = cudaStreamSynchronize(stream);
-    if (e != cudaSuccess) return cuda_message("cudaMemcpyAsync", e);
-    return done == cudaSuccess ? "" : cuda_message("cudaStreamSynchronize", done);
+    return finish(e == cudaSuccess ? "" : cuda_message("cudaMemcpyAsync", e));
   }
 
   CudaModelHandle* model_;

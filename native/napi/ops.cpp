@@ -306,11 +306,12 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
     const cpu::SamplingParams p = read_sampling_params(a, vocab, 1);
     // The draw: from the generator's state (advanced and returned), or given as `draw`.
     Napi::Value rng = a.get("rngState");
-    const bool given = rng.IsUndefined() || rng.IsNull();
-    if (!given && !rng.IsBigInt()) a.fail("rngState must be a BigInt");
+    const bool from_draw = rng.IsUndefined() || rng.IsNull();
+    if (!from_draw && !rng.IsBigInt()) a.fail("rngState must be a BigInt");
+    if (!from_draw && !a.is_null("draw")) a.fail("rngState and draw exclude each other");
     uint64_t state = 0;
     float u = 0.0f;
-    if (given) {
+    if (from_draw) {
       u = (float)a.number("draw", -1.0);
       if (!(u >= 0.0f && u < 1.0f)) a.fail("either rngState (a BigInt) or draw (a number in [0, 1)) is required");
     } else {
@@ -322,7 +323,7 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
     int32_t token = kernels().sample(logits, vocab, p, u, scratch.data());
     Napi::Object out = Napi::Object::New(info.Env());
     out.Set("token", Napi::Number::New(info.Env(), token));
-    if (!given) out.Set("rngState", Napi::BigInt::New(info.Env(), state));
+    if (!from_draw) out.Set("rngState", Napi::BigInt::New(info.Env(), state));
     return out;
   });
 }

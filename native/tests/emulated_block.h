@@ -18,6 +18,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <vector>
@@ -29,7 +30,7 @@ namespace mssm::test {
 class EmulatedBlock {
  public:
   explicit EmulatedBlock(int lanes)
-      : n_(lanes), where_(lanes), exchange_(16 * (size_t)lanes), contexts_(lanes), stacks_(lanes) {}
+      : n_(lanes), where_(lanes), exchange_(16 * (size_t)((lanes + 31) / 32 * 32)), contexts_(lanes), stacks_(lanes) {}
 
   // Runs body() on every lane; false when a barrier was divergent.
   template <typename Body>
@@ -50,6 +51,10 @@ class EmulatedBlock {
     current() = this;
     lane.stride = n_, lane.context = this, lane.exchange = exchange_.data();
     lane.sync = &EmulatedBlock::block_barrier, lane.warp_sync = &EmulatedBlock::warp_barrier;
+    // Shared memory starts as NaN bytes: the variables declared by earlier runs (a body's first run
+    // declares its own as it goes).
+    for (const cuda::block::host::SharedRegion& s : cuda::block::host::shared_regions())
+      std::memset(s.at, 0xff, s.bytes);
     divergent_ = false, ascending_ = true;
     line_.clear();
     for (int r = 0; r < n_; ++r) line_.push_back(r);
@@ -98,6 +103,10 @@ class EmulatedBlock {
     const int w0 = 32 * w, w1 = std::min(n_, w0 + 32);
     for (int r = w0; r < w1; ++r)
       if (where_[r] != kEnded && where_[r] != w) return;
+    // A full-warp shuffle needs all 32 lanes: with some returned (or a block of a partial warp) it is
+    // undefined on a GPU.
+    for (int r = w0; r < w0 + 32; ++r)
+      if (r >= n_ || where_[r] == kEnded) divergent_ = true;
     for (int i = 0; i < w1 - w0; ++i) {
       const int r = ascending_ ? w1 - 1 - i : w0 + i;  // pushed to the front: the round's order
       if (where_[r] == w) where_[r] = kRunning, line_.push_front(r);

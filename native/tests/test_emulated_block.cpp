@@ -2,7 +2,8 @@
 // it catches what it is for, a read of another lane's write with no barrier between (NaN in one of
 // the orders) and a barrier some lanes skip, and passes what is right: the same with the barrier,
 // warp shuffles (xor and up, against their definitions), and a warp that shuffles alone while the
-// other warps wait at the block's barrier.
+// other warps wait at the block's barrier; that a shuffle with lanes missing is caught; and that
+// block-shared variables start every run as NaN.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -35,6 +36,29 @@ int main() {
       if (MSSM_RANK % 2) return;
       MSSM_SYNC();
     }), "a divergent barrier is caught");
+  }
+  {
+    // A shuffle in a warp some of whose lanes have returned, or in a block of a partial warp.
+    EmulatedBlock partly_gone(32), partial(40);
+    MSSM_CHECK(!partly_gone.run([] {
+      if (MSSM_RANK == 3) return;
+      (void)block::shuffle_xor(MSSM_RANK, 1);
+    }), "a shuffle with a returned lane is caught");
+    MSSM_CHECK(!partial.run([] { (void)block::shuffle_up(MSSM_RANK, 1); }), "a shuffle in a partial warp is caught");
+  }
+  {
+    // Shared variables start as NaN in every run, also when an earlier run wrote them.
+    std::vector<float> seen(4);
+    EmulatedBlock b(4);
+    for (int run = 0; run < 2; ++run) {
+      MSSM_CHECK(b.run([&] {
+        MSSM_SHARED(float[4], cells);
+        seen[MSSM_RANK] = cells[MSSM_RANK];  // read before any write: NaN
+        cells[MSSM_RANK] = 1.0f;
+      }), "shared: no divergent barrier");
+      MSSM_CHECK(run == 0 || std::all_of(seen.begin(), seen.end(), [](float v) { return std::isnan(v); }),
+                 "shared variables start as NaN (run %d)", run);
+    }
   }
   {
     // Shuffles in every warp of 96 lanes, then in warp 1 alone while the others wait at the barrier.
