@@ -87,6 +87,25 @@ T shuffle(T v, int from) {
 
 namespace mssm::cuda::block {
 
+#ifndef __CUDACC__
+// A bf16 on the host: its bits, rounded to nearest even as __float2bfloat16_rn rounds (finite values).
+struct HostBf16 {
+  uint16_t bits;
+};
+inline float to_float(HostBf16 v) {
+  const uint32_t u = (uint32_t)v.bits << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline HostBf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return HostBf16{(uint16_t)(u >> 16)};
+}
+#endif
+
 // v of lane (lane ^ mask) of the warp.
 template <typename T>
 MSSM_BLOCK_FN T shuffle_xor(T v, int mask) {

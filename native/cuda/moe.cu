@@ -13,6 +13,7 @@
 #include "cuda_kernels.h"
 #include "cpu/moe_topk.h"
 #include "gemm.cuh"
+#include "moe_block.h"
 
 namespace mssm::cuda {
 namespace {
@@ -42,60 +43,13 @@ __global__ void route_kernel(const float* logits, int64_t tokens, int64_t expert
   top.finish(top_k, renormalize);
 }
 
-constexpr int kGroupThreads = 256;
+using moe::kGroupThreads;
 
-// Block e walks the tokens in order, kGroupThreads at a time, and ranks the pairs routed to e with a
-// block-wide exclusive scan of each token's count of them. count pass (place = false): offsets[e + 1]
-// = the count. place pass: pair[offsets[e] + rank] = p and position[p] = offsets[e] + rank.
+// Block e of the grouping (moe_block.h).
 __global__ void __launch_bounds__(kGroupThreads)
     group_kernel(const int32_t* indices, int64_t tokens, int64_t top_k, int64_t* offsets, int64_t* pair,
                  int64_t* position, bool place) {
-  const int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  constexpr int kWarps = kGroupThreads / 32;
-  __shared__ long long warp_sums[kWarps];
-  __shared__ long long base;
-  if (threadIdx.x == 0) base = place ? offsets[e] : 0;
-  __syncthreads();
-  for (int64_t t0 = 0; t0 < tokens; t0 += kGroupThreads) {
-    const int64_t t = t0 + threadIdx.x;
-    long long c = 0;
-    if (t < tokens)
-      for (int64_t slot = 0; slot < top_k; ++slot) c += indices[t * top_k + slot] == e;
-    long long incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const long long v = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += v;
-    }
-    if (lane == 31) warp_sums[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-      long long s = lane < kWarps ? warp_sums[lane] : 0;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const long long v = __shfl_up_sync(0xffffffffu, s, o);
-        if (lane >= o) s += v;
-      }
-      if (lane < kWarps) warp_sums[lane] = s;
-    }
-    __syncthreads();
-    const long long first = base + incl - c + (warp > 0 ? warp_sums[warp - 1] : 0);
-    if (place && c > 0) {
-      long long r = first;
-      for (int64_t slot = 0; slot < top_k; ++slot) {
-        const int64_t p = t * top_k + slot;
-        if (indices[p] == e) {
-          pair[r] = p;
-          position[p] = r;
-          ++r;
-        }
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == kGroupThreads - 1) base = first + c;
-    __syncthreads();
-  }
-  if (!place && threadIdx.x == 0) offsets[e + 1] = base;
+  moe::group_block(indices, tokens, top_k, offsets, pair, position, place, blockIdx.x);
 }
 
 // offsets[0] = 0 and the counts in offsets[1..E] become running sums (one thread: E is small).

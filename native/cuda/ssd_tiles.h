@@ -61,24 +61,11 @@ MSSM_HD size_t tile_bytes(int rows, int cols) {
 }
 
 #ifndef __CUDACC__
-// Without nvcc, the split bf16 tiles are emulated: HostBf16 holds a bf16's bits, rounded to nearest even
-// as __float2bfloat16_rn rounds (finite values), and block_matmul forms the same three products in
-// fp32 (in another summation order than the tensor cores').
-struct HostBf16 {
-  uint16_t bits;
-};
-inline float to_float(HostBf16 v) {
-  const uint32_t u = (uint32_t)v.bits << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline HostBf16 to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return HostBf16{(uint16_t)(u >> 16)};
-}
+// Without nvcc, the split bf16 tiles are emulated with block::HostBf16, and block_matmul forms the same
+// three products in fp32 (in another summation order than the tensor cores').
+using block::HostBf16;
+using block::to_bf16;
+using block::to_float;
 #endif
 
 // tile[i] = v: fp32 as is; split bf16 as hi at tile[i] and lo = bf16(v - hi) at tile[i + plane].
