@@ -23,6 +23,7 @@ using Type = T;
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 #define MSSM_BLOCK_FN __device__ __forceinline__
+#define MSSM_DEVICE_FN __device__
 #define MSSM_HD __host__ __device__
 #define MSSM_RANK ((int)threadIdx.x)
 #define MSSM_SYNC() __syncthreads()
@@ -76,6 +77,7 @@ T shuffle(T v, int from) {
 }
 }  // namespace mssm::cuda::block::host
 #define MSSM_BLOCK_FN inline
+#define MSSM_DEVICE_FN inline
 #define MSSM_HD
 #define MSSM_RANK (::mssm::cuda::block::host::lane().rank)
 #define MSSM_SYNC() ::mssm::cuda::block::host::sync()
@@ -105,6 +107,21 @@ inline HostBf16 to_bf16(float f) {
   return HostBf16{(uint16_t)(u >> 16)};
 }
 #endif
+
+// The thread's lane in its warp and its warp in the block, computed unsigned as CUDA's own index
+// arithmetic is (a signed lane costs registers where it bounds loops).
+MSSM_BLOCK_FN int lane_id() { return (int)((unsigned)MSSM_RANK % 32u); }
+MSSM_BLOCK_FN int warp_id() { return (int)((unsigned)MSSM_RANK / 32u); }
+
+// The warp's barrier.
+MSSM_BLOCK_FN void sync_warp() {
+#ifdef __CUDACC__
+  __syncwarp();
+#else
+  host::Lane& l = host::lane();
+  if (l.warp_sync) l.warp_sync(l.context);
+#endif
+}
 
 // v of lane (lane ^ mask) of the warp.
 template <typename T>

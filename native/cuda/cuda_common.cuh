@@ -1,5 +1,5 @@
-// Shared helpers of the CUDA kernel files: error reporting, launch checks, and the scalar functions
-// of the model equations (softplus, silu) in the same form the CPU kernels use.
+// Shared helpers of the CUDA kernel files: error reporting, launch checks, and (from scalar.h) the
+// scalar functions of the model equations (softplus, silu) in the same form the CPU kernels use.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cuda_kernels.h"
+#include "scalar.h"
 
 namespace mssm::cuda::detail {
 
@@ -34,12 +35,9 @@ inline Status check_launch(const char* op) {
     if (!mssm_s_.ok()) return mssm_s_;        \
   } while (0)
 
-// softplus(v) = log(1 + e^v), and v itself above 20 (kernels.h).
-__device__ __forceinline__ float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
-// silu(v) = v · sigmoid(v); expf(-v) = ∞ for v < -88 gives the right limit (-0).
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
-
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+using scalar::min64;
+using scalar::silu;
+using scalar::softplus;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

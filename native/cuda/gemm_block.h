@@ -81,8 +81,8 @@ MSSM_BLOCK_FN void gemm_skinny_block(const float* __restrict__ x, int64_t ldx, c
                                      int64_t M, int64_t N, int64_t K, const GemmGroups& groups, int64_t bx,
                                      int64_t bz) {
   enter_group(groups, bz, x, ldx, W, bias, y, ldy, M);
-  const int lane = MSSM_RANK % 32;
-  const int64_t n = bx * kSkinnyWarps + MSSM_RANK / 32;
+  const int lane = block::lane_id();
+  const int64_t n = bx * kSkinnyWarps + block::warp_id();
   if (n >= N) return;
   const T* w = W + n * K;
   constexpr int V = 16 / sizeof(T);  // elements of one 16-byte load

@@ -18,7 +18,7 @@ constexpr int kGroupThreads = 256;
 
 MSSM_BLOCK_FN void group_block(const int32_t* indices, int64_t tokens, int64_t top_k, int64_t* offsets, int64_t* pair,
                                int64_t* position, bool place, int e) {
-  const int lane = MSSM_RANK % 32, warp = MSSM_RANK / 32;
+  const int lane = block::lane_id(), warp = block::warp_id();
   constexpr int kWarps = kGroupThreads / 32;
   MSSM_SHARED(long long[kWarps], warp_sums);
   MSSM_SHARED(long long, base);

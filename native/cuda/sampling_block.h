@@ -48,7 +48,7 @@ MSSM_BLOCK_FN int64_t block_argmax(const float* v, int64_t n) {
     const long long oi = block::shuffle_xor(bi, o);
     if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
   }
-  if (MSSM_RANK % 32 == 0) best_v[MSSM_RANK / 32] = bv, best_i[MSSM_RANK / 32] = bi;
+  if (block::lane_id() == 0) best_v[block::warp_id()] = bv, best_i[block::warp_id()] = bi;
   MSSM_SYNC();
   MSSM_SHARED(long long, result);
   if (MSSM_RANK == 0) {
@@ -65,7 +65,7 @@ MSSM_BLOCK_FN int64_t block_argmax(const float* v, int64_t n) {
 // Block-wide inclusive sum of one double per thread.
 MSSM_BLOCK_FN double block_inclusive_sum(double x, double* total) {
   MSSM_SHARED(double[kWarps], warp_sums);
-  const int lane = MSSM_RANK % 32, warp = MSSM_RANK / 32;
+  const int lane = block::lane_id(), warp = block::warp_id();
   double incl = x;
   for (int o = 1; o < 32; o <<= 1) {
     const double y = block::shuffle_up(incl, o);

@@ -2,14 +2,13 @@
 // kernels' bodies, item by item and block by block, with each block's "shared memory" filled with NaN
 // bytes first (so a value read before it is written poisons the result), against the CPU trainer's
 // double backward (native/train/ssd_chunked.h, itself checked against finite differences in
-// test_train_ssd). Without nvcc each block runs as one thread doing the block's work in order, so
-// this checks the algorithm, the indexing, the tiling over state columns and the padding, not the
-// barriers (test_cuda_scan_train runs the kernels on a GPU).
+// test_train_ssd). Each block runs first as one host thread doing the block's work in order, which
+// checks the algorithm, the indexing, the tiling over state columns and the padding; then, on two
+// small shapes, on the device's 256 threads emulated (emulated_block.h), which checks the barriers.
+// test_cuda_scan_train runs the kernels on a GPU.
 //
-// Shapes: ssd_train_shapes.h's, each with the state held whole and split into tiles of 64, 32 and 16
-// columns (absent D or dt_bias: their (+=) gradients must come back untouched); then two small ones
-// with every block on the device's 256 threads, emulated so that missing barriers show (EmulatedBlock).
-// The (+=) gradients start from a random prefill.
+// Shapes: train_problems.h's SSD problems, each with the state held whole and split into tiles of 64,
+// 32 and 16 columns (absent D or dt_bias: their (+=) gradients must come back untouched).
 //
 // Tolerances (‖got − want‖ / ‖want‖ per gradient, as test_train_ops): fp32 tiles 3e-5, the CPU's own
 // float backward's limit against the double one in test_train_ssd; split bf16 tiles (hi + lo, 16 bits
@@ -22,7 +21,7 @@
 
 #include "cuda/ssd_backward_block.h"
 #include "emulated_block.h"
-#include "ssd_train_shapes.h"
+#include "train_problems.h"
 #include "train/ssd_chunked.h"
 #include "train_test_util.h"
 
@@ -42,45 +41,7 @@ int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
 // Fills `bytes` with 0xff: NaN as float, double and bf16.
 void poison(std::vector<double>& shared) { std::memset(shared.data(), 0xff, shared.size() * sizeof(double)); }
 
-struct Problem {
-  Shape s;
-  train::SsdTrainArgs a;
-  FVec x, dt, A, B, C, D, bias, dy, boundary;
-  FVec dA0, dD0, db0;
-  // The double backward's gradients.
-  Vec dx, ddt, dA, dB, dC, dD, db;
-};
-
-Problem make(Rng& rng, const Shape& s) {
-  Problem p;
-  p.s = s;
-  train::SsdTrainArgs& a = p.a;
-  a.batch = s.batch, a.length = s.length, a.heads = s.heads, a.head_dim = s.head_dim, a.state = s.state;
-  a.groups = s.groups, a.chunk = s.chunk, a.softplus = s.softplus, a.dt_min = s.dt_min, a.dt_max = s.dt_max;
-  const int64_t BL = s.batch * s.length, H = s.heads, HP = H * s.head_dim, GN = s.groups * s.state;
-  const int64_t chunks = (s.length + s.chunk - 1) / s.chunk;
-  p.x = rng.normals(BL * HP), p.B = rng.normals(BL * GN), p.C = rng.normals(BL * GN), p.D = rng.normals(H);
-  p.dt = s.softplus ? rng.uniforms(BL * H, -3.0f, 1.0f) : rng.uniforms(BL * H, 0.05f, 1.0f);
-  p.A = rng.uniforms(H, -2.0f, -0.05f), p.bias = rng.uniforms(H, -0.5f, 0.5f), p.dy = rng.normals(BL * HP);
-  p.dA0 = rng.normals(H), p.dD0 = rng.normals(H), p.db0 = rng.normals(H);
-  const Vec x(cast<double>(p.x)), B(cast<double>(p.B)), C(cast<double>(p.C)), D(cast<double>(p.D)),
-      dt(cast<double>(p.dt)), A(cast<double>(p.A)), bias(cast<double>(p.bias)), dy(cast<double>(p.dy));
-  train::SsdTrainTensors<double> t;
-  t.x = x.data(), t.dt = dt.data(), t.A = A.data(), t.B = B.data(), t.C = C.data();
-  t.D = s.has_D ? D.data() : nullptr;
-  t.dt_bias = s.has_bias ? bias.data() : nullptr;
-  Vec y(BL * HP), boundary(s.batch * chunks * HP * s.state);
-  train::ssd_forward<double>(a, t, y.data(), boundary.data());
-  p.boundary = cast<float>(boundary);
-  p.dx.assign(BL * HP, 0), p.ddt.assign(BL * H, 0), p.dB.assign(BL * GN, 0), p.dC.assign(BL * GN, 0);
-  p.dA = cast<double>(p.dA0), p.dD = cast<double>(p.dD0), p.db = cast<double>(p.db0);
-  train::SsdTrainGrads<double> g;
-  g.dx = p.dx.data(), g.ddt = p.ddt.data(), g.dA = p.dA.data(), g.dB = p.dB.data(), g.dC = p.dC.data();
-  g.dD = s.has_D ? p.dD.data() : nullptr;
-  g.ddt_bias = s.has_bias ? p.db.data() : nullptr;
-  train::ssd_backward<double>(a, t, boundary.data(), dy.data(), g);
-  return p;
-}
+using Problem = SsdProblem;
 
 // The four kernels of ssd_train.cu, in order, with tiles of T and state tiles of Nt columns; each block
 // as one host thread (lanes = 0) or emulated on `lanes` threads.
@@ -96,7 +57,8 @@ void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lane
   v.x = p.x.data(), v.dt = p.dt.data(), v.A = p.A.data(), v.B = p.B.data(), v.C = p.C.data();
   v.D = s.has_D ? p.D.data() : nullptr;
   v.dt_bias = s.has_bias ? p.bias.data() : nullptr;
-  v.boundary = p.boundary.data(), v.dy = p.dy.data();
+  const FVec boundary = cast<float>(p.boundary);  // as the device's forward would have written it
+  v.boundary = boundary.data(), v.dy = p.dy.data();
   FVec dx = poisoned<float>(BL * HP), ddt = poisoned<float>(BL * H), dB(BL * GN, 0.0f), dC(BL * GN, 0.0f);
   FVec dA(p.dA0), dD(p.dD0), db(p.db0);
   v.dx = dx.data(), v.ddt = ddt.data(), v.dA = dA.data(), v.dB = dB.data(), v.dC = dC.data();
@@ -141,8 +103,8 @@ void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lane
   check("dB", dB, p.dB);
   check("dC", dC, p.dC);
   // Absent D or dt_bias: the prefill comes back untouched.
-  check("dD", dD, s.has_D ? p.dD : cast<double>(p.dD0));
-  check("ddt_bias", db, s.has_bias ? p.db : cast<double>(p.db0));
+  check("dD", dD, p.dD);  // absent D or dt_bias: the prefill, untouched
+  check("ddt_bias", db, p.db);
 }
 
 }  // namespace
@@ -150,7 +112,7 @@ void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lane
 int main() {
   Rng rng(41);
   for (const Shape& s : ssd_train_shapes()) {
-    const Problem p = make(rng, s);
+    const Problem p = make_ssd_problem(rng, s);
     const int Np = round16(s.state);
     for (int Nt : {Np, 64, 32, 16})
       if (Nt <= Np) run<float>(p, Nt, kFp32Tolerance, "fp32");
@@ -163,7 +125,7 @@ int main() {
       {1, 70, 2, 16, 33, 2, 64, true, 0.0, INFINITY, true, false},
   };
   for (const Shape& s : emulated) {
-    const Problem p = make(rng, s);
+    const Problem p = make_ssd_problem(rng, s);
     run<float>(p, round16(s.state), kFp32Tolerance, "fp32", cuda::tiles::kThreads);
     run<float>(p, 16, kFp32Tolerance, "fp32", cuda::tiles::kThreads);
   }
