@@ -11,7 +11,6 @@
 // so expert 0 may then hold a token more than once.
 #include "cuda_common.cuh"
 #include "cuda_kernels.h"
-#include "cpu/moe_topk.h"
 #include "gemm.cuh"
 #include "moe_block.h"
 
@@ -21,26 +20,11 @@ namespace {
 using detail::ceil_div;
 using detail::grid_for;
 
-// One thread per token: scores (softmax or sigmoid) in the CPU router's form, then its choice of the
-// top k (cpu/moe_topk.h).
+// One thread per token (moe_block.h).
 __global__ void route_kernel(const float* logits, int64_t tokens, int64_t experts, int64_t top_k, bool softmax,
                              bool renormalize, float* weights, int32_t* indices) {
   const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= tokens) return;
-  const float* row = logits + t * experts;
-  const int64_t k = detail::min64(top_k, experts);
-  float m = 0.0f, inv = 1.0f;
-  if (softmax) {
-    m = row[0];
-    for (int64_t e = 1; e < experts; ++e) m = row[e] > m ? row[e] : m;
-    float sum = 0.0f;
-    for (int64_t e = 0; e < experts; ++e) sum += expf(row[e] - m);
-    inv = 1.0f / sum;
-  }
-  cpu::TopK<float> top{weights + t * top_k, indices + t * top_k, k};
-  for (int64_t e = 0; e < experts; ++e)
-    top.insert(softmax ? expf(row[e] - m) * inv : 1.0f / (1.0f + expf(-row[e])), (int32_t)e);
-  top.finish(top_k, renormalize);
+  if (t < tokens) moe::route_token(logits, experts, top_k, softmax, renormalize, weights, indices, t);
 }
 
 using moe::kGroupThreads;
@@ -63,52 +47,24 @@ __global__ void fill_kernel(int64_t* p, int64_t n, int64_t value) {
     p[i] = value;
 }
 
-// gathered[r] = x[token of pair[r]] for the rows that exist (r < offsets[E]).
+// Grid-stride loops over moe_block.h's elements.
 __global__ void gather_kernel(const float* x, const int64_t* pair, const int64_t* offsets, int64_t experts,
                               int64_t top_k, int64_t dim, int64_t max_rows, float* gathered) {
-  const int64_t rows = offsets[experts], total = max_rows * dim;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / dim;
-    if (r < rows) gathered[i] = x[(pair[r] / top_k) * dim + i % dim];
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < max_rows * dim; i += (int64_t)gridDim.x * blockDim.x)
+    moe::gather_element(x, pair, offsets, experts, top_k, dim, gathered, i);
 }
 
-// The CPU kernel's activations (moe.cpp: silu; exact gelu; gelu with the tanh approximation).
-__device__ __forceinline__ float activate(float a, cpu::Activation activation) {
-  switch (activation) {
-    case cpu::Activation::silu:
-      return a / (1.0f + expf(-a));
-    case cpu::Activation::gelu:
-      return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
-    case cpu::Activation::gelu_tanh:
-      return 0.5f * a * (1.0f + tanhf(0.79788456080286536f * (a + 0.044715f * a * a * a)));
-  }
-  return a;
-}
-
-// glu[r, i] = act(h[r, i]) · h[r, H + i] for h = fc1_out [rows, 2H].
 __global__ void glu_kernel(const float* h, const int64_t* offsets, int64_t experts, int64_t hidden, int64_t max_rows,
                            cpu::Activation activation, float* glu) {
-  const int64_t rows = offsets[experts], total = max_rows * hidden;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / hidden, j = i % hidden;
-    if (r < rows) glu[i] = activate(h[r * 2 * hidden + j], activation) * h[r * 2 * hidden + hidden + j];
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < max_rows * hidden;
+       i += (int64_t)gridDim.x * blockDim.x)
+    moe::glu_element(h, offsets, experts, hidden, activation, glu, i);
 }
 
-// out[t] = Σ_slot weights[t, slot] · expert_out[position[t, slot]], in slot order, from zero.
 __global__ void combine_kernel(const float* expert_out, const int64_t* position, const float* weights, int64_t tokens,
                                int64_t top_k, int64_t dim, float* out) {
-  const int64_t total = tokens * dim;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t t = i / dim, j = i % dim;
-    float o = 0.0f;
-    for (int64_t slot = 0; slot < top_k; ++slot) {
-      const int64_t r = position[t * top_k + slot];
-      if (r >= 0) o += weights[t * top_k + slot] * expert_out[r * dim + j];
-    }
-    out[i] = o;
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < tokens * dim; i += (int64_t)gridDim.x * blockDim.x)
+    moe::combine_element(expert_out, position, weights, top_k, dim, out, i);
 }
 
 size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
