@@ -176,7 +176,7 @@ struct KernelTable {
   // out[r] = index of the largest logit of row r (ties: lowest index).
   void (*argmax)(const float* logits, int64_t rows, int64_t vocab, int32_t* out);
   // One token from logits [vocab] (not modified) with the uniform draw u in [0, 1) (sampling_draw
-  // below). scratch: at least 2·vocab floats.
+  // above). scratch: at least 2·vocab floats.
   int32_t (*sample)(const float* logits, int64_t vocab, const SamplingParams& params, float u, float* scratch);
 
   // The machine's ceilings, for benchmarks: FLOPs done by `iterations` rounds of independent FMA chains

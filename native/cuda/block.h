@@ -1,16 +1,20 @@
-// The thread-block primitives of the kernels whose bodies also compile without nvcc (ssd_tiles.h,
-// ssd_backward_block.h, sampling_block.h): the thread's rank in its block, the barriers, warp
-// shuffles, atomics on shared or global memory, and block-shared variables.
+// The thread-block primitives of the kernels whose code also compiles without nvcc (ssd_tiles.h,
+// ssd_backward_block.h, sampling_block.h, moe_block.h, gemm_block.h, scan_train_block.h, with
+// scalar.h's functions): the thread's rank in its block, the barriers, warp shuffles and sums, a
+// block-wide scan, atomics on shared or global memory, and block-shared variables.
 //
-// Under nvcc they are the CUDA ones. Without nvcc a body runs on host threads, one lane of an
-// emulated block each (native/tests/emulated_block.h runs them one at a time, switching at every
-// barrier, in orders chosen to expose a missing barrier); host::Lane tells each thread its rank and
-// how to wait. A thread that has not been given a place runs as the only lane of a block (rank 0, no
-// barriers), which bodies written for any block size (ssd_tiles.h's) allow and warp shuffles do not.
+// Under nvcc they are the CUDA ones. Without nvcc a block runs on the host as emulated lanes
+// (native/tests/emulated_block.h: coroutines on one thread, one at a time, switched at every barrier in
+// orders chosen to expose a missing one); host::Lane tells the running lane its rank and how to wait.
+// A thread that has not been given a place runs as the only lane of a block (rank 0, no barriers),
+// which code written for any block size (ssd_tiles.h's) allows and warp shuffles do not: a shuffle
+// there aborts.
 #pragma once
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -47,8 +51,9 @@ inline void sync() {
   Lane& l = lane();
   if (l.sync) l.sync(l.context);
 }
-// The block-shared variables the bodies have declared so far (MSSM_SHARED: static storage here), for
-// the emulator to fill with NaN bytes before each block it runs.
+// The block-shared variables the bodies have declared so far (MSSM_SHARED: static storage here): filled
+// with NaN bytes when first declared (no lane can have written one before passing its declaration),
+// and by the emulator before each block it runs.
 struct SharedRegion {
   void* at;
   size_t bytes;
@@ -61,13 +66,17 @@ inline void declare_shared(void* at, size_t bytes) {
   for (const SharedRegion& r : shared_regions())
     if (r.at == at) return;
   shared_regions().push_back({at, bytes});
+  std::memset(at, 0xff, bytes);
 }
 // The value lane `from` (of the caller's warp) holds, all lanes of the warp taking part.
 template <typename T>
 T shuffle(T v, int from) {
   static_assert(sizeof(T) <= 16, "shuffled values are at most 16 bytes");
   Lane& l = lane();
-  if (!l.exchange || !l.warp_sync) return v;  // a lone lane: only itself to read from
+  if (!l.exchange || !l.warp_sync) {
+    std::fprintf(stderr, "mamba-ssm: a warp shuffle outside an emulated block (native/tests/emulated_block.h)\n");
+    std::abort();
+  }
   std::memcpy(l.exchange + 16 * l.rank, &v, sizeof(T));
   l.warp_sync(l.context);
   T out;
@@ -90,7 +99,7 @@ T shuffle(T v, int from) {
 namespace mssm::cuda::block {
 
 #ifndef __CUDACC__
-// A bf16 on the host: its bits, rounded to nearest even as __float2bfloat16_rn rounds (finite values).
+// A bf16 on the host: its bits, rounded to nearest even as __float2bfloat16_rn rounds (NaN kept NaN).
 struct HostBf16 {
   uint16_t bits;
 };
@@ -103,6 +112,7 @@ inline float to_float(HostBf16 v) {
 inline HostBf16 to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return HostBf16{(uint16_t)((u >> 16) | 0x40u)};  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return HostBf16{(uint16_t)(u >> 16)};
 }
@@ -142,6 +152,47 @@ MSSM_BLOCK_FN T shuffle_up(T v, int delta) {
   const int lane = MSSM_RANK % 32;
   return host::shuffle(v, lane >= delta ? lane - delta : lane);
 #endif
+}
+
+// The sum of v over the warp, in every lane (a butterfly of xor shuffles).
+template <typename T>
+MSSM_BLOCK_FN T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += shuffle_xor(v, o);
+  return v;
+}
+
+// Block-wide inclusive sum of one value per thread, for a block of kThreads (≤ 1024) threads: each
+// warp scans with shuffles, warp 0 scans the warps' totals, and each thread adds its warp's prefix.
+// *total: the block's sum. Every thread must call it; it ends with a barrier, so it may be called
+// again at once.
+template <typename T, int kThreads>
+MSSM_BLOCK_FN T inclusive_sum(T x, T* total) {
+  constexpr int kWarps = kThreads / 32;
+  MSSM_SHARED(T[kWarps], warp_sums);
+  const int lane = lane_id(), warp = warp_id();
+  T incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = shuffle_up(incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  MSSM_SYNC();
+  if (warp == 0) {
+    T s = lane < kWarps ? warp_sums[lane] : T(0);
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const T y = shuffle_up(s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < kWarps) warp_sums[lane] = s;
+  }
+  MSSM_SYNC();
+  const T result = incl + (warp > 0 ? warp_sums[warp - 1] : T(0));
+  *total = warp_sums[kWarps - 1];
+  MSSM_SYNC();
+  return result;
 }
 
 MSSM_BLOCK_FN void atomic_max(long long* p, long long v) {

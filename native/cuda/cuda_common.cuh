@@ -1,5 +1,6 @@
-// Shared helpers of the CUDA kernel files: error reporting, launch checks, and (from scalar.h) the
-// scalar functions of the model equations (softplus, silu) in the same form the CPU kernels use.
+// Shared helpers of the CUDA kernel files: error reporting, launch checks, the device's shared-memory
+// limit, the chunked SSD backward's entry points (ssd_train.cu) for scan_train.cu, and (from scalar.h)
+// the scalar functions of the model equations (softplus, silu) in the same form the CPU kernels use.
 #pragma once
 #include <cuda_runtime.h>
 

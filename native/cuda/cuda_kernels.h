@@ -89,7 +89,8 @@ Status ssd_train_forward(const train::SsdTrainArgs& args, const train::SsdTrainT
 // - chunked: the matrix form of the CPU trainer (ssd_backward_block.h), one block per (sequence, head,
 //   chunk), its products on the tensor cores (SsdMath::bf16_tensor, split bf16) or in fp32. It needs the
 //   chunk's tiles in shared memory: chunk and head_dim up to 64 on an sm_80 or sm_90 device, for
-//   example (132 KB at the least for those, so not on sm_86 or sm_89). Its workspace holds one
+//   example (at least 135,552 bytes with split bf16 tiles and 123,008 with fp32 ones for those, so not
+//   on sm_86 or sm_89). Its workspace holds one
 //   [head_dim, state] adjoint per (sequence, head, chunk), as many values as the boundary states, so
 //   it grows with the length.
 // - recurrent: token by token, one warp per (sequence, channel), ddt summed atomically over each head's

@@ -120,9 +120,7 @@ MSSM_BLOCK_FN void gemm_skinny_block(const float* __restrict__ x, int64_t ldx, c
     }
 #pragma unroll
     for (int j = 0; j < kRowTile; ++j) {
-      float v = acc[j];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += block::shuffle_xor(v, o);
+      const float v = block::warp_sum(acc[j]);
       if (lane == 0 && m0 + j < M) y[(m0 + j) * ldy + n] = v + (bias ? bias[n] : 0.0f);
     }
   }

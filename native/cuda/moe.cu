@@ -127,10 +127,7 @@ Status moe_experts(const cpu::MoeExpertsArgs& a, void* workspace, cudaStream_t s
   MoeWork w;
   carve(workspace, T, k, D, H, E, &w);
   const int64_t pairs = T * k;
-  // Sizes the products' grids (and picks their kernel): the rows one expert gets when each token sends
-  // it at most one pair (the router's choice), plus the zero-weight slots past E (top_k > E), which
-  // all go to expert 0. Any other distribution is still done in full (the kernels loop over rows).
-  const int64_t max_rows = k > E ? T * (k - E + 1) : T;
+  const int64_t max_rows = moe::max_rows(T, k, E);
 
   fill_kernel<<<grid_for(pairs), 256, 0, stream>>>(w.position, pairs, -1);
   MSSM_STATUS_TRY(detail::check_launch(op));

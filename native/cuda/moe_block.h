@@ -14,6 +14,7 @@
 
 #include "block.h"
 #include "cpu/kernels.h"
+#include "scalar.h"
 #include "cpu/moe_topk.h"
 
 namespace mssm::cuda::moe {
@@ -22,9 +23,6 @@ constexpr int kGroupThreads = 256;
 
 MSSM_BLOCK_FN void group_block(const int32_t* indices, int64_t tokens, int64_t top_k, int64_t* offsets, int64_t* pair,
                                int64_t* position, bool place, int e) {
-  const int lane = block::lane_id(), warp = block::warp_id();
-  constexpr int kWarps = kGroupThreads / 32;
-  MSSM_SHARED(long long[kWarps], warp_sums);
   MSSM_SHARED(long long, base);
   if (MSSM_RANK == 0) base = place ? offsets[e] : 0;
   MSSM_SYNC();
@@ -33,25 +31,8 @@ MSSM_BLOCK_FN void group_block(const int32_t* indices, int64_t tokens, int64_t t
     long long c = 0;
     if (t < tokens)
       for (int64_t slot = 0; slot < top_k; ++slot) c += indices[t * top_k + slot] == e;
-    long long incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const long long v = block::shuffle_up(incl, o);
-      if (lane >= o) incl += v;
-    }
-    if (lane == 31) warp_sums[warp] = incl;
-    MSSM_SYNC();
-    if (warp == 0) {
-      long long s = lane < kWarps ? warp_sums[lane] : 0;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const long long v = block::shuffle_up(s, o);
-        if (lane >= o) s += v;
-      }
-      if (lane < kWarps) warp_sums[lane] = s;
-    }
-    MSSM_SYNC();
-    const long long first = base + incl - c + (warp > 0 ? warp_sums[warp - 1] : 0);
+    long long round_total;
+    const long long first = base + block::inclusive_sum<long long, kGroupThreads>(c, &round_total) - c;
     if (place && c > 0) {
       long long r = first;
       for (int64_t slot = 0; slot < top_k; ++slot) {
@@ -70,12 +51,20 @@ MSSM_BLOCK_FN void group_block(const int32_t* indices, int64_t tokens, int64_t t
   if (!place && MSSM_RANK == 0) offsets[e + 1] = base;
 }
 
+// The rows the experts' products are sized for (their grids, and the skinny or the tiled kernel): the
+// rows one expert gets when each token sends it at most one pair (the router's choice), plus the
+// zero-weight slots past E (top_k > E), which all go to expert 0. Any other distribution is still
+// done in full (the kernels loop over rows).
+inline int64_t max_rows(int64_t tokens, int64_t top_k, int64_t experts) {
+  return top_k > experts ? tokens * (top_k - experts + 1) : tokens;
+}
+
 // Token t of the router: scores (softmax or sigmoid) in the CPU router's form, then its choice of the
 // top k (cpu/moe_topk.h).
 MSSM_BLOCK_FN void route_token(const float* logits, int64_t experts, int64_t top_k, bool softmax, bool renormalize,
                                float* weights, int32_t* indices, int64_t t) {
   const float* row = logits + t * experts;
-  const int64_t k = top_k < experts ? top_k : experts;
+  const int64_t k = scalar::min64(top_k, experts);
   float m = 0.0f, inv = 1.0f;
   if (softmax) {
     m = row[0];
@@ -102,7 +91,7 @@ MSSM_BLOCK_FN void gather_element(const float* x, const int64_t* pair, const int
 MSSM_BLOCK_FN float activate(float a, cpu::Activation activation) {
   switch (activation) {
     case cpu::Activation::silu:
-      return a / (1.0f + expf(-a));
+      return scalar::silu(a);
     case cpu::Activation::gelu:
       return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
     case cpu::Activation::gelu_tanh:

@@ -62,32 +62,6 @@ MSSM_BLOCK_FN int64_t block_argmax(const float* v, int64_t n) {
   return result;
 }
 
-// Block-wide inclusive sum of one double per thread.
-MSSM_BLOCK_FN double block_inclusive_sum(double x, double* total) {
-  MSSM_SHARED(double[kWarps], warp_sums);
-  const int lane = block::lane_id(), warp = block::warp_id();
-  double incl = x;
-  for (int o = 1; o < 32; o <<= 1) {
-    const double y = block::shuffle_up(incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  MSSM_SYNC();
-  if (warp == 0) {
-    double s = lane < kWarps ? warp_sums[lane] : 0.0;
-    for (int o = 1; o < 32; o <<= 1) {
-      const double y = block::shuffle_up(s, o);
-      if (lane >= o) s += y;
-    }
-    if (lane < kWarps) warp_sums[lane] = s;
-  }
-  MSSM_SYNC();
-  const double result = incl + (warp > 0 ? warp_sums[warp - 1] : 0.0);
-  *total = warp_sums[kWarps - 1];
-  MSSM_SYNC();
-  return result;
-}
-
 // Among the candidates (candidate(i)), in the order key descending then index ascending, the first
 // element at which the running weight reaches `target` (exceed: goes beyond it), or the last candidate
 // when it never does. *through: the running weight through that element. -1 when there is none.
@@ -160,7 +134,7 @@ MSSM_BLOCK_FN int64_t block_select(int64_t n, Key key, Weight weight, Candidate 
     const int64_t i = i0 + MSSM_RANK;
     const bool mine = i < n && candidate(i) && key(i) == prefix;
     double chunk_total;
-    const double incl = block_inclusive_sum(mine ? weight(i) : 0.0, &chunk_total);
+    const double incl = block::inclusive_sum<double, kThreads>(mine ? weight(i) : 0.0, &chunk_total);
     const double c = base + incl;
     if (mine) {
       block::atomic_max(&highest, (long long)i);
@@ -258,8 +232,8 @@ MSSM_BLOCK_FN void sample_row(const float* logits_in, int64_t V, const RowParams
   }
   MSSM_SYNC();
   double total, kept_total;
-  block_inclusive_sum(t_part, &total);
-  block_inclusive_sum(k_part, &kept_total);
+  block::inclusive_sum<double, kThreads>(t_part, &total);
+  block::inclusive_sum<double, kThreads>(k_part, &kept_total);
   auto candidate = [&](int64_t i) { return e[i] >= min_p && e[i] >= 0.0f; };
   auto e_key = [&](int64_t i) { return block::float_bits(e[i]); };  // e ≥ 0: its bits order as its value
   auto e_weight = [&](int64_t i) { return (double)e[i]; };

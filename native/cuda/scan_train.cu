@@ -1,5 +1,6 @@
 // The selective scan for training on the device (cuda_kernels.h): the kernels of scan_train_block.h
 // (where the algorithm is described) launched, and Mamba-2's SSD in the same recurrent form.
+// ssd_train_backward picks its form here: the chunked one (ssd_train.cu) wherever its tiles fit.
 #include "cuda_common.cuh"
 #include "cuda_kernels.h"
 #include "scan_train_block.h"

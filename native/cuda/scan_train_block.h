@@ -26,11 +26,10 @@
 
 #include "block.h"
 #include "scalar.h"
-#include "ssd_backward_block.h"
 
 namespace mssm::cuda::scan_train {
 
-using ssd_backward::train_step_rule;
+using scalar::train_step_rule;
 
 constexpr int kWarpsPerBlock = 8;
 
@@ -66,11 +65,6 @@ MSSM_BLOCK_FN void step_rule(const ScanView& v, float x, float* dt, float* slope
   train_step_rule(v.softplus, v.dt_min, v.dt_max, x, dt, slope);
 }
 
-MSSM_BLOCK_FN float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += block::shuffle_xor(x, o);
-  return x;
-}
 
 // One warp's (sequence b, channel d): its group, its row of A in the lanes (n = lane + 32·j; 0 past N),
 // its delta bias and D, and the recurrence's step over the lane's state indices.
@@ -113,10 +107,10 @@ struct Channel {
   }
 };
 
-// Block `block` of the forward: warps (sequence, channel) block·kWarpsPerBlock + warp.
+// Block block_index of the forward: warps (sequence, channel) block_index·kWarpsPerBlock + warp.
 template <int J, bool kSsd>
-MSSM_BLOCK_FN void scan_forward_block(ScanView v, TrainTensors t, float* y, float* boundary, int64_t block) {
-  const int64_t warp = block * kWarpsPerBlock + block::warp_id();
+MSSM_BLOCK_FN void scan_forward_block(ScanView v, TrainTensors t, float* y, float* boundary, int64_t block_index) {
+  const int64_t warp = block_index * kWarpsPerBlock + block::warp_id();
   if (warp >= v.batch * v.channels) return;
   const Channel<J, kSsd> ch(v, t, warp);
   const int lane = ch.lane;
@@ -139,16 +133,16 @@ MSSM_BLOCK_FN void scan_forward_block(ScanView v, TrainTensors t, float* y, floa
 #pragma unroll
     for (int j = 0; j < J; ++j)
       if (lane + 32 * j < N) acc += s[j] * Ct[lane + 32 * j];
-    const float yc = warp_sum(acc) + ch.Dd * u;
+    const float yc = block::warp_sum(acc) + ch.Dd * u;
     if (lane == 0) y[row * D + d] = t.z ? yc * scalar::silu(t.z[row * D + d]) : yc;
   }
 }
 
-// Block `block` of the backward; states: the workspace (scan_train_backward_workspace_bytes).
+// Block block_index of the backward; states: the workspace (scan_train_backward_workspace_bytes).
 template <int J, bool kSsd>
 MSSM_BLOCK_FN void scan_backward_block(ScanView v, TrainTensors t, const float* boundary, const float* dy,
-                                       TrainGrads gr, float* states, int64_t block) {
-  const int64_t warp = block * kWarpsPerBlock + block::warp_id();
+                                       TrainGrads gr, float* states, int64_t block_index) {
+  const int64_t warp = block_index * kWarpsPerBlock + block::warp_id();
   if (warp >= v.batch * v.channels) return;
   const Channel<J, kSsd> ch(v, t, warp);
   const int lane = ch.lane;
@@ -195,7 +189,7 @@ MSSM_BLOCK_FN void scan_backward_block(ScanView v, TrainTensors t, const float* 
 #pragma unroll
         for (int j = 0; j < J; ++j)
           if (lane + 32 * j < N) acc += si[lane + 32 * j] * Ct[lane + 32 * j];
-        const float yc = warp_sum(acc) + Dd * u;
+        const float yc = block::warp_sum(acc) + Dd * u;
         const float z = t.z[x_at], sg = 1.0f / (1.0f + expf(-z));
         dz = dyc * yc * sg * (1.0f + z * (1.0f - sg));
         dyc *= z * sg;
@@ -217,8 +211,8 @@ MSSM_BLOCK_FN void scan_backward_block(ScanView v, TrainTensors t, const float* 
           ds[j] *= a;
         }
       }
-      ddt = warp_sum(ddt);
-      du = warp_sum(du);
+      ddt = block::warp_sum(ddt);
+      du = block::warp_sum(du);
       const float dv = ddt * slope;
       dbias += dv;
       if (lane == 0) {
@@ -236,7 +230,7 @@ MSSM_BLOCK_FN void scan_backward_block(ScanView v, TrainTensors t, const float* 
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < J; ++j) sum += dA[j];
-    sum = warp_sum(sum);
+    sum = block::warp_sum(sum);
     if (lane == 0) MSSM_ATOMIC_ADD(gr.dA + at.head(d), sum);
   } else {
 #pragma unroll

@@ -32,7 +32,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "scalar.h"
 #include "ssd_tiles.h"
+#include "train/ssd_chunked.h"
 
 namespace mssm::cuda::ssd_backward {
 
@@ -40,19 +42,6 @@ using namespace tiles;
 
 MSSM_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
 MSSM_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
-
-// dt = clamp(softplus(v), lo, hi) (softplus(v) = v above 20; no softplus when `softplus` is false) and
-// d dt / dv, 0 where clamped: native/train/dt_rule.h's rule.
-MSSM_BLOCK_FN void train_step_rule(bool softplus, float lo, float hi, float v, float* dt, float* slope) {
-  float value = v, grad = 1.0f;
-  if (softplus && v <= 20.0f) {
-    value = log1pf(expf(v));
-    grad = 1.0f / (1.0f + expf(-v));
-  }
-  const bool clamped = value < lo || value > hi;
-  *dt = fminf(fmaxf(value, lo), hi);
-  *slope = clamped ? 0.0f : grad;
-}
 
 // What the four kernels read and write. Qp, Pp, Np: chunk, head_dim and state rounded up to 16; Nt: the
 // state columns of one tile (a multiple of 16).
@@ -86,6 +75,35 @@ inline Workspace workspace_layout(int64_t items, int Qp, int64_t P, int64_t N) {
   return w;
 }
 
+// The padded sizes of a call: Qp, Pp, Np (chunk, head_dim and state rounded up to 16).
+struct Sizes {
+  int Qp, Pp, Np;
+};
+inline Sizes sizes_of(const train::SsdTrainArgs& a) {
+  return {round16(a.chunk < a.length ? a.chunk : a.length), round16(a.head_dim), round16(a.state)};
+}
+inline int64_t items_of(const train::SsdTrainArgs& a) { return a.batch * a.heads * ((a.length + a.chunk - 1) / a.chunk); }
+
+// The view of one backward call (ssd_chunked.h's arguments; dD and ddt_bias are ignored without D and
+// dt_bias) with state tiles of Nt columns, its workspace at `work` (workspace_layout's parts).
+inline View make_view(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
+                      const float* dy, const train::SsdTrainGrads<float>& g, int Nt, char* work) {
+  const Sizes z = sizes_of(a);
+  const Workspace w = workspace_layout(items_of(a), z.Qp, a.head_dim, a.state);
+  View v{};
+  v.batch = a.batch, v.L = a.length, v.H = a.heads, v.P = a.head_dim, v.N = a.state, v.G = a.groups;
+  v.chunk = a.chunk, v.chunks = (a.length + a.chunk - 1) / a.chunk;
+  v.Qp = z.Qp, v.Pp = z.Pp, v.Np = z.Np, v.Nt = Nt;
+  v.softplus = a.softplus, v.dt_min = (float)a.dt_min, v.dt_max = (float)a.dt_max;
+  v.x = t.x, v.dt = t.dt, v.A = t.A, v.B = t.B, v.C = t.C, v.D = t.D, v.dt_bias = t.dt_bias;
+  v.boundary = boundary, v.dy = dy;
+  v.dx = g.dx, v.ddt = g.ddt, v.dA = g.dA, v.dB = g.dB, v.dC = g.dC;
+  v.dD = t.D ? g.dD : nullptr, v.ddt_bias = t.dt_bias ? g.ddt_bias : nullptr;
+  v.dtp = reinterpret_cast<float*>(work + w.dtp), v.slope = reinterpret_cast<float*>(work + w.slope);
+  v.cum = reinterpret_cast<double*>(work + w.cum), v.dstate = reinterpret_cast<float*>(work + w.dstate);
+  return v;
+}
+
 // ---- Kernel 1 -------------------------------------------------------------------------------------
 
 MSSM_BLOCK_FN void prepare_item(const View& v, int64_t item) {
@@ -97,7 +115,8 @@ MSSM_BLOCK_FN void prepare_item(const View& v, int64_t item) {
   double sum = 0;
   for (int j = 0; j < v.Qp; ++j) {
     float dt = 0.0f, slope = 0.0f;
-    if (j < len) train_step_rule(v.softplus, v.dt_min, v.dt_max, v.dt[(b * v.L + t0 + j) * v.H + h] + bias, &dt, &slope);
+    if (j < len)
+      scalar::train_step_rule(v.softplus, v.dt_min, v.dt_max, v.dt[(b * v.L + t0 + j) * v.H + h] + bias, &dt, &slope);
     sum += (double)dt * A;
     v.dtp[item * v.Qp + j] = dt;
     v.slope[item * v.Qp + j] = slope;

@@ -144,7 +144,7 @@ MSSM_BLOCK_FN void block_matmul(float* out, int ldo, const T* A, int lda, int pa
     using ALayout = std::conditional_t<ACol, wmma::col_major, wmma::row_major>;
     using BLayout = std::conditional_t<BCol, wmma::col_major, wmma::row_major>;
     const int tiles_n = Nc / 16, tiles = (M / 16) * tiles_n;
-    for (int tile = threadIdx.x / 32; tile < tiles; tile += kWarps) {
+    for (int tile = block::warp_id(); tile < tiles; tile += kWarps) {
       const int ti = tile / tiles_n, tj = tile % tiles_n;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       float* o = out + ti * 16 * ldo + tj * 16;

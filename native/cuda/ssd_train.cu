@@ -37,13 +37,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(View v) {
   backward_block<T>(v, blockIdx.x, backward_shared);
 }
 
-struct Sizes {
-  int Qp, Pp, Np;
-};
-Sizes sizes_of(const train::SsdTrainArgs& a) {
-  return {round16(std::min(a.chunk, a.length)), round16(a.head_dim), round16(a.state)};
-}
-
 template <typename T>
 size_t shared_bytes(const Sizes& z, int Nt) {
   return std::max(back_layout<T>(z.Qp, z.Pp, Nt).total, dstate_layout<T>(z.Qp, z.Pp, Nt).total);
@@ -75,8 +68,7 @@ namespace detail {
 
 int ssd_backward_chunked_tile(const train::SsdTrainArgs& a, SsdMath math) {
   // One block per item and one thread per state element of every (sequence, head): both grids must fit.
-  const int64_t items = a.batch * a.heads * ceil_div(a.length, a.chunk);
-  if (items > 0x7fffffff || ceil_div(a.batch * a.heads * a.head_dim * a.state, 256) > 0x7fffffff) return 0;
+  if (items_of(a) > 0x7fffffff || ceil_div(a.batch * a.heads * a.head_dim * a.state, 256) > 0x7fffffff) return 0;
   const Sizes z = sizes_of(a);
   const size_t limit = (size_t)shared_limit();
   for (int Nt : {z.Np, 64, 32, 16}) {
@@ -88,28 +80,13 @@ int ssd_backward_chunked_tile(const train::SsdTrainArgs& a, SsdMath math) {
 }
 
 size_t ssd_backward_chunked_workspace_bytes(const train::SsdTrainArgs& a) {
-  const int64_t chunks = ceil_div(a.length, a.chunk);
-  return workspace_layout(a.batch * a.heads * chunks, sizes_of(a).Qp, a.head_dim, a.state).total;
+  return workspace_layout(items_of(a), sizes_of(a).Qp, a.head_dim, a.state).total;
 }
 
 Status ssd_backward_chunked(const train::SsdTrainArgs& a, const train::SsdTrainTensors<float>& t, const float* boundary,
                             const float* dy, const train::SsdTrainGrads<float>& g, SsdMath math, int Nt,
                             void* workspace, cudaStream_t stream) {
-  const int64_t chunks = ceil_div(a.length, a.chunk), items = a.batch * a.heads * chunks;
-  const Sizes z = sizes_of(a);
-  const Workspace w = workspace_layout(items, z.Qp, a.head_dim, a.state);
-  char* work = static_cast<char*>(workspace);
-  View v{};
-  v.batch = a.batch, v.L = a.length, v.H = a.heads, v.P = a.head_dim, v.N = a.state, v.G = a.groups;
-  v.chunk = a.chunk, v.chunks = chunks;
-  v.Qp = z.Qp, v.Pp = z.Pp, v.Np = z.Np, v.Nt = Nt;
-  v.softplus = a.softplus, v.dt_min = (float)a.dt_min, v.dt_max = (float)a.dt_max;
-  v.x = t.x, v.dt = t.dt, v.A = t.A, v.B = t.B, v.C = t.C, v.D = t.D, v.dt_bias = t.dt_bias;
-  v.boundary = boundary, v.dy = dy;
-  v.dx = g.dx, v.ddt = g.ddt, v.dA = g.dA, v.dB = g.dB, v.dC = g.dC;
-  v.dD = t.D ? g.dD : nullptr, v.ddt_bias = t.dt_bias ? g.ddt_bias : nullptr;
-  v.dtp = reinterpret_cast<float*>(work + w.dtp), v.slope = reinterpret_cast<float*>(work + w.slope);
-  v.cum = reinterpret_cast<double*>(work + w.cum), v.dstate = reinterpret_cast<float*>(work + w.dstate);
+  const View v = make_view(a, t, boundary, dy, g, Nt, static_cast<char*>(workspace));
   return math == SsdMath::fp32 ? launch<float>(v, stream) : launch<__nv_bfloat16>(v, stream);
 }
 

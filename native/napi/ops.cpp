@@ -297,26 +297,33 @@ Napi::Value Argmax(const Napi::CallbackInfo& info) {
   });
 }
 
-// Returns the token; the generator state travels as a BigInt (u64) in and out.
+// The sampler's generator state, a BigInt (u64) argument.
+uint64_t read_rng_state(const Args& a) {
+  Napi::Value rng = a.get("rngState");
+  if (!rng.IsBigInt()) a.fail("rngState must be a BigInt");
+  bool lossless = false;
+  return rng.As<Napi::BigInt>().Uint64Value(&lossless);
+}
+
+// Returns the token; the generator state travels as a BigInt (u64) in and out. Or, with `draw` instead
+// of rngState, the token that draw in [0, 1) picks.
 Napi::Value Sample(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Args a(info, "sample");
     int64_t vocab = a.integer("vocab", 1, kMaxDim);
     const float* logits = a.f32("logits", vocab);
     const cpu::SamplingParams p = read_sampling_params(a, vocab, 1);
-    // The draw: from the generator's state (advanced and returned), or given as `draw`.
-    Napi::Value rng = a.get("rngState");
-    const bool from_draw = rng.IsUndefined() || rng.IsNull();
-    if (!from_draw && !rng.IsBigInt()) a.fail("rngState must be a BigInt");
+    const bool from_draw = a.is_null("rngState");
     if (!from_draw && !a.is_null("draw")) a.fail("rngState and draw exclude each other");
     uint64_t state = 0;
     float u = 0.0f;
     if (from_draw) {
-      u = (float)a.number("draw", -1.0);
-      if (!(u >= 0.0f && u < 1.0f)) a.fail("either rngState (a BigInt) or draw (a number in [0, 1)) is required");
+      const double d = a.number("draw", -1.0);
+      if (!(d >= 0.0 && d < 1.0)) a.fail("either rngState (a BigInt) or draw (a number in [0, 1)) is required");
+      u = (float)d;
+      if (!(u < 1.0f)) a.fail("draw " + std::to_string(d) + " rounds to 1 as a float; draws are below 1 - 2^-24");
     } else {
-      bool lossless = false;
-      state = rng.As<Napi::BigInt>().Uint64Value(&lossless);
+      state = read_rng_state(a);
       u = cpu::sampling_draw(&state);
     }
     std::vector<float> scratch((size_t)vocab * 2);
@@ -333,10 +340,7 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
 Napi::Value SamplingDraw(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     Args a(info, "samplingDraw");
-    Napi::Value rng = a.get("rngState");
-    if (!rng.IsBigInt()) a.fail("rngState must be a BigInt");
-    bool lossless = false;
-    uint64_t state = rng.As<Napi::BigInt>().Uint64Value(&lossless);
+    uint64_t state = read_rng_state(a);
     const float u = cpu::sampling_draw(&state);
     Napi::Object out = Napi::Object::New(info.Env());
     out.Set("draw", Napi::Number::New(info.Env(), u));

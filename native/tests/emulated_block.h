@@ -1,5 +1,6 @@
-// One thread block of a CUDA kernel body, emulated on the host, for the bodies that compile without
-// nvcc on native/cuda/block.h's primitives (ssd_backward_block.h, sampling_block.h).
+// One thread block of a CUDA kernel body, emulated on the host, for the code that compiles without nvcc
+// on native/cuda/block.h's primitives (ssd_backward_block.h, sampling_block.h, moe_block.h,
+// gemm_block.h, scan_train_block.h).
 //
 // Each lane is a coroutine (ucontext) with its own stack, and the lanes run one at a time on the
 // calling thread: a lane runs until it reaches a barrier (MSSM_SYNC, or its warp's barrier inside a
@@ -15,9 +16,13 @@
 // all waiting lanes are released so that the run ends. The lanes never run at the same time, so a
 // body's atomics are plain operations here.
 #pragma once
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -30,7 +35,24 @@ namespace mssm::test {
 class EmulatedBlock {
  public:
   explicit EmulatedBlock(int lanes)
-      : n_(lanes), where_(lanes), exchange_(16 * (size_t)((lanes + 31) / 32 * 32)), contexts_(lanes), stacks_(lanes) {}
+      : n_(lanes), where_(lanes), exchange_(16 * (size_t)((lanes + 31) / 32 * 32)), contexts_(lanes), stacks_(lanes) {
+    // Each lane's stack with a page below it that faults: an overflow stops the test instead of
+    // writing over another lane's stack.
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (void*& s : stacks_) {
+      s = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (s == MAP_FAILED || mprotect(s, page, PROT_NONE) != 0) {
+        std::fprintf(stderr, "EmulatedBlock: could not map the lanes' stacks\n");
+        std::abort();
+      }
+    }
+  }
+  ~EmulatedBlock() {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (void* s : stacks_) munmap(s, kStackBytes + page);
+  }
+  EmulatedBlock(const EmulatedBlock&) = delete;
+  EmulatedBlock& operator=(const EmulatedBlock&) = delete;
 
   // Runs body() on every lane; false when a barrier was divergent.
   template <typename Body>
@@ -38,10 +60,9 @@ class EmulatedBlock {
     body_ = [&body] { body(); };
     for (int r = 0; r < n_; ++r) {
       where_[r] = kRunning;
-      stacks_[r].resize(kStackBytes);
       getcontext(&contexts_[r]);
-      contexts_[r].uc_stack.ss_sp = stacks_[r].data();
-      contexts_[r].uc_stack.ss_size = stacks_[r].size();
+      contexts_[r].uc_stack.ss_sp = static_cast<char*>(stacks_[r]) + sysconf(_SC_PAGESIZE);
+      contexts_[r].uc_stack.ss_size = kStackBytes;
       contexts_[r].uc_link = &main_;
       makecontext(&contexts_[r], &EmulatedBlock::entry, 0);
     }
@@ -76,6 +97,7 @@ class EmulatedBlock {
 
  private:
   static constexpr int kRunning = -3, kEnded = -2, kAtBlock = -1;  // else: at the barrier of warp where_
+  // A lane's stack: the bodies keep a few KiB of locals (the tiles' loaders, kRowTile sums), far below.
   static constexpr size_t kStackBytes = 256 * 1024;
 
   static EmulatedBlock*& current() {
@@ -134,7 +156,7 @@ class EmulatedBlock {
   std::vector<int> where_;
   std::vector<unsigned char> exchange_;
   std::vector<ucontext_t> contexts_;
-  std::vector<std::vector<char>> stacks_;
+  std::vector<void*> stacks_;  // mappings of a guard page and kStackBytes each
   ucontext_t main_;
   std::function<void()> body_;
   std::deque<int> line_;  // the lanes that run next, in order

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "cuda/gemm_block.h"
-#include "emulated_block.h"
+#include "emulated_gemm.h"
 #include "test_util.h"
 
 using namespace mssm;
@@ -54,32 +54,12 @@ void run(Rng& rng, const Problem& pr, const char* kernel, bool vector, EmulatedB
   std::vector<float> y(rows * N, NAN);
   g::GemmGroups groups;
   if (pr.groups) groups = g::GemmGroups{pr.offsets.data(), N * K, N};
-  const bool skinny = std::string(kernel) == "skinny";
-  const int64_t grid_x = skinny ? (N + g::kSkinnyWarps - 1) / g::kSkinnyWarps : (N + g::kTile - 1) / g::kTile;
-  const int64_t grid_y = skinny ? 1 : (pr.M + g::kTile - 1) / g::kTile;
-  bool divergent = false;
-  for (int64_t bz = 0; bz < G; ++bz)
-    for (int64_t by = 0; by < grid_y; ++by)
-      for (int64_t bx = 0; bx < grid_x; ++bx)
-        divergent |= !block.run([&] {
-          if (!skinny)
-            g::gemm_tiled_block<T>(x.data(), K, W.data(), bias.data(), y.data(), N, pr.M, N, K, groups, bx, by, bz, grid_y);
-          else if (vector)
-            g::gemm_skinny_block<T, true>(x.data(), K, W.data(), bias.data(), y.data(), N, pr.M, N, K, groups, bx, bz);
-          else
-            g::gemm_skinny_block<T, false>(x.data(), K, W.data(), bias.data(), y.data(), N, pr.M, N, K, groups, bx, bz);
-        });
-  double sq = 0;
-  for (double v : want) sq += v * v;
-  const double rms = want.empty() ? 0 : std::sqrt(sq / want.size());
-  double worst = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double err = std::fabs(y[i] - want[i]) / (std::fabs(want[i]) + rms);
-    worst = std::isnan(err) ? INFINITY : std::max(worst, err);
-  }
-  MSSM_CHECK(!divergent && worst <= 1e-5, "%s%s %s M %lld N %lld K %lld groups %lld: error %.3g (limit 1e-5)%s", kernel,
-             vector ? " (16-byte loads)" : "", sizeof(T) == 4 ? "f32" : "bf16", (long long)pr.M, (long long)N,
-             (long long)K, (long long)pr.groups, worst, divergent ? ", a divergent barrier" : "");
+  const std::string what = std::string(kernel) + (vector ? " (16-byte loads) " : " ") + (sizeof(T) == 4 ? "f32" : "bf16") +
+                           " M " + std::to_string(pr.M) + " N " + std::to_string(N) + " K " + std::to_string(K) +
+                           " groups " + std::to_string(pr.groups);
+  emulated_gemm<T>(block, what.c_str(), std::string(kernel) == "skinny", vector, x.data(), K, W.data(), bias.data(),
+                   y.data(), N, pr.M, N, K, groups, G);
+  expect_close(what.c_str(), y.data(), want.data(), (int64_t)want.size(), 1e-5, rms(want.data(), (int64_t)want.size()));
 }
 
 }  // namespace

@@ -17,7 +17,7 @@
 
 #include "cuda/gemm_block.h"
 #include "cuda/moe_block.h"
-#include "emulated_block.h"
+#include "emulated_gemm.h"
 #include "test_util.h"
 
 using namespace mssm;
@@ -43,24 +43,6 @@ void group(EmulatedBlock& block, const std::vector<int32_t>& indices, int64_t to
     MSSM_CHECK(block.run([&] { moe::group_block(indices.data(), tokens, top_k, offsets.data(), pair.data(),
                                                 position.data(), true, e); }),
                "place pass: no divergent barrier");
-}
-
-// builtin_gemm's grouped product (gemm.cuh): the skinny kernel below 32 rows, else the tiled one.
-template <typename T>
-void grouped_gemm(EmulatedBlock& block, const float* x, int64_t ldx, const T* W, const float* bias, float* y,
-                  int64_t ldy, int64_t max_rows, int64_t N, int64_t K, const g::GemmGroups& groups, int64_t E) {
-  const bool skinny = max_rows < 32;
-  const int64_t grid_x = skinny ? (N + g::kSkinnyWarps - 1) / g::kSkinnyWarps : (N + g::kTile - 1) / g::kTile;
-  const int64_t grid_y = skinny ? 1 : (max_rows + g::kTile - 1) / g::kTile;
-  for (int64_t bz = 0; bz < E; ++bz)
-    for (int64_t by = 0; by < grid_y; ++by)
-      for (int64_t bx = 0; bx < grid_x; ++bx)
-        MSSM_CHECK(block.run([&] {
-          if (skinny)
-            g::gemm_skinny_block<T, false>(x, ldx, W, bias, y, ldy, max_rows, N, K, groups, bx, bz);
-          else
-            g::gemm_tiled_block<T>(x, ldx, W, bias, y, ldy, max_rows, N, K, groups, bx, by, bz, grid_y);
-        }), "gemm: no divergent barrier");
 }
 
 struct ExpertsCase {
@@ -112,31 +94,25 @@ void experts_case(Rng& rng, const ExpertsCase& c, EmulatedBlock& block) {
   cpu_k.moe_experts(a);
 
   // moe.cu's moe_experts, step by step.
-  const int64_t max_rows = k > E ? T_ * (k - E + 1) : T_;
+  const int64_t max_rows = moe::max_rows(T_, k, E);
   std::vector<int64_t> offsets(E + 1, -7), pair(pairs, -7), position(pairs);
   group(block, i_cpu, T_, k, E, offsets, pair, position);
   std::vector<float> gathered(pairs * D, NAN), fc1_out(pairs * 2 * H, NAN), glu(pairs * H, NAN),
       expert_out(pairs * D, NAN), out(T_ * D, NAN);
   for (int64_t i = 0; i < pairs * D; ++i) moe::gather_element(x.data(), pair.data(), offsets.data(), E, k, D, gathered.data(), i);
-  grouped_gemm<T>(block, gathered.data(), D, fc1.data(), a.fc1_bias, fc1_out.data(), 2 * H, max_rows, 2 * H, D,
-                  g::GemmGroups{offsets.data(), 2 * H * D, 2 * H}, E);
+  const bool skinny = max_rows < kEmulatedSkinnyMaxRows;
+  emulated_gemm<T>(block, "fc1", skinny, false, gathered.data(), D, fc1.data(), a.fc1_bias, fc1_out.data(), 2 * H,
+                   max_rows, 2 * H, D, g::GemmGroups{offsets.data(), 2 * H * D, 2 * H}, E);
   for (int64_t i = 0; i < pairs * H; ++i) moe::glu_element(fc1_out.data(), offsets.data(), E, H, c.activation, glu.data(), i);
-  grouped_gemm<T>(block, glu.data(), H, fc2.data(), a.fc2_bias, expert_out.data(), D, max_rows, D, H,
-                  g::GemmGroups{offsets.data(), D * H, D}, E);
+  emulated_gemm<T>(block, "fc2", skinny, false, glu.data(), H, fc2.data(), a.fc2_bias, expert_out.data(), D,
+                   max_rows, D, H, g::GemmGroups{offsets.data(), D * H, D}, E);
   for (int64_t i = 0; i < T_ * D; ++i)
     moe::combine_element(expert_out.data(), position.data(), w_cpu.data(), k, D, out.data(), i);
 
-  double sq = 0;
-  for (float v : want) sq += (double)v * v;
-  const double rms = std::sqrt(sq / want.size());
-  double worst = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double err = std::fabs(out[i] - want[i]) / (std::fabs(want[i]) + rms);
-    worst = std::isnan(err) ? INFINITY : std::max(worst, err);
-  }
-  MSSM_CHECK(worst <= 1e-5, "experts T %lld D %lld H %lld E %lld k %lld %s %s%s: error %.3g (limit 1e-5)",
-             (long long)T_, (long long)D, (long long)H, (long long)E, (long long)k, c.bf16 ? "bf16" : "f32",
-             max_rows < 32 ? "skinny" : "tiled", c.bias ? " bias" : "", worst);
+  const std::string what = "experts T " + std::to_string(T_) + " D " + std::to_string(D) + " H " + std::to_string(H) +
+                           " E " + std::to_string(E) + " k " + std::to_string(k) + (c.bf16 ? " bf16 " : " f32 ") +
+                           (skinny ? "skinny" : "tiled") + (c.bias ? " bias" : "");
+  expect_close(what.c_str(), out.data(), want.data(), T_ * D, 1e-5, rms(want.data(), T_ * D));
 }
 
 }  // namespace
@@ -160,17 +136,8 @@ int main() {
         if (indices[p] == e) want_position[p] = (int64_t)want_pair.size(), want_pair.push_back(p);
       want_offsets[e + 1] = (int64_t)want_pair.size();
     }
-    std::vector<int64_t> offsets(E + 1, -7), pair(pairs, -7), position(pairs, -1);
-    for (int e = 0; e < (int)E; ++e)
-      MSSM_CHECK(block.run([&] { cuda::moe::group_block(indices.data(), tokens, top_k, offsets.data(), pair.data(),
-                                                        position.data(), false, e); }),
-                 "count pass: no divergent barrier");
-    offsets[0] = 0;  // moe.cu's prefix kernel
-    for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
-    for (int e = 0; e < (int)E; ++e)
-      MSSM_CHECK(block.run([&] { cuda::moe::group_block(indices.data(), tokens, top_k, offsets.data(), pair.data(),
-                                                        position.data(), true, e); }),
-                 "place pass: no divergent barrier");
+    std::vector<int64_t> offsets(E + 1, -7), pair(pairs, -7), position(pairs);
+    group(block, indices, tokens, top_k, E, offsets, pair, position);
     const int64_t placed = want_offsets[E];
     MSSM_CHECK(offsets == want_offsets, "trial %d (T %lld, k %lld, E %lld): offsets", trial, (long long)tokens,
                (long long)top_k, (long long)E);

@@ -36,39 +36,33 @@ constexpr double kSplitBf16Tolerance = 1e-4;
 
 using Shape = SsdTrainShape;
 
-int round16(int64_t v) { return (int)((v + 15) / 16 * 16); }
-
 // Fills `bytes` with 0xff: NaN as float, double and bf16.
 void poison(std::vector<double>& shared) { std::memset(shared.data(), 0xff, shared.size() * sizeof(double)); }
 
 using Problem = SsdProblem;
 
-// The four kernels of ssd_train.cu, in order, with tiles of T and state tiles of Nt columns; each block
-// as one host thread (lanes = 0) or emulated on `lanes` threads.
+// The four kernels of ssd_train.cu, in order, on the view ssd_train.cu makes (make_view), with tiles of
+// T and state tiles of Nt columns; each block as one host thread (lanes = 0) or emulated on `lanes`.
 template <typename T>
 void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lanes = 0) {
   const Shape& s = p.s;
   const int64_t BL = s.batch * s.length, H = s.heads, HP = H * s.head_dim, GN = s.groups * s.state;
-  sb::View v{};
-  v.batch = s.batch, v.L = s.length, v.H = H, v.P = s.head_dim, v.N = s.state, v.G = s.groups, v.chunk = s.chunk;
-  v.chunks = (s.length + s.chunk - 1) / s.chunk;
-  v.Qp = round16(std::min(s.chunk, s.length)), v.Pp = round16(s.head_dim), v.Np = round16(s.state), v.Nt = Nt;
-  v.softplus = s.softplus, v.dt_min = (float)s.dt_min, v.dt_max = (float)s.dt_max;
-  v.x = p.x.data(), v.dt = p.dt.data(), v.A = p.A.data(), v.B = p.B.data(), v.C = p.C.data();
-  v.D = s.has_D ? p.D.data() : nullptr;
-  v.dt_bias = s.has_bias ? p.bias.data() : nullptr;
+  train::SsdTrainTensors<float> t;
+  t.x = p.x.data(), t.dt = p.dt.data(), t.A = p.A.data(), t.B = p.B.data(), t.C = p.C.data();
+  t.D = s.has_D ? p.D.data() : nullptr;
+  t.dt_bias = s.has_bias ? p.bias.data() : nullptr;
   const FVec boundary = cast<float>(p.boundary);  // as the device's forward would have written it
-  v.boundary = boundary.data(), v.dy = p.dy.data();
   FVec dx = poisoned<float>(BL * HP), ddt = poisoned<float>(BL * H), dB(BL * GN, 0.0f), dC(BL * GN, 0.0f);
   FVec dA(p.dA0), dD(p.dD0), db(p.db0);
-  v.dx = dx.data(), v.ddt = ddt.data(), v.dA = dA.data(), v.dB = dB.data(), v.dC = dC.data();
-  v.dD = s.has_D ? dD.data() : nullptr;
-  v.ddt_bias = s.has_bias ? db.data() : nullptr;
+  train::SsdTrainGrads<float> g;
+  g.dx = dx.data(), g.ddt = ddt.data(), g.dA = dA.data(), g.dB = dB.data(), g.dC = dC.data(), g.dD = dD.data();
+  g.ddt_bias = db.data();
+  // The workspace as ssd_train.cu lays it out, NaN bytes to start.
+  const sb::Sizes z = sb::sizes_of(p.a);
+  std::vector<double> work(sb::workspace_layout(sb::items_of(p.a), z.Qp, s.head_dim, s.state).total / 8 + 1);
+  poison(work);
+  const sb::View v = sb::make_view(p.a, t, boundary.data(), p.dy.data(), g, Nt, reinterpret_cast<char*>(work.data()));
   const int64_t items = v.items();
-  FVec dtp = poisoned<float>(items * v.Qp), slope = poisoned<float>(items * v.Qp);
-  Vec cum = poisoned<double>(items * v.Qp);
-  FVec dstate = poisoned<float>(items * v.P * v.N);
-  v.dtp = dtp.data(), v.slope = slope.data(), v.cum = cum.data(), v.dstate = dstate.data();
 
   const size_t bytes = std::max(sb::back_layout<T>(v.Qp, v.Pp, Nt).total, sb::dstate_layout<T>(v.Qp, v.Pp, Nt).total);
   std::vector<double> shared(bytes / sizeof(double) + 1);
@@ -103,7 +97,7 @@ void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lane
   check("dB", dB, p.dB);
   check("dC", dC, p.dC);
   // Absent D or dt_bias: the prefill comes back untouched.
-  check("dD", dD, p.dD);  // absent D or dt_bias: the prefill, untouched
+  check("dD", dD, p.dD);
   check("ddt_bias", db, p.db);
 }
 
@@ -113,7 +107,7 @@ int main() {
   Rng rng(41);
   for (const Shape& s : ssd_train_shapes()) {
     const Problem p = make_ssd_problem(rng, s);
-    const int Np = round16(s.state);
+    const int Np = cuda::tiles::round16(s.state);
     for (int Nt : {Np, 64, 32, 16})
       if (Nt <= Np) run<float>(p, Nt, kFp32Tolerance, "fp32");
     run<cuda::tiles::HostBf16>(p, Np, kSplitBf16Tolerance, "split-bf16");
@@ -126,7 +120,7 @@ int main() {
   };
   for (const Shape& s : emulated) {
     const Problem p = make_ssd_problem(rng, s);
-    run<float>(p, round16(s.state), kFp32Tolerance, "fp32", cuda::tiles::kThreads);
+    run<float>(p, cuda::tiles::round16(s.state), kFp32Tolerance, "fp32", cuda::tiles::kThreads);
     run<float>(p, 16, kFp32Tolerance, "fp32", cuda::tiles::kThreads);
   }
   for (const auto& [key, err] : worst()) std::printf("  worst %-22s %.3g\n", key.c_str(), err);
