@@ -440,23 +440,9 @@ struct CudaModel::Impl {
     MSSM_STATUS_TRY(gemm(ws.normed, d, w.router, 0, m.experts, w.router_bias, ws.router_logits, m.experts, rows, ws));
     MSSM_STATUS_TRY(moe_route(ws.router_logits, rows, m.experts, m.top_k, m.scoring, m.renormalize, ws.route_weights,
                               ws.route_indices, stream));
-    cpu::MoeExpertsArgs e;
-    e.tokens = rows;
-    e.dim = d;
-    e.hidden = m.hidden;
-    e.experts = m.experts;
-    e.top_k = m.top_k;
-    e.x = ws.normed;
-    e.fc1 = w.fc1.ptr;
-    e.fc1_dtype = w.fc1.bf16 ? DType::bf16 : DType::f32;
-    e.fc1_bias = w.fc1_bias;
-    e.fc2 = w.fc2.ptr;
-    e.fc2_dtype = w.fc2.bf16 ? DType::bf16 : DType::f32;
-    e.fc2_bias = w.fc2_bias;
-    e.activation = m.activation;
-    e.indices = ws.route_indices;
-    e.weights = ws.route_weights;
-    e.out = ws.hidden;
+    cpu::MoeExpertsArgs e = c.moe_experts_args(rows, ws.normed, ws.route_indices, ws.route_weights, ws.hidden);
+    e.fc1 = w.fc1.ptr, e.fc1_dtype = w.fc1.bf16 ? DType::bf16 : DType::f32, e.fc1_bias = w.fc1_bias;
+    e.fc2 = w.fc2.ptr, e.fc2_dtype = w.fc2.bf16 ? DType::bf16 : DType::f32, e.fc2_bias = w.fc2_bias;
     return moe_experts(e, ws.moe_work, stream);
   }
 

@@ -50,15 +50,17 @@ __global__ void fill_kernel(int64_t* p, int64_t n, int64_t value) {
 // Grid-stride loops over moe_block.h's elements.
 __global__ void gather_kernel(const float* x, const int64_t* pair, const int64_t* offsets, int64_t experts,
                               int64_t top_k, int64_t dim, int64_t max_rows, float* gathered) {
+  const int64_t rows = offsets[experts];
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < max_rows * dim; i += (int64_t)gridDim.x * blockDim.x)
-    moe::gather_element(x, pair, offsets, experts, top_k, dim, gathered, i);
+    moe::gather_element(x, pair, rows, top_k, dim, gathered, i);
 }
 
 __global__ void glu_kernel(const float* h, const int64_t* offsets, int64_t experts, int64_t hidden, int64_t max_rows,
                            cpu::Activation activation, float* glu) {
+  const int64_t rows = offsets[experts];
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < max_rows * hidden;
        i += (int64_t)gridDim.x * blockDim.x)
-    moe::glu_element(h, offsets, experts, hidden, activation, glu, i);
+    moe::glu_element(h, rows, hidden, activation, glu, i);
 }
 
 __global__ void combine_kernel(const float* expert_out, const int64_t* position, const float* weights, int64_t tokens,

@@ -80,11 +80,11 @@ MSSM_BLOCK_FN void route_token(const float* logits, int64_t experts, int64_t top
 }
 
 // Element i of the gathered activations [max_rows, dim]: gathered[r] = x[token of pair[r]] for the
-// rows that exist (r < offsets[E]).
-MSSM_BLOCK_FN void gather_element(const float* x, const int64_t* pair, const int64_t* offsets, int64_t experts,
-                                  int64_t top_k, int64_t dim, float* gathered, int64_t i) {
+// rows that exist (r < rows = offsets[E], read once by the caller).
+MSSM_BLOCK_FN void gather_element(const float* x, const int64_t* pair, int64_t rows, int64_t top_k, int64_t dim,
+                                  float* gathered, int64_t i) {
   const int64_t r = i / dim;
-  if (r < offsets[experts]) gathered[i] = x[(pair[r] / top_k) * dim + i % dim];
+  if (r < rows) gathered[i] = x[(pair[r] / top_k) * dim + i % dim];
 }
 
 // The CPU kernel's activations (moe.cpp: silu; exact gelu; gelu with the tanh approximation).
@@ -100,11 +100,12 @@ MSSM_BLOCK_FN float activate(float a, cpu::Activation activation) {
   return a;
 }
 
-// Element i of glu [max_rows, hidden]: act(h[r, j]) · h[r, H + j] for h = fc1_out [rows, 2H].
-MSSM_BLOCK_FN void glu_element(const float* h, const int64_t* offsets, int64_t experts, int64_t hidden,
-                               cpu::Activation activation, float* glu, int64_t i) {
+// Element i of glu [max_rows, hidden]: act(h[r, j]) · h[r, H + j] for h = fc1_out [rows, 2H] (rows =
+// offsets[E], read once by the caller).
+MSSM_BLOCK_FN void glu_element(const float* h, int64_t rows, int64_t hidden, cpu::Activation activation, float* glu,
+                               int64_t i) {
   const int64_t r = i / hidden, j = i % hidden;
-  if (r < offsets[experts]) glu[i] = activate(h[r * 2 * hidden + j], activation) * h[r * 2 * hidden + hidden + j];
+  if (r < rows) glu[i] = activate(h[r * 2 * hidden + j], activation) * h[r * 2 * hidden + hidden + j];
 }
 
 // Element i of out [tokens, dim]: Σ_slot weights[t, slot] · expert_out[position[t, slot]], in slot

@@ -486,23 +486,9 @@ void Model::moe_block(Workspace& ws, const LayerWeights& w, int64_t rows) const 
   // (No tokens-per-expert counts: moe_experts groups the pairs itself.)
   k.moe_route(ws.router_logits, rows, m.experts, m.top_k, m.scoring, m.renormalize, ws.route_weights,
               ws.route_indices.data(), nullptr);
-  cpu::MoeExpertsArgs e;
-  e.tokens = rows;
-  e.dim = d;
-  e.hidden = m.hidden;
-  e.experts = m.experts;
-  e.top_k = m.top_k;
-  e.x = ws.normed;
-  e.fc1 = w.fc1.data;
-  e.fc1_dtype = w.fc1.dtype;
-  e.fc1_bias = f32_or_null(w.fc1_bias);
-  e.fc2 = w.fc2.data;
-  e.fc2_dtype = w.fc2.dtype;
-  e.fc2_bias = f32_or_null(w.fc2_bias);
-  e.activation = m.activation;
-  e.indices = ws.route_indices.data();
-  e.weights = ws.route_weights;
-  e.out = ws.hidden;
+  cpu::MoeExpertsArgs e = c.moe_experts_args(rows, ws.normed, ws.route_indices.data(), ws.route_weights, ws.hidden);
+  e.fc1 = w.fc1.data, e.fc1_dtype = w.fc1.dtype, e.fc1_bias = f32_or_null(w.fc1_bias);
+  e.fc2 = w.fc2.data, e.fc2_dtype = w.fc2.dtype, e.fc2_bias = f32_or_null(w.fc2_bias);
   k.moe_experts(e);
 }
 

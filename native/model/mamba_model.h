@@ -90,6 +90,17 @@ struct Config {
   // number of Mamba layers before it).
   int64_t state_layers() const { return num_layers - (int64_t)moe.layers.size(); }
   int64_t state_index(int64_t i) const;
+  // The experts' arguments of one MoE block over `rows` tokens of x [rows, d], with the router's choice
+  // (indices, weights) and the output; the expert weights, their dtypes and biases are the runner's to
+  // set (host or device memory).
+  cpu::MoeExpertsArgs moe_experts_args(int64_t rows, const float* x, const int32_t* indices, const float* weights,
+                                       float* out) const {
+    cpu::MoeExpertsArgs e;
+    e.tokens = rows, e.dim = hidden_size, e.hidden = moe.hidden, e.experts = moe.experts, e.top_k = moe.top_k;
+    e.activation = moe.activation;
+    e.x = x, e.indices = indices, e.weights = weights, e.out = out;
+    return e;
+  }
 };
 
 // Checks the sizes for consistency; throws std::invalid_argument naming the field.

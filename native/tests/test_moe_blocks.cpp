@@ -99,11 +99,12 @@ void experts_case(Rng& rng, const ExpertsCase& c, EmulatedBlock& block) {
   group(block, i_cpu, T_, k, E, offsets, pair, position);
   std::vector<float> gathered(pairs * D, NAN), fc1_out(pairs * 2 * H, NAN), glu(pairs * H, NAN),
       expert_out(pairs * D, NAN), out(T_ * D, NAN);
-  for (int64_t i = 0; i < pairs * D; ++i) moe::gather_element(x.data(), pair.data(), offsets.data(), E, k, D, gathered.data(), i);
+  for (int64_t i = 0; i < pairs * D; ++i)
+    moe::gather_element(x.data(), pair.data(), offsets[E], k, D, gathered.data(), i);
   const bool skinny = max_rows < kEmulatedSkinnyMaxRows;
   emulated_gemm<T>(block, "fc1", skinny, false, gathered.data(), D, fc1.data(), a.fc1_bias, fc1_out.data(), 2 * H,
                    max_rows, 2 * H, D, g::GemmGroups{offsets.data(), 2 * H * D, 2 * H}, E);
-  for (int64_t i = 0; i < pairs * H; ++i) moe::glu_element(fc1_out.data(), offsets.data(), E, H, c.activation, glu.data(), i);
+  for (int64_t i = 0; i < pairs * H; ++i) moe::glu_element(fc1_out.data(), offsets[E], H, c.activation, glu.data(), i);
   emulated_gemm<T>(block, "fc2", skinny, false, glu.data(), H, fc2.data(), a.fc2_bias, expert_out.data(), D,
                    max_rows, D, H, g::GemmGroups{offsets.data(), D * H, D}, E);
   for (int64_t i = 0; i < T_ * D; ++i)

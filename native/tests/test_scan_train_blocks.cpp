@@ -5,7 +5,6 @@
 // selective scan and for Mamba-2's SSD in its layout, against the CPU trainer's double forward and
 // backward on train_problems.h's problems (those small enough to emulate in seconds). Tolerances as test_cuda_scan_train's: y and the boundary
 // states 1e-5 of |want| + RMS(want); gradients 1e-4 in the norm measure of test_train_ops.
-#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -24,18 +23,12 @@ void expect_grad(const std::string& what, const FVec& got, const Vec& want) {
   MSSM_CHECK(err <= 1e-4, "%s: error %.3g vs the double backward (limit 1e-4)", what.c_str(), err);
 }
 
-struct Gradient {
-  const char* name;
-  const FVec& got;
-  const Vec& want;
-};
-void expect_all(const std::string& what, const FVec& y, const Vec& want_y, const FVec& boundary,
-                const Vec& want_boundary, std::initializer_list<Gradient> gradients) {
+void expect_forward(const std::string& what, const FVec& y, const Vec& want_y, const FVec& boundary,
+                    const Vec& want_boundary) {
   expect_close((what + " y").c_str(), y.data(), want_y.data(), (int64_t)want_y.size(), 1e-5,
                rms(want_y.data(), (int64_t)want_y.size()));
   expect_close((what + " boundary").c_str(), boundary.data(), want_boundary.data(), (int64_t)want_boundary.size(), 1e-5,
                rms(want_boundary.data(), (int64_t)want_boundary.size()) + 1e-30);
-  for (const Gradient& g : gradients) expect_grad(what + " " + g.name, g.got, g.want);
 }
 
 // The forward and the backward launches of scan_train.cu, block by block.
@@ -70,10 +63,11 @@ void scan(Rng& rng, const ScanTrainShape& s, EmulatedBlock& block) {
                          s.has_z ? dz.data() : nullptr, s.has_bias ? db.data() : nullptr};
   const std::string what = "scan " + describe(s);
   run<false>(what, v, t, y, boundary, p.dy.data(), g, block);
-  if (!s.has_z) dz.assign(dz.size(), 0.0f);  // not written without z (the reference's stays 0)
-  expect_all(what, y, p.y, boundary, p.boundary,
-             {{"du", du, p.du}, {"ddelta", ddelta, p.ddelta}, {"dA", dA, p.dA}, {"dB", dB, p.dB}, {"dC", dC, p.dC},
-              {"dD", dD, p.dD}, {"dz", dz, p.dz}, {"ddelta_bias", db, p.db}});
+  expect_forward(what, y, p.y, boundary, p.boundary);
+  check_scan_gradients(p, du, ddelta, dA, dB, dC, dD, dz, db,
+                       [&](const char* name, const FVec& got, const Vec& want) {
+                         expect_grad(what + " " + name, got, want);
+                       });
 }
 
 void ssd(Rng& rng, const SsdTrainShape& s, EmulatedBlock& block) {
@@ -90,9 +84,11 @@ void ssd(Rng& rng, const SsdTrainShape& s, EmulatedBlock& block) {
                          nullptr, s.has_bias ? db.data() : nullptr};
   const std::string what = "ssd (recurrent) " + describe(s);
   run<true>(what, v, t, y, boundary, p.dy.data(), g, block);
-  expect_all(what, y, p.y, boundary, p.boundary,
-             {{"dx", dx, p.dx}, {"ddt", ddt, p.ddt}, {"dA", dA, p.dA}, {"dB", dB, p.dB}, {"dC", dC, p.dC},
-              {"dD", dD, p.dD}, {"ddt_bias", db, p.db}});
+  expect_forward(what, y, p.y, boundary, p.boundary);
+  check_ssd_gradients(p, dx, ddt, dA, dB, dC, dD, db,
+                      [&](const char* name, const FVec& got, const Vec& want) {
+                        expect_grad(what + " " + name, got, want);
+                      });
 }
 
 }  // namespace

@@ -91,14 +91,7 @@ void run(const Problem& p, int Nt, double tolerance, const char* tiles, int lane
     MSSM_CHECK(err <= tolerance, "%s %s: error %.3g vs the double backward (limit %.3g)", what.c_str(), name, err,
                tolerance);
   };
-  check("dx", dx, p.dx);
-  check("ddt", ddt, p.ddt);
-  check("dA", dA, p.dA);
-  check("dB", dB, p.dB);
-  check("dC", dC, p.dC);
-  // Absent D or dt_bias: the prefill comes back untouched.
-  check("dD", dD, p.dD);
-  check("ddt_bias", db, p.db);
+  check_ssd_gradients(p, dx, ddt, dA, dB, dC, dD, db, check);
 }
 
 }  // namespace

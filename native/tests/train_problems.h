@@ -160,4 +160,31 @@ inline SsdProblem make_ssd_problem(Rng& rng, const SsdTrainShape& s) {
   return p;
 }
 
+// A backward's gradients (any type: host vectors, device buffers) against the problem's double ones:
+// check(name, got, want) for each. The (+=) ones of an absent D or bias must come back as their
+// prefill, which the problem's hold then; dz is checked only with z.
+template <typename G, typename Check>
+void check_scan_gradients(const ScanProblem& p, const G& du, const G& ddelta, const G& dA, const G& dB, const G& dC,
+                          const G& dD, const G& dz, const G& ddelta_bias, Check check) {
+  check("du", du, p.du);
+  check("ddelta", ddelta, p.ddelta);
+  check("dA", dA, p.dA);
+  check("dB", dB, p.dB);
+  check("dC", dC, p.dC);
+  check("dD", dD, p.dD);
+  if (p.s.has_z) check("dz", dz, p.dz);
+  check("ddelta_bias", ddelta_bias, p.db);
+}
+template <typename G, typename Check>
+void check_ssd_gradients(const SsdProblem& p, const G& dx, const G& ddt, const G& dA, const G& dB, const G& dC,
+                         const G& dD, const G& ddt_bias, Check check) {
+  check("dx", dx, p.dx);
+  check("ddt", ddt, p.ddt);
+  check("dA", dA, p.dA);
+  check("dB", dB, p.dB);
+  check("dC", dC, p.dC);
+  check("dD", dD, p.dD);
+  check("ddt_bias", ddt_bias, p.db);
+}
+
 }  // namespace mssm::test

@@ -65,14 +65,7 @@ void run(Rng& rng, const ScanTrainShape& s) {
   KERNEL_OK(cuda::scan_train_backward(a, t, boundary.ptr, gdy.ptr, g, work, nullptr));
   cudaFree(work);
   auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) { expect_grad(what, name, got, want); };
-  grad("du", du, p.du);
-  grad("ddelta", ddelta, p.ddelta);
-  grad("dA", dA, p.dA);
-  grad("dB", dB, p.dB);
-  grad("dC", dC, p.dC);
-  if (s.has_D) grad("dD", dD, p.dD);
-  if (s.has_z) grad("dz", dz, p.dz);
-  if (s.has_bias) grad("ddelta_bias", db, p.db);
+  check_scan_gradients(p, du, ddelta, dA, dB, dC, dD, dz, db, grad);
 }
 
 void run_ssd(Rng& rng, const SsdTrainShape& s) {
@@ -131,14 +124,7 @@ void run_ssd(Rng& rng, const SsdTrainShape& s) {
     auto grad = [&](const char* name, const DeviceBuffer& got, const Vec& want) {
       expect_grad(form_what, name, got, want);
     };
-    grad("dx", dx, p.dx);
-    grad("ddt", ddt, p.ddt);
-    grad("dA", dA, p.dA);
-    grad("dB", dB, p.dB);
-    grad("dC", dC, p.dC);
-    // Absent D or dt_bias: their gradients are ignored, so the prefill must come back untouched.
-    grad("dD", dD, p.dD);
-    grad("ddt_bias", db, p.db);
+    check_ssd_gradients(p, dx, ddt, dA, dB, dC, dD, db, grad);
   }
 }
 
